@@ -1,0 +1,31 @@
+# iternn — the two commands on a fresh machine are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The CPU wheel of torch lies on this machine's disk; a bare `torch` requirement would
+# pull a multi-GB CUDA build, so setup pins the CPU wheel before installing the package.
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m iternn demo
+
+test: setup
+	PYTHONDONTWRITEBYTECODE=1 $(PY) -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

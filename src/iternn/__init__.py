@@ -1,0 +1,25 @@
+"""iternn: neural networks as iterated block maps.
+
+MLPs, RNNs and transformer stacks are one object, a block map
+``z <- act(b + sum F z)`` iterated over named slots; they differ only in sparsity
+pattern, weight tying, iteration count, initial vector and forcing (arXiv 2404.00880).
+"""
+
+from .core import BlockGraph, BlockMap, block_key
+from .convert import from_mlp, to_mlp
+from .engine import depth, iterate
+from .engine.map_module import MapModule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockMap",
+    "BlockGraph",
+    "block_key",
+    "iterate",
+    "depth",
+    "MapModule",
+    "from_mlp",
+    "to_mlp",
+    "__version__",
+]

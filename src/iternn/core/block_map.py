@@ -1,0 +1,373 @@
+"""The one object of iternn: a block non-linear map over named slots.
+
+A state ``z = (z_1, ..., z_S)`` is a dict of tensors, one per named slot, each of shape
+``(*batch, n_slot)`` (batch-first; every slot shares the batch shape). A block
+``F[d, s]`` is any ``nn.Module`` that maps source slot ``s`` to destination slot ``d``
+(row = destination, column = source, the ordinary matrix convention). One application is
+
+    z'_d = act_d( b_d + sum_s F[d, s](z_s) )        for every slot d,
+
+a Jacobi update: every block reads the old state. Missing blocks are zero and cost
+nothing; a slot with no incoming block becomes ``act_d(b_d)``. Iterating the
+application (see :func:`iternn.iterate`) is a discrete dynamical system; MLPs, RNNs and
+transformer stacks are choices of blocks, tying, iteration count, initial state and
+forcing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from types import MappingProxyType
+
+import torch
+from torch import Tensor, nn
+
+from .graph import BlockGraph
+from .state import check_state, zeros_like_batch
+
+__all__ = ["BlockMap", "block_key"]
+
+# Names that nn.ModuleDict / nn.ParameterDict keep for themselves; a slot cannot use them.
+_RESERVED = frozenset(dir(nn.ModuleDict())) | frozenset(dir(nn.ParameterDict()))
+
+
+def block_key(dst: str, src: str) -> str:
+    """The ``state_dict`` key of block ``F[dst, src]``: ``"dst<-src"``."""
+    return f"{dst}<-{src}"
+
+
+def _features(module: nn.Module) -> tuple[int | None, int | None]:
+    """Declared (in, out) sizes of a module, where it declares them."""
+    n_in = getattr(module, "in_features", None)
+    n_out = getattr(module, "out_features", None)
+    return (n_in if isinstance(n_in, int) else None, n_out if isinstance(n_out, int) else None)
+
+
+class BlockMap(nn.Module):
+    """A block map ``z -> act(b + F z)`` over named slots.
+
+    Args:
+        slots: ordered mapping ``name -> size``. Names must be Python identifiers;
+            sizes positive ints. The order is the order of :meth:`pack`.
+
+    Blocks are added with :meth:`connect`, per-slot biases with :meth:`set_bias` and
+    per-slot activations with :meth:`set_activation` (identity when unset). Calling the
+    map, ``m(state)``, is one application. All state lives in registered parameters,
+    buffers and submodules, so ``.to()``, ``.double()`` and ``state_dict()`` just work.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from iternn import BlockMap
+        >>> m = BlockMap({"x": 3, "h": 4, "y": 2})
+        >>> _ = m.connect("h", "x", nn.Linear(3, 4, bias=False))
+        >>> _ = m.connect("y", "h", nn.Linear(4, 2, bias=False))
+        >>> m.set_activation("h", nn.Tanh())
+        >>> m.impulse_response_length()
+        2
+    """
+
+    def __init__(self, slots: Mapping[str, int]) -> None:
+        super().__init__()
+        if not isinstance(slots, Mapping):
+            raise TypeError(f"slots must be a mapping name -> size, got {type(slots).__name__}")
+        if not slots:
+            raise ValueError("a BlockMap needs at least one slot")
+        checked: dict[str, int] = {}
+        for name, size in slots.items():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError(f"slot name {name!r} is not a Python identifier")
+            if name in _RESERVED:
+                raise ValueError(f"slot name {name!r} is reserved (it is an nn.Module attribute)")
+            if isinstance(size, bool) or not isinstance(size, int):
+                raise TypeError(f"size of slot {name!r} must be an int, got {type(size).__name__}")
+            if size <= 0:
+                raise ValueError(f"size of slot {name!r} must be positive, got {size}")
+            checked[name] = size
+        self._slots = checked
+        self.blocks = nn.ModuleDict()
+        self.biases = nn.ParameterDict()
+        self.activations = nn.ModuleDict()
+        self._edges: dict[tuple[str, str], str] = {}
+        # Bumped on every structural change; the engine keys its cached plans on it.
+        self._version = 0
+        self._plans: dict = {}
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def slots(self) -> Mapping[str, int]:
+        """Read-only ordered mapping ``slot -> size``."""
+        return MappingProxyType(self._slots)
+
+    @property
+    def size(self) -> int:
+        """Total state size ``sum_s n_s`` (the length of a packed state)."""
+        return sum(self._slots.values())
+
+    @property
+    def edges(self) -> tuple[tuple[str, str], ...]:
+        """``(destination, source)`` of every block, in the order they were connected."""
+        return tuple(self._edges)
+
+    def _check_slot(self, slot: object, role: str = "slot") -> str:
+        if not isinstance(slot, str):
+            raise TypeError(f"{role} must be a slot name (str), got {type(slot).__name__}")
+        if slot not in self._slots:
+            raise ValueError(f"unknown {role} {slot!r}; slots are {list(self._slots)}")
+        return slot
+
+    def _changed(self) -> None:
+        self._version += 1
+        self._plans.clear()
+
+    def connect(self, dst: str, src: str, module: nn.Module) -> nn.Module:
+        """Add block ``F[dst, src] = module`` (row ``dst``, column ``src``) and return it.
+
+        ``module`` must map tensors ``(*batch, n_src)`` to ``(*batch, n_dst)``. Sizes are
+        checked now: from ``in_features``/``out_features`` where the module declares
+        them, otherwise by one probe call on a zero input (in eval mode, without
+        gradients, with the global RNG state restored). Connecting a block that already
+        exists is an error; :meth:`disconnect` it first.
+        """
+        self._check_slot(dst, "destination slot")
+        self._check_slot(src, "source slot")
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"block {dst!r} <- {src!r} must be an nn.Module, got {type(module).__name__}"
+            )
+        if (dst, src) in self._edges:
+            raise ValueError(f"block {dst!r} <- {src!r} already exists; disconnect it first")
+        self._check_block_shape(dst, src, module)
+        key = block_key(dst, src)
+        self.blocks[key] = module
+        self._edges[(dst, src)] = key
+        self._changed()
+        return module
+
+    def _check_block_shape(self, dst: str, src: str, module: nn.Module) -> None:
+        n_src, n_dst = self._slots[src], self._slots[dst]
+        n_in, n_out = _features(module)
+        where = f"block {dst!r} <- {src!r}"
+        if n_in is not None or n_out is not None:
+            if n_in is not None and n_in != n_src:
+                raise ValueError(
+                    f"{where}: module has in_features={n_in} but source slot {src!r} has size {n_src}"
+                )
+            if n_out is not None and n_out != n_dst:
+                raise ValueError(
+                    f"{where}: module has out_features={n_out} but destination slot {dst!r} "
+                    f"has size {n_dst}"
+                )
+            return
+        ref = next(iter(module.parameters()), None)
+        if ref is None:
+            ref = next(iter(module.buffers()), None)
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.get_default_dtype()
+        device = ref.device if ref is not None else torch.device("cpu")
+        was_training = module.training
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                module.eval()
+                out = module(torch.zeros(2, n_src, dtype=dtype, device=device))
+        except Exception as exc:  # the probe is the only way to learn an opaque module's sizes
+            raise ValueError(
+                f"{where}: module failed on an input of shape (2, {n_src}) "
+                f"(source slot {src!r}): {exc}"
+            ) from exc
+        finally:
+            module.train(was_training)
+        if not isinstance(out, Tensor) or out.shape != (2, n_dst):
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"{where}: module maps (2, {n_src}) to {shape}, but destination slot "
+                f"{dst!r} needs (2, {n_dst})"
+            )
+
+    def disconnect(self, dst: str, src: str) -> nn.Module:
+        """Remove block ``F[dst, src]`` and return it."""
+        if (dst, src) not in self._edges:
+            raise ValueError(f"there is no block {dst!r} <- {src!r}")
+        key = self._edges.pop((dst, src))
+        module = self.blocks[key]
+        del self.blocks[key]
+        self._changed()
+        return module
+
+    def block(self, dst: str, src: str) -> nn.Module:
+        """The module of block ``F[dst, src]``."""
+        key = self._edges.get((dst, src))
+        if key is None:
+            self._check_slot(dst, "destination slot")
+            self._check_slot(src, "source slot")
+            raise ValueError(f"there is no block {dst!r} <- {src!r}")
+        return self.blocks[key]
+
+    def set_activation(self, slot: str, module: nn.Module | None) -> None:
+        """Set ``act_slot`` to an element-wise module; ``None`` (or ``nn.Identity``) clears it."""
+        self._check_slot(slot)
+        if module is not None and not isinstance(module, nn.Module):
+            raise TypeError(
+                f"activation of slot {slot!r} must be an nn.Module or None, "
+                f"got {type(module).__name__}"
+            )
+        if module is None or type(module) is nn.Identity:
+            if slot in self.activations:
+                del self.activations[slot]
+        else:
+            self.activations[slot] = module
+        self._changed()
+
+    def activation(self, slot: str) -> nn.Module | None:
+        """The activation module of ``slot`` (``None`` means identity)."""
+        self._check_slot(slot)
+        return self.activations[slot] if slot in self.activations else None
+
+    def set_bias(self, slot: str, bias: Tensor | bool | None = True) -> None:
+        """Give ``slot`` a trainable bias ``b_slot``.
+
+        ``bias`` is a tensor of shape ``(n_slot,)`` (copied into a new parameter),
+        ``True`` for a zero-initialised one, or ``None``/``False`` to remove it.
+        """
+        self._check_slot(slot)
+        n = self._slots[slot]
+        if bias is None or bias is False:
+            if slot in self.biases:
+                del self.biases[slot]
+            self._changed()
+            return
+        if bias is True:
+            ref = next(iter(self.parameters()), None)
+            value = torch.zeros(
+                n,
+                dtype=ref.dtype if ref is not None else torch.get_default_dtype(),
+                device=ref.device if ref is not None else None,
+            )
+        elif isinstance(bias, Tensor):
+            if bias.shape != (n,):
+                raise ValueError(
+                    f"bias of slot {slot!r} must have shape ({n},), got {tuple(bias.shape)}"
+                )
+            if not bias.is_floating_point():
+                raise TypeError(f"bias of slot {slot!r} must be floating point, got {bias.dtype}")
+            value = bias.detach().clone()
+        else:
+            raise TypeError(
+                f"bias of slot {slot!r} must be a tensor, True or None, got {type(bias).__name__}"
+            )
+        self.biases[slot] = nn.Parameter(value)
+        self._changed()
+
+    def bias(self, slot: str) -> Tensor | None:
+        """The bias parameter of ``slot``, or ``None``."""
+        self._check_slot(slot)
+        return self.biases[slot] if slot in self.biases else None
+
+    def graph(self) -> BlockGraph:
+        """The block dependency graph (row = destination, column = source)."""
+        return BlockGraph(tuple(self._slots), tuple(self._edges))
+
+    def impulse_response_length(self, hold: tuple[str, ...] | list[str] = ()) -> float:
+        """Applications after which the state no longer depends on the initial state.
+
+        The longest block path for an acyclic map (``L`` for an ``L``-layer MLP),
+        ``math.inf`` with a cycle or when a held slot feeds a block.
+        """
+        for s in hold:
+            self._check_slot(s, "held slot")
+        length = self.graph().impulse_response_length(hold)
+        return length if math.isinf(length) else int(length)
+
+    def sources(self, dst: str) -> tuple[str, ...]:
+        """Slots read by ``dst`` (the non-zero columns of row ``dst``)."""
+        self._check_slot(dst)
+        return tuple(s for (d, s) in self._edges if d == dst)
+
+    # ------------------------------------------------------------------ state
+    def pack(self, state: Mapping[str, Tensor]) -> Tensor:
+        """Concatenate a full state along the last dim, in slot order: ``(*batch, size)``."""
+        check_state(self, state, require_all=True)
+        return torch.cat([state[s] for s in self._slots], dim=-1)
+
+    def unpack(self, flat: Tensor) -> dict[str, Tensor]:
+        """Split a packed ``(*batch, size)`` tensor into a state dict (views, no copy)."""
+        if not isinstance(flat, Tensor):
+            raise TypeError(f"packed state must be a tensor, got {type(flat).__name__}")
+        if flat.dim() < 1 or flat.shape[-1] != self.size:
+            raise ValueError(
+                f"packed state must have last dim {self.size} (sum of slot sizes), "
+                f"got shape {tuple(flat.shape)}"
+            )
+        parts = torch.split(flat, list(self._slots.values()), dim=-1)
+        return dict(zip(self._slots, parts))
+
+    # ------------------------------------------------------------------ application
+    def destination(self, dst: str, state: Mapping[str, Tensor], **block_kwargs) -> Tensor:
+        """``act_dst(b_dst + sum_s F[dst, s](state[s]))`` for one destination slot."""
+        out = None
+        for (d, s), key in self._edges.items():
+            if d != dst:
+                continue
+            kwargs = block_kwargs.get(key)
+            y = self.blocks[key](state[s], **kwargs) if kwargs else self.blocks[key](state[s])
+            out = y if out is None else out + y
+        b = self.biases[dst] if dst in self.biases else None
+        if out is None:
+            ref = next(iter(state.values()))
+            out = zeros_like_batch(ref, self._slots[dst])
+        if b is not None:
+            out = out + b
+        if dst in self.activations:
+            out = self.activations[dst](out)
+        return out
+
+    def forward(self, state: Mapping[str, Tensor], **block_kwargs) -> dict[str, Tensor]:
+        """One application ``z' = act(b + F z)`` (Jacobi: every block reads ``state``).
+
+        ``state`` must hold every slot. Keyword arguments named by a block key
+        (``"dst<-src"``) are passed to that block, e.g. attention masks. Returns a new
+        dict; the input tensors are never modified.
+        """
+        check_state(self, state, require_all=True)
+        return {d: self.destination(d, state, **block_kwargs) for d in self._slots}
+
+    # ------------------------------------------------------------------ display
+    def extra_repr(self) -> str:
+        slots = ", ".join(f"{k}={v}" for k, v in self._slots.items())
+        return f"slots=({slots}), blocks={len(self._edges)}"
+
+    def summary(self) -> str:
+        """A table of slots (size, bias, activation) and blocks (module, parameters)."""
+        lines = ["slot       size  bias  activation"]
+        for s, n in self._slots.items():
+            act = self.activations[s] if s in self.activations else None
+            lines.append(
+                f"{s:<10} {n:>4}  {'yes' if s in self.biases else 'no':<4}  "
+                f"{type(act).__name__ if act is not None else 'identity'}"
+            )
+        lines.append("")
+        lines.append("block (dst <- src)        module                 parameters")
+        total = sum(int(p.numel()) for p in self.biases.values())
+        for (d, s), key in self._edges.items():
+            mod = self.blocks[key]
+            n = sum(int(p.numel()) for p in mod.parameters())
+            total += n
+            lines.append(f"{d + ' <- ' + s:<25} {type(mod).__name__:<22} {n:>10,}")
+        n_act = sum(int(p.numel()) for p in self.activations.parameters())
+        total += n_act
+        lines.append(
+            f"total parameters: {total:,} (biases {sum(int(p.numel()) for p in self.biases.values()):,}"
+            f", activations {n_act:,}); impulse-response length: {self.impulse_response_length()}"
+        )
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ internals
+    def _apply(self, fn, *args, **kwargs):  # .to(), .double(), .cuda() ...
+        out = super()._apply(fn, *args, **kwargs)
+        self._plans.clear()
+        return out
+
+    def __getstate__(self):  # copies and pickles rebuild their plans
+        state = self.__dict__.copy()
+        state["_plans"] = {}
+        return state

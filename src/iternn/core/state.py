@@ -1,0 +1,95 @@
+"""Checking a state dict against a map: names, sizes, batch shape, dtype and device."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .block_map import BlockMap
+
+__all__ = ["check_state", "zeros_like_batch", "parameter_spec"]
+
+
+def zeros_like_batch(ref: Tensor, size: int) -> Tensor:
+    """Zeros of shape ``(*ref.shape[:-1], size)`` with ``ref``'s dtype and device."""
+    return ref.new_zeros(*ref.shape[:-1], size)
+
+
+def parameter_spec(module: torch.nn.Module) -> tuple[torch.dtype | None, torch.device | None]:
+    """The one floating dtype and the one device of a module's parameters, where unique."""
+    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    devices = {p.device for p in module.parameters()}
+    return (
+        next(iter(dtypes)) if len(dtypes) == 1 else None,
+        next(iter(devices)) if len(devices) == 1 else None,
+    )
+
+
+def check_tensor(
+    m: BlockMap, slot: str, value: object, what: str = "slot"
+) -> Tensor:
+    """One slot tensor: a floating tensor whose last dim is the slot's size."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{what} {slot!r} must be a tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{what} {slot!r} must be floating point, got {value.dtype}")
+    n = m.slots[slot]
+    if value.dim() < 1 or value.shape[-1] != n:
+        raise ValueError(
+            f"{what} {slot!r} must have shape (*batch, {n}), got {tuple(value.shape)}"
+        )
+    return value
+
+
+def check_state(
+    m: BlockMap,
+    state: Mapping[str, Tensor],
+    *,
+    require_all: bool = False,
+    batch: tuple[int, ...] | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> tuple[tuple[int, ...] | None, torch.dtype | None, torch.device | None]:
+    """Validate ``state`` for ``m``; return its (batch shape, dtype, device).
+
+    Unknown slot names, wrong last dims, differing batch shapes, dtypes or devices, and
+    a dtype or device that differs from the map's parameters are errors naming the
+    slot. ``batch``/``dtype``/``device`` pre-set what the tensors must agree with.
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a dict slot -> tensor, got {type(state).__name__}")
+    for slot, value in state.items():
+        if slot not in m.slots:
+            raise ValueError(f"state names unknown slot {slot!r}; slots are {list(m.slots)}")
+        check_tensor(m, slot, value)
+        if batch is None:
+            batch, dtype, device = tuple(value.shape[:-1]), dtype or value.dtype, device or value.device
+        if tuple(value.shape[:-1]) != batch:
+            raise ValueError(
+                f"slot {slot!r} has batch shape {tuple(value.shape[:-1])}, "
+                f"other slots have {batch}"
+            )
+        if value.dtype != dtype:
+            raise TypeError(f"slot {slot!r} has dtype {value.dtype}, other slots have {dtype}")
+        if value.device != device:
+            raise ValueError(f"slot {slot!r} is on {value.device}, other slots are on {device}")
+    if require_all:
+        missing = [s for s in m.slots if s not in state]
+        if missing:
+            raise ValueError(f"state is missing slot(s) {missing}")
+    if dtype is not None:
+        p_dtype, p_device = parameter_spec(m)
+        if p_dtype is not None and dtype != p_dtype:
+            raise TypeError(
+                f"state has dtype {dtype} but the map's parameters are {p_dtype}; "
+                f"convert one of them (e.g. map.to({dtype}))"
+            )
+        if p_device is not None and device != p_device:
+            raise ValueError(
+                f"state is on {device} but the map's parameters are on {p_device}"
+            )
+    return batch, dtype, device

@@ -1,0 +1,186 @@
+"""``iterate``: apply a block map many times, with held and forced slots."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+
+import torch
+from torch import Tensor
+
+from ..core.block_map import BlockMap
+from ..core.state import check_state, check_tensor
+from .plan import SequencePlan, StepPlan, Wavefront
+
+__all__ = ["iterate", "UPDATES"]
+
+UPDATES = ("jacobi", "ordered")
+
+
+def _plan(m: BlockMap, kind: str, frozen: frozenset[str], update: str):
+    """The cached plan of ``kind`` for these frozen slots (rebuilt after any change)."""
+    key = (kind, frozen, update)
+    plan = m._plans.get(key)
+    if plan is None:
+        if kind == "wave":
+            graph = m.graph()
+            levels = graph.levels(frozen)
+            if levels is not None and update == "ordered":  # one sweep finishes everything
+                levels = {s: min(v, 1) for s, v in levels.items()}
+            plan = Wavefront(m, frozen, levels) if levels is not None else False
+        elif kind == "seq":
+            plan = SequencePlan(m, frozen, update)
+        else:
+            plan = StepPlan(m, frozen, update)
+        m._plans[key] = plan
+    return plan
+
+
+def _check_slots(m: BlockMap, names: object, role: str) -> frozenset[str]:
+    if isinstance(names, str):
+        names = (names,)
+    if not isinstance(names, Collection):
+        raise TypeError(f"{role} must be a collection of slot names, got {type(names).__name__}")
+    for s in names:
+        if not isinstance(s, str) or s not in m.slots:
+            raise ValueError(f"{role} names unknown slot {s!r}; slots are {list(m.slots)}")
+    return frozenset(names)
+
+
+def iterate(
+    m: BlockMap,
+    state: Mapping[str, Tensor],
+    steps: int,
+    *,
+    hold: Collection[str] = (),
+    force: Mapping[str, Tensor] | None = None,
+    inner: int = 1,
+    trajectory: bool = False,
+    update: str = "jacobi",
+    block_kwargs: Mapping[str, Mapping] | None = None,
+) -> dict[str, Tensor]:
+    """Apply ``m`` to ``state`` ``steps`` times.
+
+    Args:
+        m: the block map.
+        state: initial vector ``z0`` as a dict ``slot -> (*batch, n)``. Slots left out
+            start at zero (for an MLP map, only ``x`` matters).
+        steps: number of applications; with ``force``, the number of forcing steps
+            (each made of ``inner`` applications).
+        hold: slots that keep their initial value. This is the effect of the paper's
+            identity block on ``x`` (eq. 50) as an option of the iteration: the blocks
+            writing into a held slot are not evaluated and the map itself stays as it is.
+        force: ``slot -> (steps, *batch, n)`` sequences, time first. Before forcing
+            step ``t`` the slot is overwritten with ``force[slot][t]`` (eq. 11) and it
+            keeps that value through the step's applications.
+        inner: applications per forcing step (``K``); needs ``force``.
+        trajectory: return every state instead of the last one: ``slot -> (T, *batch,
+            n)`` with ``T = steps``, the state after each application (after each
+            forcing step when ``inner > 1``).
+        update: ``"jacobi"`` (the paper's map: every block reads the previous state) or
+            ``"ordered"``: strongly connected components are updated one after another
+            in dependency order, each reading the newest values of those before it (a
+            Gauss–Seidel sweep; within a component the update stays Jacobi). An acyclic
+            map reaches its fixed point in one ordered application.
+        block_kwargs: ``"dst<-src" -> kwargs`` passed to that block at every call (e.g.
+            attention masks). With ``force`` the block sees time folded into the first
+            batch dimension.
+
+    Returns:
+        The final state (every slot), or the trajectory.
+
+    The schedule is chosen by structure (see :mod:`iternn.engine.plan`) and gives the
+    same result as applying ``m`` step by step: acyclic maps iterated at least their
+    depth are evaluated as a wavefront, each block once; forced maps evaluate blocks
+    fed from outside a cycle in one batched call over the whole sequence.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if isinstance(inner, bool) or not isinstance(inner, int) or inner < 1:
+        raise ValueError(f"inner must be an int >= 1, got {inner!r}")
+    if update not in UPDATES:
+        raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+    if inner > 1 and force is None:
+        raise ValueError("inner applications need forced slots (force=...)")
+    if block_kwargs is not None:
+        unknown = [k for k in block_kwargs if k not in m.blocks]
+        if unknown:
+            raise ValueError(f"block_kwargs names unknown block(s) {unknown}")
+    held = _check_slots(m, hold, "hold")
+    batch, dtype, device = check_state(m, state)
+    forced: dict[str, Tensor] = {}
+    if force is not None:
+        if not isinstance(force, Mapping):
+            raise TypeError(f"force must be a dict slot -> sequence, got {type(force).__name__}")
+        both = held & set(force)
+        if both:
+            raise ValueError(f"slot(s) {sorted(both)} cannot be both held and forced")
+        for slot, seq in force.items():
+            _check_slots(m, (slot,), "force")
+            check_tensor(m, slot, seq, "forced slot")
+            if seq.dim() < 2 or seq.shape[0] != steps:
+                raise ValueError(
+                    f"forced slot {slot!r} needs a sequence of shape ({steps}, *batch, "
+                    f"{m.slots[slot]}) (time first, one entry per step), got {tuple(seq.shape)}"
+                )
+            if batch is None:
+                batch, dtype, device = tuple(seq.shape[1:-1]), seq.dtype, seq.device
+                check_state(m, {}, batch=batch, dtype=dtype, device=device)
+            if tuple(seq.shape[1:-1]) != batch:
+                raise ValueError(
+                    f"forced slot {slot!r} has batch shape {tuple(seq.shape[1:-1])}, "
+                    f"the state has {batch}"
+                )
+            if seq.dtype != dtype:
+                raise TypeError(f"forced slot {slot!r} has dtype {seq.dtype}, the state has {dtype}")
+            if seq.device != device:
+                raise ValueError(f"forced slot {slot!r} is on {seq.device}, the state is on {device}")
+            forced[slot] = seq
+    if batch is None:
+        raise ValueError("state is empty: give at least one slot (it sets the batch shape)")
+    ref = next(iter(forced.values()))[0] if forced else next(iter(state.values()))
+    init = {s: state[s] if s in state else ref.new_zeros(*batch, n) for s, n in m.slots.items()}
+    frozen = held | frozenset(forced)
+
+    if steps == 0:
+        if trajectory:
+            return {s: v.new_empty(0, *v.shape) for s, v in init.items()}
+        return dict(init)
+
+    if forced or trajectory:
+        if inner == 1:
+            plan = _plan(m, "seq", frozen, update)
+            traj = plan(init, forced, block_kwargs, ref, batch, steps)
+            return traj if trajectory else {s: traj[s][-1] for s in m.slots}
+        step = _plan(m, "step", frozen, update)
+        cur, states = dict(init), []
+        for t in range(steps):
+            for s, seq in forced.items():
+                cur[s] = seq[t]
+            for _ in range(inner):
+                cur = step(cur, block_kwargs, ref, batch)
+            if trajectory:
+                states.append(cur)
+        if trajectory:
+            return {s: torch.stack([c[s] for c in states]) for s in m.slots}
+        return cur
+
+    wave = _plan(m, "wave", frozen, update)
+    if wave and steps >= wave.depth:
+        return wave(init, block_kwargs, ref, batch)
+    step = _plan(m, "step", frozen, update)
+    cur = init
+    for _ in range(steps):
+        cur = step(cur, block_kwargs, ref, batch)
+    return cur
+
+
+def depth(m: BlockMap, hold: Collection[str] = (), update: str = "jacobi") -> float:
+    """Applications after which iterating ``m`` (with ``hold``) changes nothing more.
+
+    The wavefront depth for acyclic structure; ``math.inf`` with a cycle.
+    """
+    wave = _plan(m, "wave", _check_slots(m, hold, "hold"), update)
+    return wave.depth if wave else math.inf

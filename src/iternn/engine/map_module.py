@@ -1,0 +1,73 @@
+"""``MapModule``: a block map run as an ordinary tensor -> tensor module."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from ..core.block_map import BlockMap
+from .iterate import _plan, depth, iterate
+
+__all__ = ["MapModule"]
+
+
+class MapModule(nn.Module):
+    """Hold ``input``, iterate ``map`` ``steps`` times, return the ``output`` slot.
+
+    This is how a feed-forward network is a block map: ``from_mlp`` returns one, and a
+    ``MapModule`` can itself be a block of another map (``in_features`` and
+    ``out_features`` are the two slots' sizes), which is how maps nest.
+
+    Args:
+        map: the block map.
+        input: slot that receives the argument and is held.
+        output: slot returned.
+        steps: applications; by default the map's depth with ``input`` held (``L`` for
+            an ``L``-layer MLP), which must then be finite. With at least that many
+            applications the result is a fixed point: more change nothing.
+    """
+
+    def __init__(
+        self, map: BlockMap, *, input: str = "x", output: str = "y", steps: int | None = None
+    ) -> None:
+        super().__init__()
+        if not isinstance(map, BlockMap):
+            raise TypeError(f"map must be a BlockMap, got {type(map).__name__}")
+        for role, slot in (("input", input), ("output", output)):
+            if slot not in map.slots:
+                raise ValueError(f"{role} slot {slot!r} is not a slot of the map {list(map.slots)}")
+        if steps is None:
+            steps = depth(map, (input,))
+            if math.isinf(steps):
+                raise ValueError(
+                    "the map has a cycle, so it has no finite depth: pass steps= explicitly"
+                )
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        self.map = map
+        self.input = input
+        self.output = output
+        self.steps = steps
+        self.in_features = map.slots[input]
+        self.out_features = map.slots[output]
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.map
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"input slot {self.input!r} needs shape (*batch, {self.in_features}), got {shape}"
+            )
+        frozen = frozenset((self.input,))
+        wave = _plan(m, "wave", frozen, "jacobi")
+        if wave and self.steps >= wave.depth and x.is_floating_point():
+            ref = wave.reference
+            if ref is not None and (x.dtype != ref.dtype or x.device != ref.device):
+                # let the full check raise the named error
+                return iterate(m, {self.input: x}, self.steps, hold=frozen)[self.output]
+            return wave({self.input: x}, None, x, tuple(x.shape[:-1]))[self.output]
+        return iterate(m, {self.input: x}, self.steps, hold=frozen)[self.output]
+
+    def extra_repr(self) -> str:
+        return f"input={self.input!r}, output={self.output!r}, steps={self.steps}"

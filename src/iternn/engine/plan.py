@@ -1,0 +1,299 @@
+"""Execution plans: the same iteration, scheduled so the map runs at native speed.
+
+Every plan computes exactly what repeated application of :meth:`BlockMap.forward`
+computes (the Jacobi update, or the ordered sweep of ``update="ordered"``); only the
+schedule differs:
+
+* :class:`Wavefront` — acyclic structure, enough applications: each slot is evaluated
+  once, when its sources are final (level order, see :meth:`BlockGraph.levels`). This is
+  provably the state after any number of applications ``>= depth``.
+* :class:`SequencePlan` — forced maps and trajectories: strongly connected components
+  in dependency order, each over the whole sequence. Blocks whose source lies outside
+  the component (a forced slot, a held slot or an upstream component) are evaluated for
+  all time steps in one batched call; only blocks inside a cycle run step by step.
+* :class:`StepPlan` — one application at a time (inner applications per forcing step,
+  unforced cyclic maps such as equilibrium iterations).
+
+Blocks that share a destination are combined: the first plain ``nn.Linear`` block takes
+the slot bias into its matmul and later ones accumulate with ``addmm``, so a
+destination costs one fused GEMM per block and no extra additions. Plain ``nn.Linear``
+blocks (exact type) are evaluated from their ``weight``/``bias`` directly, so forward
+hooks registered on those block modules are not called; wrap a block in another module
+to keep its hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.block_map import BlockMap, block_key
+from ..core.graph import BlockGraph
+
+__all__ = ["Destination", "Wavefront", "SequencePlan", "StepPlan", "compile_destinations"]
+
+
+@dataclass(frozen=True)
+class Term:
+    """One block ``F[dst, src]`` as the engine calls it."""
+
+    src: str
+    key: str
+    module: nn.Module
+    linear: bool  # a plain nn.Linear: evaluated as a fused matmul
+    skip_bias: bool = False  # its bias is added elsewhere (folded into a drive)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Everything needed to compute ``act(b + sum_s F[d, s] z_s)`` for one slot ``d``."""
+
+    slot: str
+    size: int
+    terms: tuple[Term, ...]
+    bias: nn.Parameter | None
+    act: nn.Module | None
+
+
+def compile_destinations(m: BlockMap) -> dict[str, Destination]:
+    """Group the map's blocks by destination slot, in connect order."""
+    terms: dict[str, list[Term]] = {s: [] for s in m.slots}
+    for dst, src in m.edges:
+        key = block_key(dst, src)
+        mod = m.blocks[key]
+        terms[dst].append(Term(src, key, mod, type(mod) is nn.Linear))
+    return {
+        d: Destination(d, n, tuple(terms[d]), m.bias(d), m.activation(d))
+        for d, n in m.slots.items()
+    }
+
+
+def accumulate(
+    terms: Sequence[Term],
+    values: Mapping[str, Tensor],
+    kwargs: Mapping[str, Mapping] | None,
+    start: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor | None:
+    """``start + bias + sum F[., s](values[s])`` fused into as few kernels as possible.
+
+    Returns ``None`` when there is nothing to add (no start, no terms, no bias).
+    """
+    out = start
+    for term in terms:
+        z = values[term.src]
+        if term.linear:
+            w = term.module.weight
+            wb = None if term.skip_bias else term.module.bias
+            if out is None:
+                if wb is None and bias is not None:
+                    out, bias = F.linear(z, w, bias), None
+                else:
+                    out = F.linear(z, w, wb)
+            elif wb is None and z.dim() == 2 and out.dim() == 2:
+                out = torch.addmm(out, z, w.t())
+            else:
+                out = out + F.linear(z, w, wb)
+        else:
+            kw = kwargs.get(term.key) if kwargs else None
+            y = term.module(z, **kw) if kw else term.module(z)
+            out = y if out is None else out + y
+    if bias is not None:
+        out = bias if out is None else out + bias
+    return out
+
+
+def finish(dest: Destination, pre: Tensor | None, ref: Tensor, batch: tuple[int, ...]) -> Tensor:
+    """Apply the slot activation; a slot with nothing incoming is ``act(0)``."""
+    if pre is None:
+        pre = ref.new_zeros(*batch, dest.size)
+    elif pre.shape[:-1] != batch:  # only a bias (or only held sources): broadcast over batch
+        pre = pre.expand(*batch, dest.size)
+    return dest.act(pre) if dest.act is not None else pre
+
+
+def evaluate(
+    dest: Destination,
+    values: Mapping[str, Tensor],
+    kwargs: Mapping[str, Mapping] | None,
+    ref: Tensor,
+    batch: tuple[int, ...],
+) -> Tensor:
+    """The new value of ``dest.slot`` from ``values`` (one application, one slot)."""
+    return finish(dest, accumulate(dest.terms, values, kwargs, bias=dest.bias), ref, batch)
+
+
+class StepPlan:
+    """One application of the map with some slots frozen (held or forced)."""
+
+    def __init__(self, m: BlockMap, frozen: frozenset[str], update: str) -> None:
+        dests = compile_destinations(m)
+        graph = m.graph().without_inputs_to(frozen)
+        self.frozen = frozen
+        if update == "ordered":
+            self.groups = [
+                tuple(dests[d] for d in comp if d not in frozen) for comp in graph.components()
+            ]
+            self.groups = [g for g in self.groups if g]
+        else:  # jacobi: one group, everything reads the old state
+            self.groups = [tuple(dests[d] for d in m.slots if d not in frozen)]
+
+    def __call__(self, state: dict[str, Tensor], kwargs, ref: Tensor, batch) -> dict[str, Tensor]:
+        cur = dict(state)
+        for group in self.groups:
+            new = {d.slot: evaluate(d, cur, kwargs, ref, batch) for d in group}
+            cur.update(new)
+        return cur
+
+
+class Wavefront:
+    """Each slot evaluated once, in level order (acyclic structure only)."""
+
+    def __init__(self, m: BlockMap, frozen: frozenset[str], levels: Mapping[str, int]) -> None:
+        dests = compile_destinations(m)
+        self.frozen = frozen
+        self.depth = max(levels.values(), default=0)
+        order = sorted((s for s in m.slots if s not in frozen), key=lambda s: levels[s])
+        self.order = tuple(dests[s] for s in order)
+        # A parameter whose dtype/device inputs must match (cheap per-call check).
+        self.reference = next(iter(m.parameters()), None)
+
+    def __call__(self, values: dict[str, Tensor], kwargs, ref: Tensor, batch) -> dict[str, Tensor]:
+        values = dict(values)
+        for dest in self.order:
+            values[dest.slot] = evaluate(dest, values, kwargs, ref, batch)
+        return values
+
+
+@dataclass(frozen=True)
+class _Component:
+    dests: tuple[Destination, ...]
+    external: tuple[tuple[Term, ...], ...]  # per destination: terms reading outside
+    internal: tuple[tuple[Term, ...], ...]  # per destination: terms reading inside
+    cyclic: bool
+
+
+def _fold(z: Tensor) -> Tensor:
+    """``(T, b0, *rest, n) -> (T*b0, *rest, n)``: time folded into the first batch dim."""
+    return z.flatten(0, 1) if z.dim() >= 3 else z
+
+
+class SequencePlan:
+    """Strongly connected components in order, each over the whole sequence."""
+
+    def __init__(self, m: BlockMap, frozen: frozenset[str], update: str) -> None:
+        dests = compile_destinations(m)
+        graph: BlockGraph = m.graph().without_inputs_to(frozen)
+        self.frozen = frozen
+        self.ordered = update == "ordered"
+        comps = []
+        for comp in graph.components():
+            if comp[0] in frozen:  # frozen slots have no inputs left: singletons
+                continue
+            inside = set(comp)
+            ds = tuple(dests[d] for d in comp)
+            comps.append(
+                _Component(
+                    ds,
+                    tuple(tuple(t for t in d.terms if t.src not in inside) for d in ds),
+                    tuple(tuple(_fold_bias(t) for t in d.terms if t.src in inside) for d in ds),
+                    graph.is_cyclic(comp),
+                )
+            )
+        self.components = tuple(comps)
+
+    def _drive(
+        self, terms: Sequence[Term], seq: Mapping[str, Tensor], held: Mapping[str, Tensor],
+        kwargs, bias: Tensor | None, steps: int,
+    ) -> Tensor | None:
+        """External drive of one slot: sequence terms batched over time, held terms once."""
+        timed = tuple(t for t in terms if t.src in seq)
+        const = tuple(t for t in terms if t.src not in seq)
+        out = None
+        if timed:
+            plain = all(t.linear for t in timed)
+            if plain:
+                out = accumulate(timed, seq, kwargs, bias=bias)
+            else:
+                folded = {t.src: _fold(seq[t.src]) for t in timed}
+                out = accumulate(timed, folded, kwargs, bias=bias)
+                out = out.reshape(steps, *seq[timed[0].src].shape[1:-1], out.shape[-1])
+            bias = None
+        c = accumulate(const, held, kwargs, bias=bias)
+        if c is not None:
+            out = c if out is None else out + c
+        return out
+
+    def __call__(
+        self,
+        init: Mapping[str, Tensor],
+        forced: Mapping[str, Tensor],
+        kwargs,
+        ref: Tensor,
+        batch: tuple[int, ...],
+        steps: int,
+    ) -> dict[str, Tensor]:
+        """Trajectories ``(steps, *batch, n)`` of every slot: the state after each application."""
+        held = {s: v for s, v in init.items() if s in self.frozen and s not in forced}
+        # What each block reads at application t (Jacobi: the state before it).
+        reads: dict[str, Tensor] = dict(forced)
+        traj: dict[str, Tensor] = dict(forced)
+        for comp in self.components:
+            drives = [
+                self._drive(ext, reads, held, kwargs, d.bias, steps)
+                for d, ext in zip(comp.dests, comp.external)
+            ]
+            if not comp.cyclic:
+                (d,), (drive,) = comp.dests, drives
+                if drive is not None and drive.dim() == len(batch) + 1:  # held/bias only
+                    drive = drive.expand(steps, *batch, d.size)
+                out = finish(d, drive, ref, (steps, *batch))
+                self._record(d.slot, out, init, reads, traj)
+                continue
+            # Biases of internal plain-linear blocks go into the drive once, not per step.
+            for i, terms in enumerate(comp.internal):
+                for t in terms:
+                    if t.skip_bias:
+                        b = t.module.bias
+                        drives[i] = b if drives[i] is None else drives[i] + b
+            per_step = []
+            for d, drive in zip(comp.dests, drives):
+                if drive is None:
+                    per_step.append(None)
+                elif drive.dim() == len(batch) + 2:
+                    per_step.append(drive.unbind(0))
+                else:
+                    per_step.append((drive.expand(*batch, d.size),) * steps)
+            prev = {d.slot: init[d.slot] for d in comp.dests}
+            outs: list[list[Tensor]] = [[] for _ in comp.dests]
+            for t in range(steps):
+                new = {}
+                for i, d in enumerate(comp.dests):
+                    start = per_step[i][t] if per_step[i] is not None else None
+                    pre = accumulate(comp.internal[i], prev, kwargs, start=start)
+                    new[d.slot] = finish(d, pre, ref, batch)
+                    outs[i].append(new[d.slot])
+                prev = new
+            for d, o in zip(comp.dests, outs):
+                self._record(d.slot, torch.stack(o), init, reads, traj)
+        for s, v in held.items():
+            traj[s] = v.expand(steps, *v.shape)
+        return traj
+
+    def _record(self, slot: str, seq: Tensor, init, reads, traj) -> None:
+        traj[slot] = seq
+        if self.ordered:
+            reads[slot] = seq
+        else:  # Jacobi: application t reads the state after t-1 applications
+            reads[slot] = torch.cat([init[slot].unsqueeze(0), seq[:-1]], dim=0)
+
+
+def _fold_bias(term: Term) -> Term:
+    """An internal plain-linear term whose bias the drive carries instead."""
+    if term.linear and term.module.bias is not None:
+        return Term(term.src, term.key, term.module, True, skip_bias=True)
+    return term

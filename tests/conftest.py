@@ -1,0 +1,15 @@
+"""Shared test settings: float64 by default where exactness is claimed, no files left behind."""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+# No example database: the suite leaves no files outside temporary folders.
+settings.register_profile(
+    "iternn",
+    database=None,
+    deadline=None,
+    max_examples=int(os.environ.get("ITERNN_EXAMPLES", "25")),
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("iternn")
