@@ -157,8 +157,7 @@ def iterate(
         step = _plan(m, "step", frozen, update)
         cur, states = dict(init), []
         for t in range(steps):
-            for s, seq in forced.items():
-                cur[s] = seq[t]
+            cur = {**cur, **{s: seq[t] for s, seq in forced.items()}}
             for _ in range(inner):
                 cur = step(cur, block_kwargs, ref, batch)
             if trajectory:

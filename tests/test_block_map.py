@@ -1,0 +1,351 @@
+"""The block map: one application, state handling, autograd on every path, bad input."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from maps import random_state
+from torch import nn
+
+import iternn
+
+
+def _dense_linear_map(g):
+    """A map with linear blocks only, and its dense (N x N) matrix + bias + acts."""
+    sizes = {"x": 2, "h": 3, "y": 2}
+    m = iternn.BlockMap(sizes)
+    blocks = [("h", "x"), ("h", "h"), ("y", "h"), ("y", "x"), ("x", "y")]
+    for d, s in blocks:
+        lin = nn.Linear(sizes[s], sizes[d], bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g))
+        m.connect(d, s, lin)
+    m.set_bias("h", torch.randn(3, generator=g))
+    m.set_bias("y", torch.randn(2, generator=g))
+    m.set_activation("h", nn.Tanh())
+    m.double()
+    off = {"x": 0, "h": 2, "y": 5}
+    W = torch.zeros(7, 7, dtype=torch.float64)
+    for d, s in blocks:  # row = destination, column = source
+        w = m.block(d, s).weight.detach()
+        W[off[d]:off[d] + sizes[d], off[s]:off[s] + sizes[s]] = w
+    b = torch.cat([torch.zeros(2, dtype=torch.float64), m.bias("h").detach(), m.bias("y").detach()])
+    return m, W, b
+
+
+def test_one_application_is_act_of_b_plus_Fz():
+    g = torch.Generator().manual_seed(0)
+    m, W, b = _dense_linear_map(g)
+    z = torch.randn(4, 7, dtype=torch.float64, generator=g)
+    pre = z @ W.T + b
+    want = torch.cat([pre[:, :2], torch.tanh(pre[:, 2:5]), pre[:, 5:]], dim=-1)
+    got = m.pack(m(m.unpack(z)))
+    assert torch.allclose(got, want, atol=1e-12, rtol=0)
+
+
+def test_slot_without_blocks_becomes_act_of_bias():
+    m = iternn.BlockMap({"a": 2, "b": 2})
+    m.set_bias("a", torch.tensor([1.0, -2.0]))
+    m.set_activation("a", nn.ReLU())
+    m.set_activation("b", nn.Sigmoid())
+    out = m({"a": torch.randn(3, 2), "b": torch.randn(3, 2)})
+    assert torch.equal(out["a"], torch.tensor([[1.0, 0.0]] * 3))
+    assert torch.equal(out["b"], torch.full((3, 2), 0.5))
+
+
+@given(batch=__import__("hypothesis").strategies.lists(
+    __import__("hypothesis").strategies.integers(1, 3), max_size=3))
+def test_pack_unpack_round_trip(batch):
+    m = iternn.BlockMap({"x": 2, "h": 3, "y": 1})
+    state = random_state(m, batch=tuple(batch))
+    flat = m.pack(state)
+    assert flat.shape == (*batch, m.size)
+    back = m.unpack(flat)
+    assert list(back) == list(m.slots)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    assert torch.equal(m.pack(back), flat)
+
+
+def test_backward_through_shared_destination_identity_and_nested_maps():
+    """The paths the authors' code broke on: activation-terminated blocks sharing a
+    destination, identity blocks and a nested map as a block."""
+    torch.manual_seed(0)
+    inner = iternn.from_mlp(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)))
+    m = iternn.BlockMap({"x": 3, "h": 3, "y": 3})
+    a = m.connect("h", "x", nn.Sequential(nn.Linear(3, 3), nn.Tanh()))
+    c = m.connect("h", "h", nn.Sequential(nn.Linear(3, 3), nn.Sigmoid()))
+    m.connect("y", "h", nn.Identity())
+    m.connect("y", "x", inner)
+    m.set_activation("y", nn.ELU())
+    m.double()
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+
+    def by_hand(x, h):
+        h1 = a(x) + c(h)
+        y1 = nn.functional.elu(h + inner(x))
+        h2 = a(x) + c(h1)
+        return nn.functional.elu(h1 + inner(x)), h2, y1
+
+    def by_map(x, h):
+        out = iternn.iterate(m, {"x": x, "h": h}, 2, hold=["x"])
+        return out["y"], out["h"]
+
+    y_hand, h_hand, _ = by_hand(x, h)
+    y_map, h_map = by_map(x, h)
+    assert torch.allclose(y_map, y_hand, atol=1e-12) and torch.allclose(h_map, h_hand, atol=1e-12)
+    params = list(m.parameters())
+    g_map = torch.autograd.grad((y_map.sum() + h_map.square().sum()), [x, h, *params])
+    g_hand = torch.autograd.grad((y_hand.sum() + h_hand.square().sum()), [x, h, *params])
+    for p, q in zip(g_map, g_hand):
+        assert torch.allclose(p, q, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, h: by_map(x, h)[0], (x, h))
+
+
+def test_impulse_response_length():
+    m = iternn.BlockMap({"x": 1, "h1": 1, "h2": 1, "y": 1})
+    m.connect("h1", "x", nn.Linear(1, 1))
+    m.connect("h2", "h1", nn.Linear(1, 1))
+    m.connect("y", "h2", nn.Linear(1, 1))
+    m.connect("y", "x", nn.Linear(1, 1))  # a shortcut does not shorten the longest path
+    assert m.impulse_response_length() == 3
+    assert math.isinf(m.impulse_response_length(hold=["x"]))  # the held x feeds h1
+    assert m.impulse_response_length(hold=["y"]) == 2  # y feeds nothing, its inputs are gone
+    m.connect("x", "x", nn.Identity())  # the paper's identity block: a real cycle
+    assert math.isinf(m.impulse_response_length())
+
+
+def test_summary_and_repr_name_slots_blocks_and_counts():
+    m = iternn.BlockMap({"x": 3, "h": 4})
+    m.connect("h", "x", nn.Linear(3, 4, bias=False))
+    m.connect("h", "h", nn.Linear(4, 4))
+    m.set_bias("h")
+    m.set_activation("h", nn.Tanh())
+    text = m.summary()
+    assert "h <- x" in text and "h <- h" in text and "Tanh" in text
+    assert "12" in text and "20" in text  # per-block parameter counts
+    assert "total parameters: 36" in text
+    assert "slots=(x=3, h=4), blocks=2" in repr(m)
+
+
+def test_state_dict_and_to_follow_blocks_and_biases():
+    m = iternn.BlockMap({"x": 2, "h": 2})
+    m.connect("h", "x", nn.Linear(2, 2))
+    m.set_bias("h")
+    keys = set(m.state_dict())
+    assert keys == {"blocks.h<-x.weight", "blocks.h<-x.bias", "biases.h"}
+    m.double()
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    out = iternn.iterate(m, {"x": torch.ones(1, 2, dtype=torch.float64)}, 1)
+    assert out["h"].dtype == torch.float64
+
+
+def test_disconnect_and_reconnect_changes_the_result():
+    m = iternn.BlockMap({"x": 1, "y": 1})
+    lin = m.connect("y", "x", nn.Linear(1, 1, bias=False))
+    nn.init.constant_(lin.weight, 2.0)
+    x = torch.ones(1, 1)
+    assert iternn.iterate(m, {"x": x}, 1, hold=["x"])["y"].item() == 2.0
+    assert m.disconnect("y", "x") is lin
+    assert iternn.iterate(m, {"x": x}, 1, hold=["x"])["y"].item() == 0.0
+
+
+# ---------------------------------------------------------------- bad input, one per case
+def test_bad_slot_name():
+    with pytest.raises(ValueError, match="'my-slot'"):
+        iternn.BlockMap({"my-slot": 2})
+
+
+def test_reserved_slot_name():
+    with pytest.raises(ValueError, match="'training'"):
+        iternn.BlockMap({"training": 2})
+
+
+def test_bad_slot_size():
+    with pytest.raises(ValueError, match="'h'"):
+        iternn.BlockMap({"x": 2, "h": 0})
+    with pytest.raises(TypeError, match="'h'"):
+        iternn.BlockMap({"x": 2, "h": 2.0})
+
+
+def test_unknown_slot_in_connect():
+    m = iternn.BlockMap({"x": 2})
+    with pytest.raises(ValueError, match="'z'"):
+        m.connect("z", "x", nn.Linear(2, 2))
+
+
+def test_duplicate_block():
+    m = iternn.BlockMap({"x": 2, "y": 2})
+    m.connect("y", "x", nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="'y' <- 'x' already exists"):
+        m.connect("y", "x", nn.Linear(2, 2))
+
+
+def test_block_in_features_mismatch():
+    m = iternn.BlockMap({"x": 2, "y": 3})
+    with pytest.raises(ValueError, match="in_features=3.*source slot 'x'"):
+        m.connect("y", "x", nn.Linear(3, 3))
+
+
+def test_block_out_features_mismatch():
+    m = iternn.BlockMap({"x": 2, "y": 3})
+    with pytest.raises(ValueError, match="out_features=2.*destination slot 'y'"):
+        m.connect("y", "x", nn.Linear(2, 2))
+
+
+def test_probed_block_shape_mismatch():
+    m = iternn.BlockMap({"x": 2, "y": 3})
+    with pytest.raises(ValueError, match="block 'y' <- 'x'"):
+        m.connect("y", "x", nn.Sequential(nn.Linear(2, 4), nn.Tanh()))
+
+
+def test_probe_keeps_rng_and_mode():
+    m = iternn.BlockMap({"x": 2, "y": 2})
+    block = nn.Sequential(nn.Dropout(0.5), nn.Linear(2, 2))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    m.connect("y", "x", block)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert block.training
+
+
+def test_block_not_a_module():
+    m = iternn.BlockMap({"x": 2, "y": 2})
+    with pytest.raises(TypeError, match="'y' <- 'x'"):
+        m.connect("y", "x", lambda z: z)
+
+
+def test_state_wrong_slot_size():
+    m = iternn.BlockMap({"x": 2, "y": 2})
+    with pytest.raises(ValueError, match="'x'"):
+        iternn.iterate(m, {"x": torch.ones(1, 3)}, 1)
+
+
+def test_state_unknown_slot():
+    m = iternn.BlockMap({"x": 2})
+    with pytest.raises(ValueError, match="'q'"):
+        iternn.iterate(m, {"q": torch.ones(1, 2)}, 1)
+
+
+def test_state_batch_mismatch():
+    m = iternn.BlockMap({"x": 2, "y": 2})
+    with pytest.raises(ValueError, match="'y'"):
+        iternn.iterate(m, {"x": torch.ones(1, 2), "y": torch.ones(2, 2)}, 1)
+
+
+def test_state_dtype_mismatch_with_map():
+    m = iternn.BlockMap({"x": 2, "y": 2})
+    m.connect("y", "x", nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="float64.*float32"):
+        iternn.iterate(m, {"x": torch.ones(1, 2, dtype=torch.float64)}, 1)
+
+
+def test_state_dtype_mismatch_between_slots():
+    m = iternn.BlockMap({"x": 2, "y": 2})
+    with pytest.raises(TypeError, match="'y'"):
+        iternn.iterate(m, {"x": torch.ones(1, 2), "y": torch.ones(1, 2, dtype=torch.float64)}, 1)
+
+
+def test_state_integer_tensor():
+    m = iternn.BlockMap({"x": 2})
+    with pytest.raises(TypeError, match="'x'"):
+        iternn.iterate(m, {"x": torch.ones(1, 2, dtype=torch.long)}, 1)
+
+
+def test_state_device_mismatch_with_map():
+    m = iternn.BlockMap({"x": 2, "y": 2})
+    m.connect("y", "x", nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="meta"):
+        iternn.iterate(m, {"x": torch.ones(1, 2, device="meta")}, 1)
+
+
+def test_state_not_a_tensor():
+    m = iternn.BlockMap({"x": 2})
+    with pytest.raises(TypeError, match="'x'"):
+        iternn.iterate(m, {"x": [[1.0, 2.0]]}, 1)
+
+
+def test_state_empty():
+    m = iternn.BlockMap({"x": 2})
+    with pytest.raises(ValueError, match="empty"):
+        iternn.iterate(m, {}, 1)
+
+
+def test_forward_needs_full_state():
+    m = iternn.BlockMap({"x": 2, "y": 1})
+    with pytest.raises(ValueError, match="'y'"):
+        m({"x": torch.ones(1, 2)})
+
+
+def test_unpack_wrong_size():
+    m = iternn.BlockMap({"x": 2, "y": 1})
+    with pytest.raises(ValueError, match="last dim 3"):
+        m.unpack(torch.ones(1, 4))
+
+
+def test_forced_sequence_wrong_length():
+    m = iternn.BlockMap({"x": 2, "h": 2})
+    with pytest.raises(ValueError, match="'x'.*\\(3, \\*batch, 2\\)"):
+        iternn.iterate(m, {}, 3, force={"x": torch.ones(2, 1, 2)})
+
+
+def test_forced_sequence_wrong_batch():
+    m = iternn.BlockMap({"x": 2, "h": 2})
+    with pytest.raises(ValueError, match="'x'"):
+        iternn.iterate(m, {"h": torch.ones(4, 2)}, 3, force={"x": torch.ones(3, 1, 2)})
+
+
+def test_forced_sequence_wrong_features():
+    m = iternn.BlockMap({"x": 2, "h": 2})
+    with pytest.raises(ValueError, match="'x'"):
+        iternn.iterate(m, {}, 3, force={"x": torch.ones(3, 1, 5)})
+
+
+def test_held_and_forced_same_slot():
+    m = iternn.BlockMap({"x": 2})
+    with pytest.raises(ValueError, match="'x'"):
+        iternn.iterate(m, {}, 1, hold=["x"], force={"x": torch.ones(1, 1, 2)})
+
+
+def test_unknown_held_slot():
+    m = iternn.BlockMap({"x": 2})
+    with pytest.raises(ValueError, match="'nope'"):
+        iternn.iterate(m, {"x": torch.ones(1, 2)}, 1, hold=["nope"])
+
+
+def test_bad_steps_inner_update():
+    m = iternn.BlockMap({"x": 2})
+    s = {"x": torch.ones(1, 2)}
+    with pytest.raises(ValueError, match="steps"):
+        iternn.iterate(m, s, -1)
+    with pytest.raises(TypeError, match="steps"):
+        iternn.iterate(m, s, 1.5)
+    with pytest.raises(ValueError, match="inner"):
+        iternn.iterate(m, s, 1, inner=2)
+    with pytest.raises(ValueError, match="update"):
+        iternn.iterate(m, s, 1, update="gauss")
+
+
+def test_unknown_block_kwargs_key():
+    m = iternn.BlockMap({"x": 2})
+    with pytest.raises(ValueError, match="x<-y"):
+        iternn.iterate(m, {"x": torch.ones(1, 2)}, 1, block_kwargs={"x<-y": {}})
+
+
+def test_bias_wrong_shape():
+    m = iternn.BlockMap({"x": 2})
+    with pytest.raises(ValueError, match="'x'"):
+        m.set_bias("x", torch.zeros(3))
+
+
+def test_activation_not_a_module():
+    m = iternn.BlockMap({"x": 2})
+    with pytest.raises(TypeError, match="'x'"):
+        m.set_activation("x", torch.tanh)
+
+
+def test_missing_block_lookup():
+    m = iternn.BlockMap({"x": 2, "y": 2})
+    with pytest.raises(ValueError, match="no block 'y' <- 'x'"):
+        m.block("y", "x")

@@ -1,0 +1,209 @@
+"""iterate() equals step-by-step application, for every plan the engine picks."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from maps import random_maps, random_state, reference_iterate
+from torch import nn
+
+import iternn
+
+
+def _close(a: dict, b: dict, tol=1e-10):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        assert torch.allclose(a[k], b[k], atol=tol, rtol=0), (k, (a[k] - b[k]).abs().max())
+
+
+@given(
+    m=random_maps(),
+    steps=st.integers(0, 6),
+    hold_mask=st.integers(0, 15),
+    trajectory=st.booleans(),
+    update=st.sampled_from(["jacobi", "ordered"]),
+    partial=st.booleans(),
+)
+def test_unforced_matches_reference(m, steps, hold_mask, trajectory, update, partial):
+    names = list(m.slots)
+    hold = [s for i, s in enumerate(names) if hold_mask >> i & 1]
+    state = random_state(m, seed=steps)
+    if partial:  # slots left out start at zero
+        state = {k: v for i, (k, v) in enumerate(state.items()) if i % 2 == 0}
+    full = {s: state.get(s, torch.zeros(3, n, dtype=torch.float64)) for s, n in m.slots.items()}
+    got = iternn.iterate(m, state, steps, hold=hold, trajectory=trajectory, update=update)
+    if steps == 0 and trajectory:
+        assert all(v.shape[0] == 0 for v in got.values())
+        return
+    want = reference_iterate(m, full, steps, hold=hold, trajectory=trajectory, update=update)
+    _close(got, want)
+
+
+@given(
+    m=random_maps(),
+    steps=st.integers(1, 5),
+    n_forced=st.integers(1, 2),
+    inner=st.integers(1, 3),
+    trajectory=st.booleans(),
+    update=st.sampled_from(["jacobi", "ordered"]),
+    hold_last=st.booleans(),
+)
+def test_forced_matches_reference(m, steps, n_forced, inner, trajectory, update, hold_last):
+    names = list(m.slots)
+    forced = names[:n_forced]
+    hold = [names[-1]] if hold_last and names[-1] not in forced else []
+    g = torch.Generator().manual_seed(steps * 7 + inner)
+    force = {s: torch.randn(steps, 2, m.slots[s], generator=g, dtype=torch.float64) for s in forced}
+    state = random_state(m, batch=(2,), seed=3)
+    got = iternn.iterate(m, state, steps, hold=hold, force=force, inner=inner,
+                         trajectory=trajectory, update=update)
+    want = reference_iterate(m, state, steps, hold=hold, force=force, inner=inner,
+                             trajectory=trajectory, update=update)
+    _close(got, want)
+
+
+@settings(max_examples=15)
+@given(m=random_maps(), steps=st.integers(1, 5), forced=st.booleans())
+def test_gradients_match_reference(m, steps, forced):
+    names = list(m.slots)
+    state = random_state(m, seed=1, requires_grad=True)
+    force = None
+    if forced:
+        g = torch.Generator().manual_seed(5)
+        force = {names[0]: torch.randn(steps, 3, m.slots[names[0]], generator=g,
+                                       dtype=torch.float64, requires_grad=True)}
+    leaves = list(state.values()) + list(force.values() if force else []) + list(m.parameters())
+
+    def loss(out):
+        return sum((v * (i + 1)).sin().sum() for i, v in enumerate(out.values()))
+
+    got_loss = loss(iternn.iterate(m, state, steps, force=force))
+    want_loss = loss(reference_iterate(m, state, steps, force=force))
+    assert torch.allclose(got_loss, want_loss, atol=1e-10, rtol=0)
+    if not want_loss.requires_grad:  # the final state depends on nothing trainable
+        assert not got_loss.requires_grad
+        return
+    got = torch.autograd.grad(got_loss, leaves, allow_unused=True)
+    want = torch.autograd.grad(want_loss, leaves, allow_unused=True)
+    for a, b in zip(got, want):
+        if a is None or b is None:
+            assert (a is None or a.abs().max() == 0) and (b is None or b.abs().max() == 0)
+        else:
+            assert torch.allclose(a, b, atol=1e-10, rtol=0)
+
+
+def test_gradcheck_through_all_plans():
+    torch.manual_seed(0)
+    m = iternn.BlockMap({"x": 2, "h": 3, "y": 2})
+    m.connect("h", "x", nn.Linear(2, 3))
+    m.connect("h", "h", nn.Linear(3, 3, bias=False))
+    m.connect("y", "h", nn.Sequential(nn.Linear(3, 2), nn.Tanh()))
+    m.connect("y", "x", nn.Identity() if False else nn.Linear(2, 2, bias=False))
+    m.set_activation("h", nn.Tanh())
+    m.set_bias("y")
+    m.double()
+    x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+
+    def forced(x, h0):
+        return iternn.iterate(m, {"h": h0}, 4, force={"x": x}, trajectory=True)["y"]
+
+    def stepped(x, h0):
+        return iternn.iterate(m, {"x": x[0], "h": h0}, 4, hold=["x"])["y"]
+
+    assert torch.autograd.gradcheck(forced, (x, h0))
+    assert torch.autograd.gradcheck(stepped, (x, h0))
+
+
+def test_acyclic_wavefront_is_fixed_point_after_depth():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2))
+    m = iternn.from_mlp(seq.double()).map
+    x = torch.randn(6, 3, dtype=torch.float64)
+    assert iternn.depth(m, ["x"]) == 3
+    at_depth = iternn.iterate(m, {"x": x}, 3, hold=["x"])
+    for extra in (4, 7):
+        _close(iternn.iterate(m, {"x": x}, extra, hold=["x"]), at_depth, tol=0)
+    # one more application by hand changes nothing either: a fixed point
+    again = m(at_depth)
+    again["x"] = x
+    _close(again, at_depth, tol=0)
+
+
+def test_ordered_update_finishes_acyclic_map_in_one_application():
+    torch.manual_seed(1)
+    net = iternn.from_mlp(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double())
+    x = torch.randn(2, 3, dtype=torch.float64)
+    one = iternn.iterate(net.map, {"x": x}, 1, hold=["x"], update="ordered")
+    assert torch.allclose(one["y"], net(x), atol=0)
+    jac = iternn.iterate(net.map, {"x": x}, 1, hold=["x"])
+    assert not torch.allclose(jac["y"], net(x))
+
+
+def test_batch_dims_any_rank():
+    torch.manual_seed(2)
+    m = iternn.BlockMap({"x": 2, "h": 3})
+    m.connect("h", "x", nn.Linear(2, 3))
+    m.connect("h", "h", nn.Linear(3, 3))
+    m.set_activation("h", nn.Tanh())
+    m.double()
+    xs = torch.randn(5, 2, 4, 2, dtype=torch.float64)  # time, batch (2, 4), features
+    got = iternn.iterate(m, {}, 5, force={"x": xs}, trajectory=True)
+    want = reference_iterate(m, {"x": xs[0], "h": torch.zeros(2, 4, 3, dtype=torch.float64)},
+                             5, force={"x": xs}, trajectory=True)
+    _close(got, want)
+    assert got["h"].shape == (5, 2, 4, 3)
+
+
+def test_block_kwargs_reach_the_block():
+    class Scale(nn.Module):
+        in_features = out_features = 2
+
+        def forward(self, z, factor=1.0):
+            return z * factor
+
+    m = iternn.BlockMap({"x": 2, "y": 2})
+    m.connect("y", "x", Scale())
+    x = torch.ones(1, 2)
+    out = iternn.iterate(m, {"x": x}, 1, hold=["x"], block_kwargs={"y<-x": {"factor": 3.0}})
+    assert torch.equal(out["y"], 3 * x)
+
+
+def test_caller_tensors_not_mutated():
+    torch.manual_seed(3)
+    m = iternn.BlockMap({"x": 2, "h": 2})
+    m.connect("h", "x", nn.Linear(2, 2))
+    m.connect("h", "h", nn.Linear(2, 2))
+    m.set_activation("h", nn.ReLU())
+    state = {"x": torch.randn(3, 2), "h": torch.randn(3, 2)}
+    xs = torch.randn(4, 3, 2)
+    copies = {k: v.clone() for k, v in state.items()}
+    versions = {k: v._version for k, v in state.items()}
+    for kwargs in ({}, {"force": {"x": xs}}, {"hold": ["x"]}):
+        iternn.iterate(m, state, 4, trajectory=True, **kwargs)
+        iternn.iterate(m, state, 4, **kwargs)
+    for k in state:
+        assert torch.equal(state[k], copies[k]) and state[k]._version == versions[k]
+    assert torch.equal(xs, xs.clone())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_output_dtype_follows_input(dtype):
+    m = iternn.BlockMap({"x": 2, "h": 2})
+    m.connect("h", "x", nn.Linear(2, 2))
+    m.connect("h", "h", nn.Linear(2, 2))
+    m.to(dtype)
+    out = iternn.iterate(m, {"x": torch.ones(1, 2, dtype=dtype)}, 3)
+    assert all(v.dtype == dtype for v in out.values())
+    traj = iternn.iterate(m, {}, 3, force={"x": torch.ones(3, 1, 2, dtype=dtype)}, trajectory=True)
+    assert all(v.dtype == dtype for v in traj.values())
+
+
+def test_depth_is_infinite_with_cycle():
+    m = iternn.BlockMap({"a": 1})
+    m.connect("a", "a", nn.Linear(1, 1))
+    assert math.isinf(iternn.depth(m))
+    assert iternn.depth(m, ["a"]) == 0
