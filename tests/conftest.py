@@ -13,3 +13,9 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("iternn")
+
+# The tests use tiny tensors: one intra-op thread is much faster for them on a busy
+# 2-core machine (benchmarks run outside the suite with the default).
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

@@ -349,3 +349,13 @@ def test_missing_block_lookup():
     m = iternn.BlockMap({"x": 2, "y": 2})
     with pytest.raises(ValueError, match="no block 'y' <- 'x'"):
         m.block("y", "x")
+
+
+def test_plans_see_parameters_replaced_by_assign():
+    torch.manual_seed(0)
+    net = iternn.from_mlp(nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)))
+    x = torch.randn(4, 2)
+    net(x)  # build and cache the plan
+    other = iternn.from_mlp(nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)))
+    net.load_state_dict(other.state_dict(), assign=True)
+    assert torch.equal(net(x), other(x))

@@ -207,3 +207,33 @@ def test_depth_is_infinite_with_cycle():
     m.connect("a", "a", nn.Linear(1, 1))
     assert math.isinf(iternn.depth(m))
     assert iternn.depth(m, ["a"]) == 0
+
+
+def test_trajectory_of_sequence_first_opaque_blocks_is_not_folded():
+    """Opaque blocks may read leading dims as more than a batch (a seq-first transformer
+    layer does): the sequence plan must call them per application, with the real batch."""
+    from iternn.convert.transformer import from_transformer
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval().double()
+    net = from_transformer(enc)
+    src = torch.randn(3, 4, 8, dtype=torch.float64)  # (seq, batch, d): seq-first
+    pad = torch.zeros(4, 3, dtype=torch.bool)
+    pad[1, 2] = True
+    kw = {k: {"src_key_padding_mask": pad} for k in net.map.blocks}
+    final = iternn.iterate(net.map, {"x": src}, 2, hold=["x"], block_kwargs=kw)
+    traj = iternn.iterate(net.map, {"x": src}, 2, hold=["x"], block_kwargs=kw, trajectory=True)
+    assert torch.allclose(traj["l2"][-1], final["l2"], atol=1e-12)
+    assert torch.allclose(final["l2"], enc(src, src_key_padding_mask=pad), atol=1e-10)
+
+
+def test_dtype_check_follows_map_conversion():
+    m = iternn.BlockMap({"x": 2, "h": 2})
+    m.connect("h", "x", nn.Linear(2, 2))
+    iternn.iterate(m, {"x": torch.ones(1, 2)}, 1)
+    m.double()
+    out = iternn.iterate(m, {"x": torch.ones(1, 2, dtype=torch.float64)}, 1)
+    assert out["h"].dtype == torch.float64
+    with pytest.raises(TypeError, match="float32"):
+        iternn.iterate(m, {"x": torch.ones(1, 2)}, 1)

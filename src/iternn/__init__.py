@@ -6,9 +6,20 @@ pattern, weight tying, iteration count, initial vector and forcing (arXiv 2404.0
 """
 
 from .core import BlockGraph, BlockMap, block_key
-from .convert import from_mlp, to_mlp
+from .convert import (
+    EncoderLayerBlock,
+    LiftedRNN,
+    RNNMap,
+    TransformerMap,
+    from_mlp,
+    from_rnn,
+    from_transformer,
+    lift_rnn,
+    to_mlp,
+)
 from .engine import depth, iterate
 from .engine.map_module import MapModule
+from .io import load, register_codec, save
 
 __version__ = "0.1.0"
 
@@ -21,5 +32,15 @@ __all__ = [
     "MapModule",
     "from_mlp",
     "to_mlp",
+    "from_rnn",
+    "RNNMap",
+    "lift_rnn",
+    "LiftedRNN",
+    "from_transformer",
+    "TransformerMap",
+    "EncoderLayerBlock",
+    "save",
+    "load",
+    "register_codec",
     "__version__",
 ]

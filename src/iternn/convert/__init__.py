@@ -1,5 +1,18 @@
 """Exact conversions of PyTorch models into block maps."""
 
+from .lift import LiftedRNN, lift_rnn
 from .mlp import from_mlp, to_mlp
+from .rnn import RNNMap, from_rnn
+from .transformer import EncoderLayerBlock, TransformerMap, from_transformer
 
-__all__ = ["from_mlp", "to_mlp"]
+__all__ = [
+    "from_mlp",
+    "to_mlp",
+    "from_rnn",
+    "RNNMap",
+    "lift_rnn",
+    "LiftedRNN",
+    "from_transformer",
+    "TransformerMap",
+    "EncoderLayerBlock",
+]

@@ -93,6 +93,7 @@ class BlockMap(nn.Module):
         # Bumped on every structural change; the engine keys its cached plans on it.
         self._version = 0
         self._plans: dict = {}
+        self.register_load_state_dict_post_hook(BlockMap._loaded)
 
     # ------------------------------------------------------------------ structure
     @property
@@ -366,6 +367,10 @@ class BlockMap(nn.Module):
         out = super()._apply(fn, *args, **kwargs)
         self._plans.clear()
         return out
+
+    @staticmethod
+    def _loaded(module: BlockMap, incompatible_keys) -> None:
+        module._plans.clear()  # parameters may have been replaced (assign=True)
 
     def __getstate__(self):  # copies and pickles rebuild their plans
         state = self.__dict__.copy()

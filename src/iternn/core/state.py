@@ -20,13 +20,23 @@ def zeros_like_batch(ref: Tensor, size: int) -> Tensor:
 
 
 def parameter_spec(module: torch.nn.Module) -> tuple[torch.dtype | None, torch.device | None]:
-    """The one floating dtype and the one device of a module's parameters, where unique."""
+    """The one floating dtype and the one device of a module's parameters, where unique.
+
+    Cached in the map's plan cache, which every structural change, ``.to()`` and
+    ``load_state_dict`` clear.
+    """
+    cache = getattr(module, "_plans", None)
+    if cache is not None and "spec" in cache:
+        return cache["spec"]
     dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
     devices = {p.device for p in module.parameters()}
-    return (
+    spec = (
         next(iter(dtypes)) if len(dtypes) == 1 else None,
         next(iter(devices)) if len(devices) == 1 else None,
     )
+    if cache is not None:
+        cache["spec"] = spec
+    return spec
 
 
 def check_tensor(

@@ -83,8 +83,7 @@ def iterate(
             Gauss–Seidel sweep; within a component the update stays Jacobi). An acyclic
             map reaches its fixed point in one ordered application.
         block_kwargs: ``"dst<-src" -> kwargs`` passed to that block at every call (e.g.
-            attention masks). With ``force`` the block sees time folded into the first
-            batch dimension.
+            attention masks).
 
     Returns:
         The final state (every slot), or the trajectory.

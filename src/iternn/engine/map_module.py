@@ -7,6 +7,7 @@ import math
 from torch import Tensor, nn
 
 from ..core.block_map import BlockMap
+from ..core.state import check_state
 from .iterate import _plan, depth, iterate
 
 __all__ = ["MapModule"]
@@ -61,13 +62,15 @@ class MapModule(nn.Module):
             )
         frozen = frozenset((self.input,))
         wave = _plan(m, "wave", frozen, "jacobi")
-        if wave and self.steps >= wave.depth and x.is_floating_point():
-            ref = wave.reference
-            if ref is not None and (x.dtype != ref.dtype or x.device != ref.device):
-                # let the full check raise the named error
-                return iterate(m, {self.input: x}, self.steps, hold=frozen)[self.output]
+        if not (wave and self.steps >= wave.depth and x.is_floating_point()):
+            return iterate(m, {self.input: x}, self.steps, hold=frozen)[self.output]
+        try:  # the fast path: no per-call checks beyond the shape above
             return wave({self.input: x}, None, x, tuple(x.shape[:-1]))[self.output]
-        return iterate(m, {self.input: x}, self.steps, hold=frozen)[self.output]
+        except RuntimeError:
+            # A dtype or device mismatch surfaces as a RuntimeError from a kernel:
+            # raise the named error instead, if that is what it was.
+            check_state(m, {self.input: x})
+            raise
 
     def extra_repr(self) -> str:
         return f"input={self.input!r}, output={self.output!r}, steps={self.steps}"

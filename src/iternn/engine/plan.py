@@ -8,9 +8,10 @@ schedule differs:
   once, when its sources are final (level order, see :meth:`BlockGraph.levels`). This is
   provably the state after any number of applications ``>= depth``.
 * :class:`SequencePlan` — forced maps and trajectories: strongly connected components
-  in dependency order, each over the whole sequence. Blocks whose source lies outside
-  the component (a forced slot, a held slot or an upstream component) are evaluated for
-  all time steps in one batched call; only blocks inside a cycle run step by step.
+  in dependency order, each over the whole sequence. Plain linear blocks whose source
+  lies outside the component (a forced slot, a held slot or an upstream component) are
+  evaluated for all time steps in one batched call; blocks inside a cycle, and opaque
+  modules (which may read the leading dims as more than a batch), run step by step.
 * :class:`StepPlan` — one application at a time (inner applications per forcing step,
   unforced cyclic maps such as equilibrium iterations).
 
@@ -50,13 +51,21 @@ class Term:
 
 @dataclass(frozen=True)
 class Destination:
-    """Everything needed to compute ``act(b + sum_s F[d, s] z_s)`` for one slot ``d``."""
+    """Everything needed to compute ``act(b + sum_s F[d, s] z_s)`` for one slot ``d``.
+
+    The bias is looked up when the plan runs (``biases`` is the map's parameter table),
+    so replacing a parameter object, e.g. ``load_state_dict(..., assign=True)``, is seen.
+    """
 
     slot: str
     size: int
     terms: tuple[Term, ...]
-    bias: nn.Parameter | None
+    biases: dict
     act: nn.Module | None
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.biases.get(self.slot)
 
 
 def compile_destinations(m: BlockMap) -> dict[str, Destination]:
@@ -67,7 +76,7 @@ def compile_destinations(m: BlockMap) -> dict[str, Destination]:
         mod = m.blocks[key]
         terms[dst].append(Term(src, key, mod, type(mod) is nn.Linear))
     return {
-        d: Destination(d, n, tuple(terms[d]), m.bias(d), m.activation(d))
+        d: Destination(d, n, tuple(terms[d]), m.biases._parameters, m.activation(d))
         for d, n in m.slots.items()
     }
 
@@ -159,8 +168,6 @@ class Wavefront:
         self.depth = max(levels.values(), default=0)
         order = sorted((s for s in m.slots if s not in frozen), key=lambda s: levels[s])
         self.order = tuple(dests[s] for s in order)
-        # A parameter whose dtype/device inputs must match (cheap per-call check).
-        self.reference = next(iter(m.parameters()), None)
 
     def __call__(self, values: dict[str, Tensor], kwargs, ref: Tensor, batch) -> dict[str, Tensor]:
         values = dict(values)
@@ -175,11 +182,6 @@ class _Component:
     external: tuple[tuple[Term, ...], ...]  # per destination: terms reading outside
     internal: tuple[tuple[Term, ...], ...]  # per destination: terms reading inside
     cyclic: bool
-
-
-def _fold(z: Tensor) -> Tensor:
-    """``(T, b0, *rest, n) -> (T*b0, *rest, n)``: time folded into the first batch dim."""
-    return z.flatten(0, 1) if z.dim() >= 3 else z
 
 
 class SequencePlan:
@@ -213,16 +215,21 @@ class SequencePlan:
         """External drive of one slot: sequence terms batched over time, held terms once."""
         timed = tuple(t for t in terms if t.src in seq)
         const = tuple(t for t in terms if t.src not in seq)
-        out = None
-        if timed:
-            plain = all(t.linear for t in timed)
-            if plain:
-                out = accumulate(timed, seq, kwargs, bias=bias)
-            else:
-                folded = {t.src: _fold(seq[t.src]) for t in timed}
-                out = accumulate(timed, folded, kwargs, bias=bias)
-                out = out.reshape(steps, *seq[timed[0].src].shape[1:-1], out.shape[-1])
+        linear = tuple(t for t in timed if t.linear)
+        opaque = tuple(t for t in timed if not t.linear)
+        # Plain linear blocks act on any leading dims: one call for the whole sequence.
+        out = accumulate(linear, seq, kwargs, bias=bias) if linear else None
+        if linear:
             bias = None
+        if opaque:
+            # An opaque module may give the leading dims a meaning of its own (a
+            # sequence-first transformer layer does), so it is called step by step.
+            per_step = [
+                accumulate(opaque, {t.src: seq[t.src][i] for t in opaque}, kwargs)
+                for i in range(steps)
+            ]
+            y = torch.stack(per_step)
+            out = y if out is None else out + y
         c = accumulate(const, held, kwargs, bias=bias)
         if c is not None:
             out = c if out is None else out + c

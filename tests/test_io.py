@@ -1,0 +1,609 @@
+"""iternn.io: save/load round trips (bit for bit, sharing kept), no pickle, named errors."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import iternn
+from iternn import io
+from iternn.io import FormatError, load, save
+
+BlockMap = iternn.BlockMap
+
+# tmp_path is shared by the examples of one hypothesis test; each example overwrites
+# the same file, which also exercises replacing an existing file.
+many = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+# ---------------------------------------------------------------------------- helpers
+def roundtrip(model, tmp_path, name="model.safetensors"):
+    path = tmp_path / name
+    save(model, path)
+    return load(path)
+
+
+def sharing(model):
+    """Which parameter keys / module paths name the same object, as a partition."""
+    def groups(items):
+        first = {}
+        return [first.setdefault(id(obj), key) for key, obj in items]
+    return (
+        groups(model.named_parameters(remove_duplicate=False)),
+        groups(model.named_modules(remove_duplicate=False)),
+    )
+
+
+def assert_same_model(a, b):
+    assert type(b) is type(a)
+    assert [(p, type(m)) for p, m in b.named_modules(remove_duplicate=False)] == [
+        (p, type(m)) for p, m in a.named_modules(remove_duplicate=False)
+    ]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sb) == list(sa)  # same keys, same order (optimizer states line up)
+    for k in sa:
+        assert sb[k].dtype == sa[k].dtype, k
+        assert torch.equal(sb[k], sa[k]), k
+    assert [m.training for m in b.modules()] == [m.training for m in a.modules()]
+    assert [p.requires_grad for p in b.parameters()] == [p.requires_grad for p in a.parameters()]
+    assert sharing(b) == sharing(a)
+    assert len(list(b.parameters())) == len(list(a.parameters()))
+
+
+def same_output(a, b, *args, seed=0):
+    torch.manual_seed(seed)
+    ya = a(*args)
+    torch.manual_seed(seed)
+    yb = b(*args)
+    return ya, yb
+
+
+def tensors_and_doc(path):
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, json.loads(meta["iternn"]), meta
+
+
+def write_bad(path, tensors, doc, meta=None):
+    meta = dict(meta or {})
+    meta["iternn"] = doc if isinstance(doc, str) else json.dumps(doc)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def small_net(dtype=torch.float64):
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(dtype)
+    return iternn.from_mlp(mlp)
+
+
+# ---------------------------------------------------------------------------- round trips
+ACTS = [
+    nn.ReLU, lambda: nn.LeakyReLU(0.2), nn.Tanh, nn.Sigmoid, nn.GELU, lambda: nn.GELU("tanh"),
+    lambda: nn.ELU(0.5), nn.SiLU, nn.Identity, lambda: nn.Dropout(0.3),
+]
+
+
+@st.composite
+def mlps(draw):
+    widths = draw(st.lists(st.integers(1, 7), min_size=2, max_size=5))
+    layers = []
+    for a, b in zip(widths, widths[1:]):
+        layers.append(nn.Linear(a, b, bias=draw(st.booleans())))
+        for _ in range(draw(st.integers(0, 2))):
+            layers.append(draw(st.sampled_from(ACTS))())
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    torch.manual_seed(draw(st.integers(0, 2**31 - 1)))
+    seq = nn.Sequential(*layers).to(dtype)
+    seq.train(draw(st.booleans()))
+    return seq, widths, dtype
+
+
+@many
+@given(mlps(), st.integers(1, 3))
+def test_mlp_roundtrip_bit_for_bit(tmp_path, arch, batch):
+    seq, widths, dtype = arch
+    net = iternn.from_mlp(seq)
+    loaded = roundtrip(net, tmp_path)
+    assert_same_model(net, loaded)
+    assert loaded.map.slots == net.map.slots and loaded.steps == net.steps
+    assert all(p.dtype == dtype for p in loaded.parameters())
+    x = torch.randn(batch, widths[0], dtype=dtype)
+    ya, yb = same_output(net, loaded, x)  # same RNG stream: dropout masks agree in train mode
+    assert yb.dtype == dtype and torch.equal(ya, yb)
+    net.eval(), loaded.eval()
+    assert torch.equal(net(x), loaded(x))
+
+
+def test_activation_options_survive(tmp_path):
+    seq = nn.Sequential(
+        nn.Linear(2, 3), nn.LeakyReLU(0.2), nn.Linear(3, 3), nn.GELU("tanh"), nn.Linear(3, 3),
+        nn.ELU(0.5), nn.Dropout(0.25), nn.Linear(3, 1), nn.SiLU(),
+    )
+    loaded = roundtrip(iternn.from_mlp(seq), tmp_path)
+    acts = loaded.map.activations
+    assert acts["h1"].negative_slope == 0.2
+    assert acts["h2"].approximate == "tanh"
+    assert acts["h3"][0].alpha == 0.5 and acts["h3"][1].p == 0.25
+    assert type(acts["y"]) is nn.SiLU
+
+
+def test_sequential_names_and_inplace_flags(tmp_path):
+    from collections import OrderedDict
+
+    seq = nn.Sequential(OrderedDict([
+        ("proj", nn.Linear(3, 4)), ("act", nn.ReLU(inplace=True)),
+        ("drop", nn.Dropout(0.1, inplace=True)), ("norm", nn.LayerNorm(4, eps=1e-3, bias=False)),
+        ("elu", nn.ELU(0.5, inplace=True)),
+    ]))
+    loaded = roundtrip(seq, tmp_path)
+    assert_same_model(seq, loaded)
+    assert list(loaded._modules) == ["proj", "act", "drop", "norm", "elu"]
+    assert loaded.act.inplace and loaded.drop.inplace and loaded.elu.inplace
+    assert loaded.norm.eps == 1e-3 and loaded.norm.bias is None
+    seq.eval(), loaded.eval()
+    x = torch.randn(2, 3)
+    assert torch.equal(seq(x), loaded(x))
+
+
+def cyclic_map(dtype):
+    torch.manual_seed(1)
+    m = BlockMap({"x": 3, "h": 4, "g": 4, "y": 2})
+    m.connect("h", "x", nn.Linear(3, 4, bias=False, dtype=dtype))
+    m.connect("h", "h", nn.Linear(4, 4, bias=True, dtype=dtype))  # a cycle
+    m.connect("g", "h", nn.Sequential(nn.Linear(4, 4, dtype=dtype), nn.Tanh()))
+    m.connect("h", "g", nn.Linear(4, 4, bias=False, dtype=dtype))  # a longer cycle
+    m.connect("y", "h", nn.Linear(4, 2, bias=False, dtype=dtype))
+    m.connect("y", "x", nn.Linear(3, 2, bias=False, dtype=dtype))  # shared destination
+    m.set_bias("h", torch.randn(4, dtype=dtype))
+    m.set_bias("y", torch.randn(2, dtype=dtype))
+    m.set_activation("h", nn.Tanh())
+    m.set_activation("g", nn.Sigmoid())
+    return m
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hand_built_map_with_cycles_and_shared_destination(tmp_path, dtype):
+    m = cyclic_map(dtype)
+    loaded = roundtrip(m, tmp_path)
+    assert_same_model(m, loaded)
+    assert loaded.edges == m.edges
+    assert loaded.impulse_response_length() == m.impulse_response_length()
+    state = {s: torch.randn(5, n, dtype=dtype) for s, n in m.slots.items()}
+    a, b = m(state), loaded(state)
+    assert all(torch.equal(a[s], b[s]) and b[s].dtype == dtype for s in m.slots)
+    run_a = iternn.iterate(m, state, 6, hold=("x",))
+    run_b = iternn.iterate(loaded, state, 6, hold=("x",))
+    assert all(torch.equal(run_a[s], run_b[s]) for s in m.slots)
+    net = iternn.MapModule(m, steps=5)
+    net_b = roundtrip(net, tmp_path, "net.safetensors")
+    assert net_b.steps == 5 and torch.equal(net(state["x"]), net_b(state["x"]))
+
+
+def test_nested_map_module_as_block(tmp_path):
+    inner = small_net()
+    outer = BlockMap({"x": 3, "h": 2, "y": 2})
+    outer.connect("h", "x", inner)
+    outer.connect("y", "h", nn.Linear(2, 2, dtype=torch.float64))
+    outer.set_activation("y", nn.ReLU())
+    net = iternn.MapModule(outer)
+    loaded = roundtrip(net, tmp_path)
+    assert_same_model(net, loaded)
+    assert type(loaded.map.block("h", "x")) is iternn.MapModule
+    x = torch.randn(4, 3, dtype=torch.float64)
+    assert torch.equal(net(x), loaded(x))
+
+
+def test_module_used_twice_stays_one_module(tmp_path):
+    m = BlockMap({"x": 3, "h": 3, "y": 3})
+    lin = nn.Linear(3, 3, dtype=torch.float64)
+    m.connect("h", "x", lin)
+    m.connect("y", "h", lin)  # the same block twice: tied weights
+    m.set_activation("h", nn.Tanh())
+    net = iternn.MapModule(m)
+    loaded = roundtrip(net, tmp_path)
+    assert_same_model(net, loaded)
+    a, b = loaded.map.block("h", "x"), loaded.map.block("y", "h")
+    assert a is b and len(list(loaded.parameters())) == 2
+    tensors, doc, _ = tensors_and_doc(tmp_path / "model.safetensors")
+    assert set(tensors) == {"map.blocks.h<-x.weight", "map.blocks.h<-x.bias"}  # stored once
+    assert doc["aliases"] == {"map.blocks.y<-h.weight": "map.blocks.h<-x.weight",
+                              "map.blocks.y<-h.bias": "map.blocks.h<-x.bias"}
+    x = torch.randn(2, 3, dtype=torch.float64)
+    assert torch.equal(net(x), loaded(x))
+    with torch.no_grad():  # one parameter, used in two places
+        a.weight.add_(1.0)
+        lin.weight.add_(1.0)
+    assert torch.equal(net(x), loaded(x))
+
+
+def test_parameter_tied_across_two_modules(tmp_path):
+    m = BlockMap({"x": 3, "h": 3, "y": 3})
+    first = m.connect("h", "x", nn.Linear(3, 3, bias=False, dtype=torch.float64))
+    second = m.connect("y", "h", nn.Linear(3, 3, bias=False, dtype=torch.float64))
+    second.weight = first.weight  # two modules, one parameter
+    m.set_bias("h", torch.randn(3, dtype=torch.float64))
+    m.biases["y"] = m.bias("h")  # one bias for two slots
+    net = iternn.MapModule(m)
+    loaded = roundtrip(net, tmp_path)
+    assert_same_model(net, loaded)
+    lm = loaded.map
+    assert lm.block("h", "x") is not lm.block("y", "h")
+    assert lm.block("h", "x").weight is lm.block("y", "h").weight
+    assert lm.bias("h") is lm.bias("y")
+    assert len(list(loaded.parameters())) == 2
+    x = torch.randn(2, 3, dtype=torch.float64)
+    assert torch.equal(net(x), loaded(x))  # the engine's plans see the tied bias
+    with torch.no_grad():
+        lm.bias("h").add_(1.0)
+        m.bias("h").add_(1.0)
+    assert torch.equal(net(x), loaded(x))
+    # The same map inside a block without in_features: connecting it while loading runs
+    # it once (a probe), which makes the engine cache a plan before the tying is restored.
+    outer = BlockMap({"x": 3, "y": 3})
+    outer.connect("y", "x", nn.Sequential(net, nn.Tanh()))
+    loaded = roundtrip(outer, tmp_path, "outer.safetensors")
+    inner = loaded.block("y", "x")[0].map
+    assert inner.bias("h") is inner.bias("y")
+    state = {"x": x, "y": torch.zeros(2, 3, dtype=torch.float64)}
+    assert torch.equal(outer(state)["y"], loaded(state)["y"])
+
+
+def test_same_memory_distinct_parameters(tmp_path):
+    lin = nn.Linear(3, 3, bias=False)
+    other = nn.Linear(3, 3, bias=False)
+    other.weight = nn.Parameter(lin.weight.data)  # two parameters over one memory
+    seq = nn.Sequential(lin, other)
+    loaded = roundtrip(seq, tmp_path)
+    assert loaded[0].weight is not loaded[1].weight
+    assert loaded[0].weight.data_ptr() == loaded[1].weight.data_ptr()
+    assert torch.equal(loaded[0].weight, lin.weight)
+
+
+def test_partially_overlapping_tensors_are_refused(tmp_path):
+    lin = nn.Linear(4, 2, bias=False)
+    other = nn.Linear(2, 2, bias=False)
+    other.weight = nn.Parameter(lin.weight.data[:, :2])  # a view of part of lin.weight
+    with pytest.raises(ValueError, match="share memory"):
+        save(nn.Sequential(lin, other), tmp_path / "m.safetensors")
+    assert not os.listdir(tmp_path)
+
+
+TRANSFORMER_CONFIGS = [
+    dict(activation="gelu", batch_first=True, norm_first=True),
+    dict(activation="relu", batch_first=False, norm_first=False, bias=False, layer_norm_eps=1e-6),
+    dict(activation=nn.GELU("tanh"), batch_first=True, dropout=0.2),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("options", TRANSFORMER_CONFIGS)
+def test_transformer_layer_block(tmp_path, options, dtype):
+    torch.manual_seed(0)
+    opts = {"dropout": 0.0, **options}
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dtype=dtype, **opts)
+    m = BlockMap({"x": 8, "h": 8, "y": 3})
+    m.connect("h", "x", layer)
+    m.connect("y", "h", nn.Linear(8, 3, dtype=dtype))
+    net = iternn.MapModule(m)
+    net.eval()
+    loaded = roundtrip(net, tmp_path)
+    assert_same_model(net, loaded)
+    got = loaded.map.block("h", "x")
+    assert got.self_attn.batch_first == layer.self_attn.batch_first
+    assert got.norm_first == layer.norm_first and got.norm1.eps == layer.norm1.eps
+    assert got.dropout.p == layer.dropout.p and got.self_attn.dropout == layer.self_attn.dropout
+    assert got.activation_relu_or_gelu == layer.activation_relu_or_gelu
+    if isinstance(options["activation"], str):
+        assert got.activation is {"relu": F.relu, "gelu": F.gelu}[options["activation"]]
+    else:
+        assert type(got.activation) is nn.GELU and got.activation.approximate == "tanh"
+    x = torch.randn(2, 5, 8, dtype=dtype)
+    assert torch.equal(net(x), loaded(x))
+    net.train(), loaded.train()
+    ya, yb = same_output(net, loaded, x)
+    assert torch.equal(ya, yb)
+
+
+def test_transformer_encoder_stack(tmp_path):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 3, norm=nn.LayerNorm(8), enable_nested_tensor=False)
+    enc.eval()
+    loaded = roundtrip(enc, tmp_path)
+    assert_same_model(enc, loaded)
+    assert loaded.num_layers == 3 and not loaded.enable_nested_tensor and loaded.mask_check
+    assert len({id(layer) for layer in loaded.layers}) == 3
+    x = torch.randn(2, 5, 8)
+    assert torch.equal(enc(x), loaded(x))
+    # enable_nested_tensor=True that the constructor had to turn off (with a warning)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)
+    with pytest.warns(UserWarning, match="use_nested_tensor is False"):
+        enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True, mask_check=False)
+    loaded = roundtrip(enc, tmp_path, "b.safetensors")
+    assert loaded.enable_nested_tensor and not loaded.use_nested_tensor
+    assert not loaded.mask_check and loaded.norm is None
+    # use_nested_tensor switched off by hand on a layer that could use it
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+    assert enc.use_nested_tensor
+    enc.use_nested_tensor = False
+    loaded = roundtrip(enc, tmp_path, "c.safetensors")
+    assert loaded.enable_nested_tensor and not loaded.use_nested_tensor
+
+
+def test_training_mode_and_frozen_parameters(tmp_path):
+    net = small_net()
+    net.train()
+    net.map.activations["h1"].eval()  # one submodule in the other mode
+    net.map.block("h1", "x").weight.requires_grad_(False)
+    loaded = roundtrip(net, tmp_path)
+    assert loaded.training and loaded.map.training and not loaded.map.activations["h1"].training
+    assert not loaded.map.block("h1", "x").weight.requires_grad
+    assert loaded.map.block("y", "h1").weight.requires_grad
+    net.eval()
+    assert not roundtrip(net, tmp_path, "eval.safetensors").map.training
+
+
+def test_load_leaves_global_rng_alone(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save(small_net(), path)
+    state = torch.get_rng_state()
+    load(path)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_device_argument(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save(small_net(), path)
+    assert all(p.device.type == "cpu" for p in load(path, device="cpu").parameters())
+
+
+# ---------------------------------------------------------------------------- the file
+def test_file_is_plain_safetensors(tmp_path):
+    net = small_net(torch.float32)
+    path = tmp_path / "m.safetensors"
+    save(net, path)
+    assert os.listdir(tmp_path) == ["m.safetensors"]  # no temporary file left behind
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    assert os.stat(path).st_mode & 0o777 == os.stat(probe).st_mode & 0o777  # ordinary mode
+    probe.unlink()
+    tensors, doc, meta = tensors_and_doc(path)
+    assert meta["format"] == "pt"
+    assert doc["format"] == "iternn" and doc["version"] == io.FORMAT_VERSION
+    assert doc["modules"][doc["root"]]["codec"] == "iternn.MapModule"
+    sd = net.state_dict()
+    assert set(tensors) == set(sd)
+    assert all(torch.equal(tensors[k], sd[k]) and tensors[k].dtype == torch.float32 for k in sd)
+
+
+def test_load_executes_no_pickle(tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    net = small_net()
+    save(net, path)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("unpickling during load")
+
+    class NoUnpickler:
+        def __init__(self, *args, **kwargs):
+            forbidden()
+
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "Unpickler", NoUnpickler)
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(torch.serialization, "load", forbidden)
+    with pytest.raises(AssertionError):  # the patches are live
+        pickle.loads(pickle.dumps(1))
+    loaded = load(path)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    assert torch.equal(loaded(x), net(x))
+
+
+def test_overwrite_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    save(small_net(), path)
+    before = path.read_bytes()
+    import safetensors.torch
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"half a file")
+        raise KeyboardInterrupt  # a crash in the middle of writing
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    other = iternn.from_mlp(nn.Sequential(nn.Linear(5, 5)))
+    with pytest.raises(KeyboardInterrupt):
+        save(other, path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+    monkeypatch.undo()
+    save(other, path)  # a complete save replaces the file
+    assert load(path).in_features == 5
+
+
+# ---------------------------------------------------------------------------- save errors
+def test_unregistered_module_names_type_and_path(tmp_path):
+    m = BlockMap({"x": 3, "h": 3})
+    m.connect("h", "x", nn.Hardtanh())
+    net = iternn.MapModule(m, input="x", output="h")
+    with pytest.raises(TypeError, match=r"map\.blocks\.h<-x: Hardtanh"):
+        save(net, tmp_path / "m.safetensors")
+    assert not os.listdir(tmp_path)
+
+
+def test_subclass_of_registered_type_is_refused(tmp_path):
+    class MyLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    with pytest.raises(TypeError, match=r"1: MyLinear.*subclasses Linear"):
+        save(nn.Sequential(nn.ReLU(), MyLinear(2, 2)), tmp_path / "m.safetensors")
+
+
+def test_transformer_layer_codec_refuses_what_it_cannot_rebuild(tmp_path):
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16)
+    layer.dropout1.p = 0.5  # no constructor call builds this
+    with pytest.raises(TypeError, match=r"<root>: TransformerEncoderLayer has differing dropout"):
+        save(layer, tmp_path / "a.safetensors")
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16)
+    layer.linear2 = nn.Linear(16, 8, bias=False)  # keys the codec would not rebuild
+    with pytest.raises(ValueError, match="linear2.bias"):
+        save(layer, tmp_path / "b.safetensors")
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16)
+    layer.norm2 = nn.Identity()  # a submodule type the codec would not rebuild
+    with pytest.raises(TypeError, match=r"norm2: Identity"):
+        save(layer, tmp_path / "c.safetensors")
+    assert not os.listdir(tmp_path)
+
+
+# ---------------------------------------------------------------------------- load errors
+@pytest.fixture
+def good(tmp_path):
+    path = tmp_path / "good.safetensors"
+    save(small_net(), path)
+    return tensors_and_doc(path)
+
+
+def test_not_an_iternn_file(tmp_path, good):
+    tensors, _, _ = good
+    path = tmp_path / "plain.safetensors"
+    save_file(tensors, str(path))  # no metadata at all
+    with pytest.raises(FormatError, match="not an iternn file"):
+        load(path)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(FormatError, match="not a safetensors file"):
+        load(junk)
+
+
+def test_corrupted_metadata_json(tmp_path, good):
+    tensors, doc, meta = good
+    path = tmp_path / "bad.safetensors"
+    write_bad(path, tensors, json.dumps(doc)[:-7], meta)
+    with pytest.raises(FormatError, match="not valid JSON"):
+        load(path)
+
+
+def test_wrong_format_version(tmp_path, good):
+    tensors, doc, meta = good
+    path = tmp_path / "bad.safetensors"
+    write_bad(path, tensors, {**doc, "version": io.FORMAT_VERSION + 1}, meta)
+    with pytest.raises(FormatError, match="version 2 is not supported"):
+        load(path)
+    write_bad(path, tensors, {**doc, "format": "something-else"}, meta)
+    with pytest.raises(FormatError, match="format"):
+        load(path)
+
+
+def test_unknown_codec_name(tmp_path, good):
+    tensors, doc, meta = good
+    doc["modules"][2]["codec"] = "no.such.Codec"
+    path = tmp_path / "bad.safetensors"
+    write_bad(path, tensors, doc, meta)
+    with pytest.raises(FormatError, match=r"unknown codec 'no.such.Codec' for module map\.blocks"):
+        load(path)
+
+
+def test_bad_config_names_the_module(tmp_path, good):
+    tensors, doc, meta = good
+    del doc["modules"][2]["config"]["in_features"]
+    path = tmp_path / "bad.safetensors"
+    write_bad(path, tensors, doc, meta)
+    with pytest.raises(FormatError, match=r"map\.blocks\.h1<-x.*in_features"):
+        load(path)
+
+
+def test_missing_tensor(tmp_path, good):
+    tensors, doc, meta = good
+    del tensors["map.blocks.y<-h1.weight"]
+    path = tmp_path / "bad.safetensors"
+    write_bad(path, tensors, doc, meta)
+    with pytest.raises(FormatError, match=r"missing tensor\(s\) \['map\.blocks\.y<-h1\.weight'\]"):
+        load(path)
+
+
+def test_extra_tensor(tmp_path, good):
+    tensors, doc, meta = good
+    tensors["map.blocks.y<-h1.extra"] = torch.zeros(2)
+    path = tmp_path / "bad.safetensors"
+    write_bad(path, tensors, doc, meta)
+    with pytest.raises(FormatError, match=r"unexpected tensor\(s\) \['map\.blocks\.y<-h1\.extra'\]"):
+        load(path)
+
+
+def test_wrong_shape(tmp_path, good):
+    tensors, doc, meta = good
+    tensors["map.biases.h1"] = torch.zeros(5, dtype=torch.float64)
+    path = tmp_path / "bad.safetensors"
+    write_bad(path, tensors, doc, meta)
+    with pytest.raises(FormatError, match=r"'map\.biases\.h1' has shape \[5\].*needs \[4\]"):
+        load(path)
+
+
+def test_wrong_dtype(tmp_path, good):
+    tensors, doc, meta = good
+    tensors["map.biases.h1"] = tensors["map.biases.h1"].float()
+    path = tmp_path / "bad.safetensors"
+    write_bad(path, tensors, doc, meta)
+    with pytest.raises(FormatError, match=r"'map\.biases\.h1' has dtype float32.*needs float64"):
+        load(path)
+
+
+def test_missing_file_is_os_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path / "nothing.safetensors")
+    with pytest.raises(OSError):
+        save(small_net(), tmp_path / "no_folder" / "m.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------- registry
+class Scale(nn.Module):
+    def __init__(self, n, act=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n, dtype=dtype))
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x):
+        return self.act(x * self.weight)
+
+
+def test_register_a_codec(tmp_path):
+    def encode(m, enc):
+        return {"n": m.weight.shape[0], "dtype": io.dtype_name(m.weight.dtype),
+                "act": enc.child(m.act, "act")}
+
+    def decode(cfg, dec):
+        return Scale(cfg["n"], act=dec.child(cfg["act"]), dtype=io.dtype_from_name(cfg["dtype"]))
+
+    with pytest.raises(TypeError, match="Scale"):
+        save(Scale(3), tmp_path / "m.safetensors")
+    io.register_codec(Scale, "test.Scale", encode, decode)
+    try:
+        assert io.registered_codecs()["test.Scale"].cls is Scale
+        with pytest.raises(ValueError, match="already"):
+            io.register_codec(Scale, "test.Scale2", encode, decode)
+        model = Scale(3, act=nn.Tanh(), dtype=torch.float64)
+        with torch.no_grad():
+            model.weight.copy_(torch.tensor([0.5, -2.0, 3.0]))
+        loaded = roundtrip(model, tmp_path)
+        assert type(loaded) is Scale and type(loaded.act) is nn.Tanh
+        x = torch.randn(4, 3, dtype=torch.float64)
+        assert torch.equal(model(x), loaded(x))
+    finally:
+        io.unregister_codec(Scale)
+    assert "test.Scale" not in io.registered_codecs()
+    with pytest.raises(FormatError, match="unknown codec 'test.Scale'"):
+        load(tmp_path / "model.safetensors")
