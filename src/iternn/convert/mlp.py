@@ -15,18 +15,10 @@ import copy
 from torch import nn
 
 from ..core.block_map import BlockMap
+from ..core.rowwise import ELEMENTWISE
 from ..engine.map_module import MapModule
 
 __all__ = ["from_mlp", "to_mlp", "ELEMENTWISE"]
-
-#: Layers ``from_mlp`` accepts between (or after) ``Linear`` layers. They act element
-#: by element, so they are exactly a slot activation. Dropout counts: it is honoured in
-#: train mode (same RNG stream as the source module) and the identity in eval mode.
-ELEMENTWISE: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.ELU, nn.SiLU, nn.Identity,
-    nn.Dropout,
-)
-
 
 def _activation(mods: list[nn.Module]) -> nn.Module | None:
     mods = [copy.deepcopy(m) for m in mods if type(m) is not nn.Identity]
@@ -41,7 +33,9 @@ def from_mlp(mlp: nn.Sequential) -> MapModule:
     The result is a :class:`~iternn.MapModule` (``net.map`` is the
     :class:`~iternn.BlockMap`) with copies of the parameters: ``net(x) == mlp(x)``,
     with the same gradients, and training one does not change the other. The train/eval
-    mode is copied too.
+    mode is copied too. ``nn.Dropout`` layers become part of a slot activation: active
+    in train mode, drawing from the same RNG stream in the same order as the source
+    module (same seed, same masks), and the identity in eval mode.
 
     Raises:
         TypeError: ``mlp`` is not an ``nn.Sequential``, or a layer is neither ``Linear``

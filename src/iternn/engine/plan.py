@@ -8,10 +8,11 @@ schedule differs:
   once, when its sources are final (level order, see :meth:`BlockGraph.levels`). This is
   provably the state after any number of applications ``>= depth``.
 * :class:`SequencePlan` — forced maps and trajectories: strongly connected components
-  in dependency order, each over the whole sequence. Plain linear blocks whose source
-  lies outside the component (a forced slot, a held slot or an upstream component) are
-  evaluated for all time steps in one batched call; blocks inside a cycle, and opaque
-  modules (which may read the leading dims as more than a batch), run step by step.
+  in dependency order, each over the whole sequence. Row-wise blocks (linear layers,
+  element-wise layers and sequences of them) whose source lies outside the component (a
+  forced slot, a held slot or an upstream component) are evaluated for all time steps in
+  one batched call; blocks inside a cycle, and other modules (which may read the leading
+  dims as more than a batch), run step by step.
 * :class:`StepPlan` — one application at a time (inner applications per forcing step,
   unforced cyclic maps such as equilibrium iterations).
 
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 
 from ..core.block_map import BlockMap, block_key
 from ..core.graph import BlockGraph
+from ..core.rowwise import is_rowwise
 
 __all__ = ["Destination", "Wavefront", "SequencePlan", "StepPlan", "compile_destinations"]
 
@@ -46,6 +48,7 @@ class Term:
     key: str
     module: nn.Module
     linear: bool  # a plain nn.Linear: evaluated as a fused matmul
+    rowwise: bool  # leading dims are batch (see is_rowwise): callable on a whole sequence
     skip_bias: bool = False  # its bias is added elsewhere (folded into a drive)
 
 
@@ -74,7 +77,7 @@ def compile_destinations(m: BlockMap) -> dict[str, Destination]:
     for dst, src in m.edges:
         key = block_key(dst, src)
         mod = m.blocks[key]
-        terms[dst].append(Term(src, key, mod, type(mod) is nn.Linear))
+        terms[dst].append(Term(src, key, mod, type(mod) is nn.Linear, is_rowwise(mod)))
     return {
         d: Destination(d, n, tuple(terms[d]), m.biases._parameters, m.activation(d))
         for d, n in m.slots.items()
@@ -98,11 +101,10 @@ def accumulate(
         if term.linear:
             w = term.module.weight
             wb = None if term.skip_bias else term.module.bias
-            if out is None:
-                if wb is None and bias is not None:
-                    out, bias = F.linear(z, w, bias), None
-                else:
-                    out = F.linear(z, w, wb)
+            if out is None:  # the first matmul takes every bias: an (n,)-sized add
+                if bias is not None:
+                    wb, bias = (bias if wb is None else wb + bias), None
+                out = F.linear(z, w, wb)
             elif wb is None and z.dim() == 2 and out.dim() == 2:
                 out = torch.addmm(out, z, w.t())
             else:
@@ -207,6 +209,10 @@ class SequencePlan:
                 )
             )
         self.components = tuple(comps)
+        # Slots whose sequence a later component reads (the others need no shifted copy).
+        self.read_downstream = frozenset(
+            t.src for c in comps for terms in c.external for t in terms
+        )
 
     def _drive(
         self, terms: Sequence[Term], seq: Mapping[str, Tensor], held: Mapping[str, Tensor],
@@ -215,11 +221,11 @@ class SequencePlan:
         """External drive of one slot: sequence terms batched over time, held terms once."""
         timed = tuple(t for t in terms if t.src in seq)
         const = tuple(t for t in terms if t.src not in seq)
-        linear = tuple(t for t in timed if t.linear)
-        opaque = tuple(t for t in timed if not t.linear)
-        # Plain linear blocks act on any leading dims: one call for the whole sequence.
-        out = accumulate(linear, seq, kwargs, bias=bias) if linear else None
-        if linear:
+        batched = tuple(t for t in timed if t.rowwise and not (kwargs and t.key in kwargs))
+        opaque = tuple(t for t in timed if t not in batched)
+        # Row-wise blocks act on any leading dims: one call for the whole sequence.
+        out = accumulate(batched, seq, kwargs, bias=bias) if batched else None
+        if batched:
             bias = None
         if opaque:
             # An opaque module may give the leading dims a meaning of its own (a
@@ -250,10 +256,15 @@ class SequencePlan:
         reads: dict[str, Tensor] = dict(forced)
         traj: dict[str, Tensor] = dict(forced)
         for comp in self.components:
-            drives = [
-                self._drive(ext, reads, held, kwargs, d.bias, steps)
-                for d, ext in zip(comp.dests, comp.external)
-            ]
+            drives = []
+            for d, ext, internal in zip(comp.dests, comp.external, comp.internal):
+                # Biases of internal plain-linear blocks join the slot bias in the drive,
+                # once for the whole sequence instead of once per step.
+                bias = d.bias
+                for t in internal:
+                    if t.skip_bias:
+                        bias = t.module.bias if bias is None else bias + t.module.bias
+                drives.append(self._drive(ext, reads, held, kwargs, bias, steps))
             if not comp.cyclic:
                 (d,), (drive,) = comp.dests, drives
                 if drive is not None and drive.dim() == len(batch) + 1:  # held/bias only
@@ -261,12 +272,10 @@ class SequencePlan:
                 out = finish(d, drive, ref, (steps, *batch))
                 self._record(d.slot, out, init, reads, traj)
                 continue
-            # Biases of internal plain-linear blocks go into the drive once, not per step.
-            for i, terms in enumerate(comp.internal):
-                for t in terms:
-                    if t.skip_bias:
-                        b = t.module.bias
-                        drives[i] = b if drives[i] is None else drives[i] + b
+            fast = _recurrence(comp, drives, init, batch)
+            if fast is not None:
+                self._record(comp.dests[0].slot, fast, init, reads, traj)
+                continue
             per_step = []
             for d, drive in zip(comp.dests, drives):
                 if drive is None:
@@ -293,6 +302,8 @@ class SequencePlan:
 
     def _record(self, slot: str, seq: Tensor, init, reads, traj) -> None:
         traj[slot] = seq
+        if slot not in self.read_downstream:
+            return
         if self.ordered:
             reads[slot] = seq
         else:  # Jacobi: application t reads the state after t-1 applications
@@ -302,5 +313,45 @@ class SequencePlan:
 def _fold_bias(term: Term) -> Term:
     """An internal plain-linear term whose bias the drive carries instead."""
     if term.linear and term.module.bias is not None:
-        return Term(term.src, term.key, term.module, True, skip_bias=True)
+        return Term(term.src, term.key, term.module, True, True, skip_bias=True)
     return term
+
+
+#: Built-in activations called as functions in the recurrent loop (exact types only).
+_FUNCTIONS = {nn.Tanh: torch.tanh, nn.Sigmoid: torch.sigmoid}
+
+
+def _activation_function(act: nn.Module | None):
+    if act is None:
+        return None
+    if type(act) is nn.ReLU and not act.inplace:
+        return torch.relu
+    return _FUNCTIONS.get(type(act), act)
+
+
+def _recurrence(
+    comp: _Component, drives: list[Tensor | None], init: Mapping[str, Tensor], batch: tuple
+) -> Tensor | None:
+    """The common recurrent cell ``h_t = act(drive_t + h_{t-1} W^T)``, as a tight loop.
+
+    Used for a component of one slot whose only internal block is a plain linear
+    self-loop (an RNN layer), with a time-varying drive and one batch dim; returns
+    ``None`` when the component is not of that form (the general loop handles it).
+    """
+    if len(comp.dests) != 1 or len(comp.internal[0]) != 1 or len(batch) != 1:
+        return None
+    (dest,), ((term,),), (drive,) = comp.dests, comp.internal, drives
+    if not term.linear or drive is None or drive.dim() != 3:
+        return None
+    if term.module.bias is not None and not term.skip_bias:
+        return None
+    wt = term.module.weight.t()
+    act = _activation_function(dest.act)
+    h = init[dest.slot]
+    outs = []
+    for x_t in drive.unbind(0):
+        h = torch.addmm(x_t, h, wt)
+        if act is not None:
+            h = act(h)
+        outs.append(h)
+    return torch.stack(outs)
