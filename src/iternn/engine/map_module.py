@@ -50,6 +50,7 @@ class MapModule(nn.Module):
         self.input = input
         self.output = output
         self.steps = steps
+        self._held = frozenset((input,))
         self.in_features = map.slots[input]
         self.out_features = map.slots[output]
 
@@ -60,7 +61,7 @@ class MapModule(nn.Module):
             raise ValueError(
                 f"input slot {self.input!r} needs shape (*batch, {self.in_features}), got {shape}"
             )
-        frozen = frozenset((self.input,))
+        frozen = self._held
         wave = _plan(m, "wave", frozen, "jacobi")
         if not (wave and self.steps >= wave.depth and x.is_floating_point()):
             return iterate(m, {self.input: x}, self.steps, hold=frozen)[self.output]

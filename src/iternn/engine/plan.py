@@ -174,7 +174,18 @@ class Wavefront:
     def __call__(self, values: dict[str, Tensor], kwargs, ref: Tensor, batch) -> dict[str, Tensor]:
         values = dict(values)
         for dest in self.order:
-            values[dest.slot] = evaluate(dest, values, kwargs, ref, batch)
+            terms = dest.terms
+            if len(terms) == 1 and terms[0].linear:  # one linear block: one fused matmul
+                lin = terms[0].module
+                b, wb = dest.biases.get(dest.slot), lin.bias
+                if b is None:
+                    b = wb
+                elif wb is not None:
+                    b = wb + b
+                out = F.linear(values[terms[0].src], lin.weight, b)
+                values[dest.slot] = out if dest.act is None else dest.act(out)
+            else:
+                values[dest.slot] = evaluate(dest, values, kwargs, ref, batch)
         return values
 
 
