@@ -1,8 +1,10 @@
 """iternn.io: save/load round trips (bit for bit, sharing kept), no pickle, named errors."""
 
+import copy
 import json
 import os
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -607,3 +609,213 @@ def test_register_a_codec(tmp_path):
     assert "test.Scale" not in io.registered_codecs()
     with pytest.raises(FormatError, match="unknown codec 'test.Scale'"):
         load(tmp_path / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------- converters
+from iternn.convert import EncoderLayerBlock, LiftedRNN, RNNMap, TransformerMap  # noqa: E402
+
+RNN_OPTIONS = ("input_size", "hidden_size", "num_layers", "nonlinearity", "bias",
+               "batch_first", "dropout")
+
+
+def rnn_inputs(net, batch=3, T=4, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, T, net.input_size) if net.batch_first else (T, batch, net.input_size)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    h0 = torch.randn(net.num_layers, batch, net.hidden_size, generator=g, dtype=torch.float64)
+    return x, h0
+
+
+def assert_same_options(a, b, names):
+    for k in names:
+        va, vb = getattr(a, k), getattr(b, k)
+        assert type(vb) is type(va) and vb == va, k
+
+
+RNN_CONFIGS = [
+    dict(num_layers=2, dropout=0.4, bias=False),
+    dict(num_layers=2, dropout=0.0, bias=True, nonlinearity="relu"),
+    dict(num_layers=1, bias=False),
+]
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("options", RNN_CONFIGS)
+def test_rnn_map_roundtrip(tmp_path, options, batch_first):
+    torch.manual_seed(0)
+    rnn = nn.RNN(3, 5, batch_first=batch_first, **options).double()
+    net = iternn.from_rnn(rnn)
+    assert net.training
+    net.map.block("h1", "x").weight.requires_grad_(False)  # a frozen flag, kept too
+    loaded = roundtrip(net, tmp_path)
+    assert_same_model(net, loaded)  # class, modules, state_dict keys and values, modes
+    assert type(loaded) is RNNMap and type(loaded.map) is BlockMap
+    assert_same_options(net, loaded, (*RNN_OPTIONS, "layer_slots"))
+    assert loaded.map.edges == net.map.edges and dict(loaded.map.slots) == dict(net.map.slots)
+    x, h0 = rnn_inputs(net)
+    (ya, ha), (yb, hb) = same_output(net, loaded, x, h0)  # train mode: same dropout masks
+    assert yb.dtype == torch.float64 and torch.equal(ya, yb) and torch.equal(ha, hb)
+    net.eval()
+    (y_eval, _), _ = same_output(net, net, x, h0)
+    if net.dropout and net.num_layers > 1:  # the dropout really acted in train mode
+        assert not torch.equal(y_eval, ya)
+        assert loaded.map.block("h2", "h1")[0].p == options["dropout"]
+    net_eval = roundtrip(net, tmp_path, "eval.safetensors")
+    assert not net_eval.training and not any(m.training for m in net_eval.modules())
+    (ya, ha), (yb, hb) = same_output(net, net_eval, x, h0)
+    assert torch.equal(ya, yb) and torch.equal(ha, hb)
+    assert torch.equal(ya, y_eval)
+    # still what torch computes, via the converter's own inverse
+    ref = loaded.to_rnn().eval()
+    yr, hr = ref(x, h0)
+    loaded.eval()
+    yl, hl = loaded(x, h0)
+    assert torch.allclose(yl, yr, atol=1e-12) and torch.allclose(hl, hr, atol=1e-12)
+
+
+LIFT_CONFIGS = [
+    dict(num_layers=1, batch_first=False),
+    dict(num_layers=2, dropout=0.3, bias=False, batch_first=True, nonlinearity="relu"),
+]
+
+
+@pytest.mark.parametrize("options", LIFT_CONFIGS)
+def test_lifted_rnn_roundtrip_keeps_weight_tying(tmp_path, options):
+    torch.manual_seed(1)
+    T = 4
+    rnn = nn.RNN(3, 5, **options).double().eval()  # eval: compared with nn.RNN below
+    net = iternn.lift_rnn(rnn, T)
+    loaded = roundtrip(net, tmp_path)
+    assert_same_model(net, loaded)  # includes the sharing partition of modules/params
+    assert type(loaded) is LiftedRNN and not loaded.training
+    assert_same_options(net, loaded, (*RNN_OPTIONS, "T", "steps", "initial_slots", "held_slots"))
+    n_params = len(list(rnn.parameters()))
+    assert len(list(loaded.parameters())) == len(list(net.parameters())) == n_params
+    m = loaded.map
+    for l in range(1, loaded.num_layers + 1):
+        first_in = m.block(loaded.state_slot(1, l),
+                           loaded.input_slot(1) if l == 1 else loaded.state_slot(1, l - 1))
+        first_hh = m.block(loaded.state_slot(1, l), loaded.state_slot(0, l))
+        for t in range(2, T + 1):
+            below = loaded.input_slot(t) if l == 1 else loaded.state_slot(t, l - 1)
+            assert m.block(loaded.state_slot(t, l), below) is first_in
+            assert m.block(loaded.state_slot(t, l), loaded.state_slot(t - 1, l)) is first_hh
+        assert m.activations[loaded.state_slot(T, l)] is m.activations[loaded.state_slot(1, l)]
+    x, h0 = rnn_inputs(net, T=T)
+    (ya, ha), (yb, hb) = same_output(net, loaded, x, h0)
+    assert torch.equal(ya, yb) and torch.equal(ha, hb)
+    # gradients: one tensor per tied parameter, summed over all steps, as before saving
+    for model in (net, loaded, rnn):
+        y, h = model(x, h0)
+        (y.square().sum() + h.sum()).backward()
+    for name, p in loaded.torch_parameters().items():
+        q = net.torch_parameters()[name]
+        assert torch.equal(p.grad, q.grad), name
+        assert torch.allclose(p.grad, getattr(rnn, name).grad, atol=1e-10), name
+    # a change to the tied weight through the LAST step's block reaches every step
+    last = loaded.state_slot(T, loaded.num_layers)
+    with torch.no_grad():
+        m.block(last, loaded.state_slot(T - 1, loaded.num_layers)).weight.mul_(1.5)
+        net.map.block(last, net.state_slot(T - 1, net.num_layers)).weight.mul_(1.5)
+    assert torch.equal(first_hh.weight, m.block(last, loaded.state_slot(T - 1, loaded.num_layers)).weight)
+    yc, hc = loaded(x, h0)
+    step1 = (lambda y: y[:, 0]) if loaded.batch_first else (lambda y: y[0])
+    assert not torch.equal(step1(yc), step1(ya))  # step 1 uses the same W_hh
+    yn, hn = net(x, h0)
+    assert torch.equal(yc, yn) and torch.equal(hc, hn)
+
+
+TRANSFORMER_MAP_CONFIGS = [
+    dict(norm=True, norm_first=True, activation="gelu", batch_first=True),
+    dict(norm=False, norm_first=False, activation="relu", batch_first=False, dropout=0.2),
+    dict(norm=True, norm_first=False, activation="relu", batch_first=True, nested=True),
+    dict(norm=False, norm_first=True, activation="gelu", batch_first=False, layer_norm_eps=1e-6),
+]
+
+
+@pytest.mark.parametrize("options", TRANSFORMER_MAP_CONFIGS)
+def test_transformer_map_roundtrip(tmp_path, options):
+    opts = dict(options)
+    norm, nested = opts.pop("norm"), opts.pop("nested", False)
+    torch.manual_seed(2)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, **{"dropout": 0.0, **opts})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # enable_nested_tensor switched off for some layers
+        enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8) if norm else None,
+                                    enable_nested_tensor=nested)
+    enc = enc.double()
+    net = iternn.from_transformer(enc)
+    loaded = roundtrip(net, tmp_path)
+    assert_same_model(net, loaded)
+    assert type(loaded) is TransformerMap
+    assert_same_options(net, loaded, ("layer_keys", "output", "steps", "d_model", "batch_first",
+                                      "enable_nested_tensor", "use_nested_tensor", "mask_check"))
+    assert loaded.has_norm == norm and loaded.use_nested_tensor == nested
+    blocks = [loaded.map.blocks[k] for k in loaded.layer_keys]
+    assert all(type(b) is EncoderLayerBlock and b.in_features == 8 for b in blocks)
+    got = loaded.layers[0]
+    assert got.norm_first == opts["norm_first"] and got.self_attn.batch_first == opts["batch_first"]
+    assert got.activation is {"relu": F.relu, "gelu": F.gelu}[opts["activation"]]
+    assert got.norm1.eps == opts.get("layer_norm_eps", 1e-5)
+    g = torch.Generator().manual_seed(3)
+    shape = (3, 5, 8) if opts["batch_first"] else (5, 3, 8)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    causal = nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    padding[0, 3:] = True
+    padding[2, 1:] = True
+    ya, yb = same_output(net, loaded, x, causal)  # train mode, dropout masks by seed
+    assert torch.equal(ya, yb)
+    net.eval(), loaded.eval()
+    assert torch.equal(net(x, causal), loaded(x, causal))
+    dense = loaded(x, src_key_padding_mask=padding)  # grad enabled: no fast path
+    assert torch.equal(net(x, src_key_padding_mask=padding), dense)
+    with torch.no_grad():  # the sparsity fast path (where use_nested_tensor allows it)
+        a, b = net(x, src_key_padding_mask=padding), loaded(x, src_key_padding_mask=padding)
+    assert torch.equal(a, b)
+    where = padding if opts["batch_first"] else padding.T
+    if nested:  # the fast path ran: padded positions hold norm(0)
+        norm_of_zero = loaded.map.block("y", "l2")(torch.zeros(8, dtype=torch.float64))
+        assert torch.equal(b[where], norm_of_zero.detach().expand_as(b[where]))
+        assert not torch.equal(dense[where], b[where])
+    eval_file = roundtrip(net, tmp_path, "eval.safetensors")
+    assert not any(m.training for m in eval_file.modules())
+    with torch.no_grad():
+        assert torch.equal(eval_file(x, src_key_padding_mask=padding), a)
+    assert torch.allclose(enc.eval()(x, causal), eval_file(x, causal), atol=1e-12)
+
+
+def test_converter_codecs_refuse_hand_edited_models(tmp_path):
+    torch.manual_seed(0)
+    net = iternn.from_rnn(nn.RNN(3, 4, 2).double())
+    net.map.set_activation("h2", nn.Sigmoid())  # no RNNMap(...) builds this
+    with pytest.raises(TypeError, match=r"<root>: RNNMap .*map\.activations\.h2 is a Sigmoid"):
+        save(net, tmp_path / "a.safetensors")
+    net = iternn.from_rnn(nn.RNN(3, 4, 2, dropout=0.5).double())
+    net.map.block("h2", "h1")[0].p = 0.25  # differs from net.dropout
+    with pytest.raises(TypeError, match=r"map\.blocks\.h2<-h1\.0\.p is 0\.25, the constructor gives 0\.5"):
+        save(net, tmp_path / "b.safetensors")
+    lifted = iternn.lift_rnn(nn.RNN(3, 4).double(), 3)
+    key = "h3<-x3"
+    lifted.map.blocks[key] = copy.deepcopy(lifted.map.blocks[key])  # untied by hand
+    with pytest.raises(TypeError, match=r"map\.blocks\.h3<-x3 is not the same object as map\.blocks\.h1<-x1"):
+        save(lifted, tmp_path / "c.safetensors")
+    tm = iternn.from_transformer(nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(8, 2, 16), 2, enable_nested_tensor=False))
+    tm.steps = 1  # not what the constructor derives from the map
+    with pytest.raises(TypeError, match="steps is 1, the constructor gives 2"):
+        save(tm, tmp_path / "d.safetensors")
+    assert not os.listdir(tmp_path)
+
+
+def test_rnn_map_file_whose_options_do_not_fit_its_map(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "m.safetensors"
+    save(iternn.from_rnn(nn.RNN(3, 4, 2).double()), path)
+    tensors, doc, meta = tensors_and_doc(path)
+    root = doc["modules"][doc["root"]]
+    assert root["codec"] == "iternn.RNNMap" and root["config"]["num_layers"] == 2
+    root["config"]["hidden_size"] = 6
+    write_bad(path, tensors, doc, meta)
+    with pytest.raises(FormatError, match=r"<root>.*'iternn\.RNNMap'.*does not fit the options"):
+        load(path)

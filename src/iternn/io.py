@@ -44,6 +44,14 @@ leaves out (a dropout probability, an epsilon) cannot be checked this way: a cod
 record every constructor option and refuse (``enc.unsupported``) a module whose
 attributes no constructor call would produce.
 
+Codecs ship for the torch modules iternn's converters use (``Linear``, ``LayerNorm``,
+the element-wise activations, ``Dropout``, ``Sequential``, ``ModuleList``, ``ModuleDict``,
+``TransformerEncoderLayer``, ``TransformerEncoder``), for :class:`~iternn.BlockMap` and
+:class:`~iternn.MapModule`, and for every converter result: ``RNNMap``, ``LiftedRNN``
+(its blocks tied over the time steps stay tied), ``TransformerMap`` and
+``EncoderLayerBlock``. A converter result is written as its constructor options plus
+its map; its codec refuses a map edited by hand into one that no constructor call builds.
+
 Besides the structure the file records the training mode of every submodule and which
 parameters have ``requires_grad=False``. Hooks, devices and attributes set by hand are
 not saved; ``load`` builds on the CPU (``device=`` moves the result).
@@ -77,6 +85,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .convert.lift import LiftedRNN
+from .convert.rnn import RNNMap
+from .convert.transformer import EncoderLayerBlock, TransformerMap
 from .core.block_map import BlockMap, block_key
 from .engine.map_module import MapModule
 
@@ -957,3 +968,212 @@ def _decode_map_module(cfg: dict, dec: Decoder) -> MapModule:
 
 
 register_codec(MapModule, "iternn.MapModule", _encode_map_module, _decode_map_module)
+
+
+# ---------------------------------------------------------------------------- converters
+# The converter classes (iternn.convert) are saved as their constructor options plus
+# their child map, encoded like any other module (so a block used at several places,
+# e.g. LiftedRNN's tied step blocks, is written once and comes back as one module).
+# RNNMap and LiftedRNN build their map inside __init__; they are rebuilt as a
+# constructor call on the meta device (no initialisation, no RNG, no memory) whose map
+# is then replaced by the decoded one: ``map`` is their only submodule and everything
+# else they hold is derived from the options. The decoded map must have exactly the
+# structure that constructor call builds (slots, blocks, types, tying, shapes and
+# hyperparameters): a map edited by hand is refused when saving, since no constructor
+# call gives it.
+_UNSET = object()
+
+
+def _public_attrs(m: nn.Module) -> dict[str, Any]:
+    """The plain attributes a module's constructor set (hooks, caches: private)."""
+    return {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and torch.equal(a, b)
+    return type(a) is type(b) and a == b
+
+
+def _attrs_mismatch(got: nn.Module, want: nn.Module, path: str) -> str | None:
+    """Why ``got``'s attributes differ from those of the reference ``want``, or None."""
+    for k, v in _public_attrs(want).items():
+        have = vars(got).get(k, _UNSET)
+        if have is _UNSET:
+            return f"{_join(path, k)} is missing (the constructor sets {v!r})"
+        if not _same_value(have, v):
+            return f"{_join(path, k)} is {have!r}, the constructor gives {v!r}"
+    return None
+
+
+def _partition(items: list[tuple[str, Any]]) -> list[str]:
+    """For every (key, object), the first key naming the same object."""
+    first: dict[int, str] = {}
+    return [first.setdefault(id(obj), key) for key, obj in items]
+
+
+def _tree_mismatch(got: nn.Module, want: nn.Module, path: str = "") -> str | None:
+    """Why the module tree ``got`` is not the one ``want`` (a constructor's) has, or None.
+
+    Compares submodule paths and types, which submodules and parameters are shared,
+    every submodule's plain attributes (sizes, dropout ``p``, ``inplace`` ...), block
+    map slots and edges, and parameter and buffer names and shapes (not values, dtypes
+    or devices: ``want`` may live on the meta device).
+    """
+    gm = list(got.named_modules(remove_duplicate=False))
+    wm = list(want.named_modules(remove_duplicate=False))
+    if [p for p, _ in gm] != [p for p, _ in wm]:
+        have, need = [p for p, _ in gm], [p for p, _ in wm]
+        extra = [p for p in have if p not in need]
+        missing = [p for p in need if p not in have]
+        return (
+            f"{_show(path)} has submodules {have} where the constructor builds {need} "
+            f"(extra {extra}, missing {missing})"
+        )
+    for (p, a), (_, b) in zip(gm, wm):
+        if type(a) is not type(b):
+            return (
+                f"{_show(_join(path, p))} is a {type(a).__name__}, the constructor builds "
+                f"a {type(b).__name__}"
+            )
+    for kind, g_items, w_items in (
+        ("module", gm, wm),
+        ("parameter", list(got.named_parameters(remove_duplicate=False)),
+         list(want.named_parameters(remove_duplicate=False))),
+        ("buffer", list(got.named_buffers(remove_duplicate=False)),
+         list(want.named_buffers(remove_duplicate=False))),
+    ):
+        if [k for k, _ in g_items] != [k for k, _ in w_items]:
+            return (
+                f"{_show(path)} has {kind}s {[k for k, _ in g_items]}, the constructor "
+                f"builds {[k for k, _ in w_items]}"
+            )
+        for k, g_first, w_first in zip(
+            [k for k, _ in g_items], _partition(g_items), _partition(w_items)
+        ):
+            if g_first != w_first:
+                where = _show(_join(path, k))
+                if g_first != k:
+                    return (
+                        f"{kind} {where} is the same object as {_join(path, g_first)}; "
+                        "the constructor makes them separate"
+                    )
+                return (
+                    f"{kind} {where} is not the same object as {_join(path, w_first)}; "
+                    "the constructor ties them"
+                )
+        if kind != "module":
+            for (k, a), (_, b) in zip(g_items, w_items):
+                if tuple(a.shape) != tuple(b.shape):
+                    return (
+                        f"{kind} {_join(path, k)} has shape {list(a.shape)}, the "
+                        f"constructor builds {list(b.shape)}"
+                    )
+    for (p, a), (_, b) in zip(gm, wm):
+        where = _join(path, p)
+        why = _attrs_mismatch(a, b, where)
+        if why:
+            return why
+        if isinstance(b, BlockMap):
+            if list(a.slots.items()) != list(b.slots.items()):
+                return f"{_show(where)} has slots {dict(a.slots)}, the constructor builds {dict(b.slots)}"
+            if a.edges != b.edges:
+                return f"{_show(where)} has blocks {list(a.edges)}, the constructor builds {list(b.edges)}"
+    return None
+
+
+def _check_fields(cfg: dict, fields: tuple[str, ...]) -> None:
+    missing = [f for f in fields if f not in cfg]
+    extra = sorted(set(cfg) - set(fields))
+    if missing or extra:
+        raise ValueError(f"config fields: missing {missing}, unexpected {extra}")
+
+
+_RNN_OPTIONS = (
+    "input_size", "hidden_size", "num_layers", "nonlinearity", "bias", "batch_first", "dropout",
+)
+
+
+def _register_rnn_codec(cls: type, name: str, options: tuple[str, ...]) -> None:
+    """Codec for a class built as ``cls(**options, device=, dtype=)`` that owns ``map``."""
+
+    def encode(m, enc):
+        opts = {k: getattr(m, k) for k in options}
+        try:
+            ref = cls(**opts, device="meta")
+        except (TypeError, ValueError) as exc:
+            raise enc.unsupported(f"has options no constructor call accepts: {exc}") from exc
+        why = _tree_mismatch(m, ref)
+        if why:
+            raise enc.unsupported(f"is not what {cls.__name__}(...) builds: {why}")
+        return {**opts, "map": enc.child(m.map, "map")}
+
+    def decode(cfg, dec):
+        _check_fields(cfg, (*options, "map"))
+        net = cls(**{k: cfg[k] for k in options}, device="meta")
+        m = dec.child(cfg["map"])
+        why = _tree_mismatch(m, net.map, "map")
+        if why:
+            raise ValueError(f"the map does not fit the options: {why}")
+        net.map = m  # the only submodule; replaces the meta skeleton's map
+        return net
+
+    register_codec(cls, name, encode, decode)
+
+
+_register_rnn_codec(RNNMap, "iternn.RNNMap", _RNN_OPTIONS)
+_register_rnn_codec(LiftedRNN, "iternn.LiftedRNN", (*_RNN_OPTIONS, "T"))
+
+
+def _encode_encoder_layer_block(m: EncoderLayerBlock, enc: Encoder) -> dict:
+    try:
+        ref = EncoderLayerBlock(m.layer)
+    except TypeError as exc:
+        raise enc.unsupported(str(exc)) from exc
+    why = _attrs_mismatch(m, ref, enc.path)
+    if why:
+        raise enc.unsupported(f"is not what EncoderLayerBlock(layer) builds: {why}")
+    return {"layer": enc.child(m.layer, "layer")}
+
+
+def _decode_encoder_layer_block(cfg: dict, dec: Decoder) -> EncoderLayerBlock:
+    _check_fields(cfg, ("layer",))
+    return EncoderLayerBlock(dec.child(cfg["layer"]))
+
+
+register_codec(
+    EncoderLayerBlock, "iternn.EncoderLayerBlock",
+    _encode_encoder_layer_block, _decode_encoder_layer_block,
+)
+
+_TRANSFORMER_MAP_OPTIONS = ("batch_first", "enable_nested_tensor", "use_nested_tensor", "mask_check")
+
+
+def _encode_transformer_map(m: TransformerMap, enc: Encoder) -> dict:
+    opts = {k: getattr(m, k) for k in _TRANSFORMER_MAP_OPTIONS}
+    try:
+        ref = TransformerMap(m.map, tuple(m.layer_keys), m.output, **opts)
+    except Exception as exc:  # e.g. a map without slot "x"
+        raise enc.unsupported(f"has a structure no constructor call accepts: {exc}") from exc
+    why = _attrs_mismatch(m, ref, enc.path)
+    if why:
+        raise enc.unsupported(f"is not what TransformerMap(...) builds: {why}")
+    return {
+        "map": enc.child(m.map, "map"),
+        "layer_keys": list(m.layer_keys),
+        "output": m.output,
+        **opts,
+    }
+
+
+def _decode_transformer_map(cfg: dict, dec: Decoder) -> TransformerMap:
+    _check_fields(cfg, ("map", "layer_keys", "output", *_TRANSFORMER_MAP_OPTIONS))
+    if not isinstance(cfg["layer_keys"], list) or not all(isinstance(k, str) for k in cfg["layer_keys"]):
+        raise ValueError(f"layer_keys must be a list of str, got {cfg['layer_keys']!r}")
+    return TransformerMap(
+        dec.child(cfg["map"]), tuple(cfg["layer_keys"]), cfg["output"],
+        **{k: cfg[k] for k in _TRANSFORMER_MAP_OPTIONS},
+    )
+
+
+register_codec(TransformerMap, "iternn.TransformerMap", _encode_transformer_map, _decode_transformer_map)
