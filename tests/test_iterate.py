@@ -237,3 +237,26 @@ def test_dtype_check_follows_map_conversion():
     assert out["h"].dtype == torch.float64
     with pytest.raises(TypeError, match="float32"):
         iternn.iterate(m, {"x": torch.ones(1, 2)}, 1)
+
+
+@pytest.mark.parametrize("act", [None, nn.Tanh, nn.ReLU, nn.Sigmoid, nn.ELU])
+def test_inference_recurrence_equals_autograd_path(act):
+    """Under no_grad the recurrent loop writes in place into its own buffer; it must give
+    the same numbers as the autograd path and leave the caller's tensors alone."""
+    torch.manual_seed(0)
+    m = iternn.BlockMap({"x": 3, "h": 5, "y": 2})
+    m.connect("h", "x", nn.Linear(3, 5))
+    m.connect("h", "h", nn.Linear(5, 5))
+    m.connect("y", "h", nn.Linear(5, 2))
+    m.set_activation("h", act() if act else None)
+    m.double()
+    xs = torch.randn(6, 4, 3, dtype=torch.float64)
+    h0 = torch.randn(4, 5, dtype=torch.float64)
+    x_copy, h_copy = xs.clone(), h0.clone()
+    want = iternn.iterate(m, {"h": h0}, 6, force={"x": xs}, trajectory=True)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            got = iternn.iterate(m, {"h": h0}, 6, force={"x": xs}, trajectory=True)
+        for k in want:
+            assert torch.allclose(got[k], want[k], atol=1e-12, rtol=0), k
+    assert torch.equal(xs, x_copy) and torch.equal(h0, h_copy)

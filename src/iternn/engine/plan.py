@@ -19,9 +19,9 @@ schedule differs:
 Blocks that share a destination are combined: the first plain ``nn.Linear`` block takes
 the slot bias into its matmul and later ones accumulate with ``addmm``, so a
 destination costs one fused GEMM per block and no extra additions. Plain ``nn.Linear``
-blocks (exact type) are evaluated from their ``weight``/``bias`` directly, so forward
-hooks registered on those block modules are not called; wrap a block in another module
-to keep its hooks.
+blocks and the built-in ``nn.ReLU``/``nn.Tanh``/``nn.Sigmoid`` activations (exact types)
+are called as functions, so forward hooks registered on those modules are not called;
+wrap such a module in another one to keep its hooks.
 """
 
 from __future__ import annotations
@@ -171,21 +171,28 @@ class Wavefront:
         order = sorted((s for s in m.slots if s not in frozen), key=lambda s: levels[s])
         self.order = tuple(dests[s] for s in order)
 
+        # One linear block into a slot (the MLP case): precompiled to a fused matmul.
+        self.steps = tuple(
+            (d.slot, d.terms[0].src, d.terms[0].module._parameters, d.biases,
+             _activation_function(d.act), None)
+            if len(d.terms) == 1 and d.terms[0].linear
+            else (d.slot, None, None, None, None, d)
+            for d in self.order
+        )
+
     def __call__(self, values: dict[str, Tensor], kwargs, ref: Tensor, batch) -> dict[str, Tensor]:
         values = dict(values)
-        for dest in self.order:
-            terms = dest.terms
-            if len(terms) == 1 and terms[0].linear:  # one linear block: one fused matmul
-                lin = terms[0].module
-                b, wb = dest.biases.get(dest.slot), lin.bias
-                if b is None:
-                    b = wb
-                elif wb is not None:
-                    b = wb + b
-                out = F.linear(values[terms[0].src], lin.weight, b)
-                values[dest.slot] = out if dest.act is None else dest.act(out)
-            else:
-                values[dest.slot] = evaluate(dest, values, kwargs, ref, batch)
+        for slot, src, params, biases, act, general in self.steps:
+            if general is not None:
+                values[slot] = evaluate(general, values, kwargs, ref, batch)
+                continue
+            b, wb = biases.get(slot), params["bias"]
+            if b is None:
+                b = wb
+            elif wb is not None:
+                b = wb + b
+            out = F.linear(values[src], params["weight"], b)
+            values[slot] = out if act is None else act(out)
         return values
 
 
@@ -332,7 +339,12 @@ def _fold_bias(term: Term) -> Term:
 _FUNCTIONS = {nn.Tanh: torch.tanh, nn.Sigmoid: torch.sigmoid}
 
 
+_IN_PLACE = {None: None, torch.tanh: torch.tanh_, torch.sigmoid: torch.sigmoid_,
+             torch.relu: torch.relu_}
+
+
 def _activation_function(act: nn.Module | None):
+    """A built-in activation module as its function (exact types), else the module."""
     if act is None:
         return None
     if type(act) is nn.ReLU and not act.inplace:
@@ -359,6 +371,16 @@ def _recurrence(
     wt = term.module.weight.t()
     act = _activation_function(dest.act)
     h = init[dest.slot]
+    if not torch.is_grad_enabled() and act in _IN_PLACE:
+        # Inference: write each step into the drive buffer (ours, freshly computed),
+        # no per-step allocation and no final stack.
+        act_ = _IN_PLACE[act]
+        for y in drive.unbind(0):
+            y.addmm_(h, wt)
+            if act_ is not None:
+                act_(y)
+            h = y
+        return drive
     outs = []
     for x_t in drive.unbind(0):
         h = torch.addmm(x_t, h, wt)

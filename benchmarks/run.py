@@ -1,0 +1,571 @@
+"""iternn benchmarks: block maps vs the native torch modules, as interleaved ratios.
+
+Run ``make bench`` (or ``.venv/bin/python benchmarks/run.py``). Options:
+
+    --quick          smoke run: small sizes, few repetitions (< 30 s)
+    --case NAME      run only this case (repeatable): a case ("mlp_large", "mlp_small",
+                     "rnn") or one mode of it ("mlp_large/fwd", "rnn/fwdbwd")
+    --reps N         repetitions per case (default 11 full, 3 quick; at least 5 in full)
+    --json FILE      also write the results as JSON to FILE
+    --list           list the cases and exit
+
+Every case compares, INTERLEAVED inside each repetition (A, B, C, then the next
+repetition in a rotated order), the torch module, the iternn map and a naive reference:
+the whole state packed into one vector, one dense N x N matrix, iterated. Each
+repetition times a few calls with ``time.perf_counter`` after warm-up; the reported
+ratio is the median over repetitions of (impl time / torch time) in that repetition,
+so slow drifts of this noisy shared machine cancel. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:
+    import iternn
+except ImportError:  # running from a checkout without an installed package
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+    import iternn
+
+
+# ============================================================================ naive reference
+class DenseReference(nn.Module):
+    """The naive big-matrix iteration of a block map (the reference column).
+
+    The whole state is one vector ``z`` of size ``N = sum of slot sizes``; every block
+    is placed in one dense ``N x N`` matrix ``W`` at row = destination, column = source;
+    slot biases and block biases go into one bias vector. One application is
+    ``z' = act(b + W z)`` with the per-slot activations applied to slices. Frozen
+    (held or forced) slots are re-written into their slice before every application.
+    Only plain ``nn.Linear`` blocks are supported (that is all the benchmarks use).
+    """
+
+    def __init__(self, m: iternn.BlockMap) -> None:
+        super().__init__()
+        names = list(m.slots)
+        sizes = [m.slots[s] for s in names]
+        offsets, off = {}, 0
+        for s, n in zip(names, sizes):
+            offsets[s] = off
+            off += n
+        ref = next(iter(m.parameters()))
+        n_total = off
+        W = torch.zeros(n_total, n_total, dtype=ref.dtype, device=ref.device)
+        b = torch.zeros(n_total, dtype=ref.dtype, device=ref.device)
+        with torch.no_grad():
+            for dst, src in m.edges:
+                blk = m.block(dst, src)
+                if type(blk) is not nn.Linear:
+                    raise TypeError(f"DenseReference supports nn.Linear blocks only, got {type(blk)}")
+                r, c = offsets[dst], offsets[src]
+                W[r : r + m.slots[dst], c : c + m.slots[src]] = blk.weight
+                if blk.bias is not None:
+                    b[r : r + m.slots[dst]] += blk.bias
+            for s in names:
+                sb = m.bias(s)
+                if sb is not None:
+                    b[offsets[s] : offsets[s] + m.slots[s]] += sb
+        self.W = nn.Parameter(W)
+        self.b = nn.Parameter(b)
+        self.names = names
+        self.sizes = sizes
+        self.acts = nn.ModuleDict({s: m.activation(s) for s in names if m.activation(s) is not None})
+
+    def step(self, parts: list[Tensor], frozen: dict[str, Tensor]) -> list[Tensor]:
+        """One application on the state kept as per-slot slices of one packed vector.
+
+        Frozen slots are (re-)written into their slice first (the hold of ``x`` / the
+        forcing of eq. 11), then the state is packed into ``z`` (``B x N``) and
+        ``z' = act(b + W z)`` is computed with one ``N x N`` matmul.
+        """
+        z = torch.cat([frozen.get(s, p) for s, p in zip(self.names, parts)], dim=-1)
+        pre = F.linear(z, self.W, self.b)  # (B, N): row = destination
+        out = []
+        for s, p in zip(self.names, torch.split(pre, self.sizes, dim=-1)):
+            if s in frozen:
+                out.append(frozen[s])
+            elif s in self.acts:
+                out.append(self.acts[s](p))
+            else:
+                out.append(p)
+        return out
+
+    def init(self, state: dict[str, Tensor], batch: tuple[int, ...], like: Tensor) -> list[Tensor]:
+        return [state[s] if s in state else like.new_zeros(*batch, n) for s, n in zip(self.names, self.sizes)]
+
+    def run_held(self, x: Tensor, steps: int, input: str = "x", output: str = "y") -> Tensor:
+        """MLP use: ``x`` held, ``steps`` applications from ``z0 = (x, 0, ...)``."""
+        parts = self.init({input: x}, tuple(x.shape[:-1]), x)
+        for _ in range(steps):
+            parts = self.step(parts, {input: x})
+        return parts[self.names.index(output)]
+
+    def run_forced(self, xs: Tensor, h0: Tensor, input: str = "x", hidden: str = "h") -> Tensor:
+        """RNN use: ``input`` overwritten with ``xs[t]`` before application ``t``; trajectory of ``hidden``."""
+        parts = self.init({hidden: h0}, tuple(h0.shape[:-1]), h0)
+        i = self.names.index(hidden)
+        outs = []
+        for t in range(xs.shape[0]):
+            parts = self.step(parts, {input: xs[t]})
+            outs.append(parts[i])
+        return torch.stack(outs)
+
+
+# ============================================================================ timing
+@dataclass
+class Impl:
+    name: str
+    fn: Callable[[], object]
+    calls: int = 1
+    t_call: float = 0.0
+
+
+@dataclass
+class Result:
+    case: str
+    mode: str
+    impl: str
+    target: float | None
+    median_s: float
+    ratio: float
+    ratio_iqr: tuple[float, float]
+    best_s: float
+    best_ratio: float
+    times_s: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+    calls: int = 1
+
+
+def _time_calls(fn: Callable[[], object], calls: int) -> list[float]:
+    """Seconds of each of ``calls`` consecutive calls."""
+    out = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def calibrate(impls: list[Impl], chunk_s: float, warmup: int, max_calls: int) -> float:
+    """Warm every impl up, choose its calls per repetition (~chunk_s); return one rep's cost."""
+    cost = 0.0
+    for impl in impls:
+        first = _time_calls(impl.fn, 1)[0]  # the first call pays one-off costs
+        # slow impls (the naive reference) get a single further call
+        ts = _time_calls(impl.fn, 1 if first > 0.25 else max(1, warmup - 1))
+        impl.t_call = min(ts)
+        impl.calls = max(1, min(max_calls, round(chunk_s / max(impl.t_call, 1e-7))))
+        cost += impl.calls * impl.t_call
+    return cost
+
+
+def fit_budget(impls: list[Impl], rep_cost: float, budget_s: float, reps: int, min_reps: int) -> int:
+    """Repetitions that fit ``budget_s`` (never fewer than ``min_reps``; then fewer calls)."""
+    fit = int(budget_s / max(rep_cost, 1e-9))
+    if fit >= min_reps:
+        return min(reps, fit)
+    scale = budget_s / (min_reps * rep_cost)
+    for impl in impls:
+        impl.calls = max(1, int(impl.calls * scale))
+    return min_reps
+
+
+def measure(impls: list[Impl], reps: int) -> dict[str, tuple[list[float], list[float], float]]:
+    """Interleaved timing: per impl, its per-repetition times, ratios to impls[0], best call.
+
+    In repetition ``r`` every impl runs its ``calls`` calls, one impl after the other, in
+    an order rotated by ``r`` (no impl always runs first or after the same one). The
+    time of an impl in a repetition is the median of its individually timed calls, so a
+    call stalled by another process (a preempted OpenMP thread) does not count; the
+    ratio of a repetition compares impls measured within the same ~second.
+    """
+    times: dict[str, list[float]] = {i.name: [] for i in impls}
+    best: dict[str, float] = {i.name: float("inf") for i in impls}
+    gc_was = gc.isenabled()
+    try:
+        for r in range(reps):
+            k = r % len(impls)
+            order = impls[k:] + impls[:k]
+            gc.collect()
+            gc.disable()
+            for impl in order:
+                ts = _time_calls(impl.fn, impl.calls)
+                times[impl.name].append(statistics.median(ts))
+                best[impl.name] = min(best[impl.name], min(ts))
+            if gc_was:
+                gc.enable()
+    finally:
+        if gc_was:
+            gc.enable()
+    base = times[impls[0].name]
+    return {k: (v, [a / b for a, b in zip(v, base)], best[k]) for k, v in times.items()}
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    if len(s) == 1:
+        return s[0]
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+# ============================================================================ cases
+def _zero(*mods: nn.Module) -> None:
+    for mod in mods:
+        for p in mod.parameters():
+            p.grad = None
+
+
+def _fwd(module_call: Callable[[], Tensor]) -> Callable[[], object]:
+    def run():
+        with torch.no_grad():
+            return module_call()
+    return run
+
+
+def _fwdbwd(module_call: Callable[[], Tensor], *mods: nn.Module) -> Callable[[], object]:
+    def run():
+        _zero(*mods)
+        module_call().sum().backward()
+    return run
+
+
+def _check(label: str, got: Tensor, want: Tensor, tol: float) -> tuple[str, float, bool]:
+    err = (got - want).abs().max().item()
+    ok = err <= tol
+    print(f"  check {label:<38} max|diff| = {err:.2e}  (tol {tol:.0e})  {'OK' if ok else 'FAIL'}")
+    return label, err, ok
+
+
+def mlp_case(name: str, sizes: list[int], batch: int, seed: int = 0):
+    """nn.Sequential MLP (ReLU) vs iternn.from_mlp vs the dense reference."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    seq = nn.Sequential(*layers)
+    net = iternn.from_mlp(seq)
+    dense = DenseReference(net.map)
+    L = len(sizes) - 1
+    x = torch.randn(batch, sizes[0])
+    with torch.no_grad():
+        want = seq(x)
+        checks = [
+            _check(f"{name}: from_mlp vs nn.Sequential", net(x), want, 1e-5),
+            _check(f"{name}: dense reference vs nn.Sequential", dense.run_held(x, L), want, 1e-4),
+        ]
+    impls = {
+        "fwd": [
+            Impl("torch", _fwd(lambda: seq(x))),
+            Impl("iternn", _fwd(lambda: net(x))),
+            Impl("naive-W", _fwd(lambda: dense.run_held(x, L))),
+        ],
+        "fwdbwd": [
+            Impl("torch", _fwdbwd(lambda: seq(x), seq)),
+            Impl("iternn", _fwdbwd(lambda: net(x), net)),
+            Impl("naive-W", _fwdbwd(lambda: dense.run_held(x, L), dense)),
+        ],
+    }
+    return impls, checks
+
+
+def _rnn_map_by_hand(rnn: nn.RNN) -> iternn.BlockMap:
+    n_in, H = rnn.input_size, rnn.hidden_size
+    m = iternn.BlockMap({"x": n_in, "h": H})
+    wx = m.connect("h", "x", nn.Linear(n_in, H))
+    wh = m.connect("h", "h", nn.Linear(H, H))
+    m.set_activation("h", nn.Tanh())
+    with torch.no_grad():
+        wx.weight.copy_(rnn.weight_ih_l0)
+        wx.bias.copy_(rnn.bias_ih_l0)
+        wh.weight.copy_(rnn.weight_hh_l0)
+        wh.bias.copy_(rnn.bias_hh_l0)
+    return m
+
+
+def _rnn_map_impl(rnn: nn.RNN, xs: Tensor, h0: Tensor, want: Tensor):
+    """The map's forward call: ``iternn.from_rnn`` when it exists and agrees, else by hand.
+
+    Returns (label, call, module_for_grads, note).
+    """
+    note = ""
+    if hasattr(iternn, "from_rnn"):
+        try:
+            obj = iternn.from_rnn(rnn)
+            if isinstance(obj, iternn.BlockMap):
+                m = obj
+                xname = "x" if "x" in m.slots else list(m.slots)[0]
+                hname = "h" if "h" in m.slots else list(m.slots)[1]
+                call = lambda: iternn.iterate(m, {hname: h0}, xs.shape[0], force={xname: xs},
+                                              trajectory=True)[hname]
+                mod = m
+            else:
+                def call(obj=obj):
+                    out = obj(xs, h0.unsqueeze(0))
+                    return out[0] if isinstance(out, tuple) else out
+                mod = obj
+            with torch.no_grad():
+                got = call()
+            if got.shape == want.shape and (got - want).abs().max().item() <= 1e-5:
+                return "iternn.from_rnn", call, mod, ""
+            note = "iternn.from_rnn exists but its output does not match nn.RNN here; using the hand-built map"
+        except Exception as exc:  # another engineer's work in progress: fall back, say so
+            note = f"iternn.from_rnn exists but failed ({type(exc).__name__}: {exc}); using the hand-built map"
+    m = _rnn_map_by_hand(rnn)
+    call = lambda: iternn.iterate(m, {"h": h0}, xs.shape[0], force={"x": xs}, trajectory=True)["h"]
+    return "hand-built BlockMap", call, m, note
+
+
+def rnn_case(name: str, n_in: int, H: int, batch: int, T: int, seed: int = 0):
+    """nn.RNN(tanh) vs the forced (x, h) block map vs the dense reference."""
+    torch.manual_seed(seed)
+    rnn = nn.RNN(n_in, H, nonlinearity="tanh")  # time first, like iterate's force
+    xs = torch.randn(T, batch, n_in)
+    h0 = torch.zeros(batch, H)
+    h0_rnn = h0.unsqueeze(0)
+    with torch.no_grad():
+        want = rnn(xs, h0_rnn)[0]
+    label, map_call, map_mod, note = _rnn_map_impl(rnn, xs, h0, want)
+    print(f"  {name}: map built by {label}" + (f" -- {note}" if note else ""))
+    dense = DenseReference(_rnn_map_by_hand(rnn))
+    with torch.no_grad():
+        checks = [
+            _check(f"{name}: map ({label}) vs nn.RNN", map_call(), want, 1e-5),
+            _check(f"{name}: dense reference vs nn.RNN", dense.run_forced(xs, h0), want, 1e-4),
+        ]
+    impls = {
+        "fwd": [
+            Impl("torch", _fwd(lambda: rnn(xs, h0_rnn)[0])),
+            Impl("iternn", _fwd(map_call)),
+            Impl("naive-W", _fwd(lambda: dense.run_forced(xs, h0))),
+        ],
+        "fwdbwd": [
+            Impl("torch", _fwdbwd(lambda: rnn(xs, h0_rnn)[0], rnn)),
+            Impl("iternn", _fwdbwd(map_call, map_mod)),
+            Impl("naive-W", _fwdbwd(lambda: dense.run_forced(xs, h0), dense)),
+        ],
+    }
+    return impls, checks
+
+
+# name -> (builder, full kwargs, quick kwargs, description, targets per mode)
+CASES = {
+    "mlp_large": (
+        mlp_case,
+        dict(sizes=[784, 1024, 1024, 1024, 10], batch=256),
+        dict(sizes=[784, 256, 256, 256, 10], batch=64),
+        "MLP {sizes} ReLU, batch {batch}, float32",
+        {"fwd": 1.05, "fwdbwd": 1.05},
+    ),
+    "mlp_small": (
+        mlp_case,
+        dict(sizes=[32, 64, 64, 10], batch=32),
+        dict(sizes=[32, 64, 64, 10], batch=32),
+        "MLP {sizes} ReLU, batch {batch}, float32",
+        {"fwd": 1.15, "fwdbwd": 1.15},
+    ),
+    "rnn": (
+        rnn_case,
+        dict(n_in=64, H=256, batch=64, T=100),
+        dict(n_in=64, H=128, batch=32, T=25),
+        "RNN tanh input {n_in}, hidden {H}, batch {batch}, T {T}, float32",
+        {"fwd": 1.0, "fwdbwd": 1.15},
+    ),
+}
+MODES = ("fwd", "fwdbwd")
+MODE_LABEL = {"fwd": "forward (no_grad)", "fwdbwd": "forward+backward"}
+
+
+def select(names: list[str] | None) -> list[tuple[str, str]]:
+    if not names:
+        return [(c, m) for c in CASES for m in MODES]
+    out = []
+    for n in names:
+        case, _, mode = n.partition("/")
+        if case not in CASES or (mode and mode not in MODES):
+            valid = ", ".join(list(CASES) + [f"{c}/{m}" for c in CASES for m in MODES])
+            raise SystemExit(f"unknown case {n!r}; valid: {valid}")
+        for m in (mode,) if mode else MODES:
+            if (case, m) not in out:
+                out.append((case, m))
+    return out
+
+
+def print_table(rows: list[Result], desc: str) -> None:
+    print(f"  {desc}")
+    head = (f"  {'case':<17} {'impl':<8} {'median/call':>12} {'ratio':>6} {'IQR of ratio':>14} "
+            f"{'best/call':>11} {'best ratio':>10} {'target':>7}  verdict")
+    print(head)
+    print("  " + "-" * (len(head) - 2))
+    for r in rows:
+        if r.impl == "torch":
+            ratio, iqr, bratio, tgt, verdict = "1.00", "", "1.00", "", "(baseline)"
+        else:
+            ratio = f"{r.ratio:.2f}"
+            iqr = f"[{r.ratio_iqr[0]:.2f}, {r.ratio_iqr[1]:.2f}]"
+            bratio = f"{r.best_ratio:.2f}"
+            tgt = f"<={r.target:.2f}" if r.target is not None else "-"
+            if r.target is None:
+                verdict = "(reference)"
+            else:
+                verdict = "MEETS" if r.ratio <= r.target else "MISSES"
+                if _noisy(r):
+                    verdict += " (noisy: rerun)"
+        case = f"{r.case}/{r.mode}"
+        print(f"  {case:<17} {r.impl:<8} {_ms(r.median_s):>12} {ratio:>6} {iqr:>14} "
+              f"{_ms(r.best_s):>11} {bratio:>10} {tgt:>7}  {verdict}")
+    print()
+
+
+NOISY_IQR = 0.10  # an IQR of the ratio wider than this: the verdict is not reliable
+
+
+def _noisy(r: Result) -> bool:
+    return r.ratio_iqr[1] - r.ratio_iqr[0] > NOISY_IQR
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.3f} s"
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def _load_warning(load: list[float] | None) -> str:
+    if load and load[0] > (os.cpu_count() or 1) * 0.75:
+        return ("  -- WARNING: other processes are using the CPUs; with torch's default threads a "
+                "stalled thread inflates times, trust the ratios only where the IQR is narrow")
+    return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, few repetitions")
+    ap.add_argument("--case", action="append", metavar="NAME", help="case or case/mode (repeatable)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 11; 3 with --quick)")
+    ap.add_argument("--json", metavar="FILE", help="write results as JSON to FILE")
+    ap.add_argument("--list", action="store_true", help="list cases and exit")
+    ap.add_argument("--budget", type=float, default=None, metavar="S",
+                    help="seconds of timing for the whole run (default 110; 15 with --quick): "
+                         "repetitions are cut to fit, never below 5 (3 quick)")
+    args = ap.parse_args(argv)
+    if args.list:
+        for c, (_, full, quick, desc, targets) in CASES.items():
+            print(f"{c:<10} {desc.format(**full)}   targets {targets}   (quick: {desc.format(**quick)})")
+        return 0
+    wanted = select(args.case)
+    reps = args.reps or (3 if args.quick else 11)
+    if not args.quick and reps < 5:
+        raise SystemExit("--reps must be at least 5 in a full run (median of >= 5)")
+    chunk_s = 0.02 if args.quick else 0.12
+    warmup = 2 if args.quick else 3
+    max_calls = 200
+    min_reps = min(reps, 3 if args.quick else 5)
+    budget_s = args.budget if args.budget is not None else (15.0 if args.quick else 110.0)
+
+    t_start = time.perf_counter()
+    print(
+        f"iternn {iternn.__version__} | torch {torch.__version__} | threads {torch.get_num_threads()} "
+        f"| cpus {os.cpu_count()} | {platform.machine()} | python {platform.python_version()}"
+    )
+    print(f"mode: {'QUICK (smoke sizes; targets not meaningful)' if args.quick else 'full'}, "
+          f"up to {reps} interleaved repetitions (>= {min_reps}), ~{chunk_s * 1e3:.0f} ms of calls "
+          f"per impl per repetition, timing budget {budget_s:.0f} s")
+    load0 = _load()
+    print(f"load average at start: {load0}" + _load_warning(load0) + "\n")
+
+    results: list[Result] = []
+    all_checks = []
+    done: list[tuple[str, str, int]] = []
+    for case in dict.fromkeys(c for c, _ in wanted):
+        builder, full, quick, desc, targets = CASES[case]
+        kwargs = quick if args.quick else full
+        print(f"== {case}: {desc.format(**kwargs)}")
+        impls_by_mode, checks = builder(case, **kwargs)
+        all_checks += checks
+        for mode in (m for c, m in wanted if c == case):
+            impls = impls_by_mode[mode]
+            rep_cost = calibrate(impls, chunk_s, warmup, max_calls)
+            left = len(wanted) - len(done)
+            n_reps = fit_budget(impls, rep_cost, (budget_s - (time.perf_counter() - t_start)) / left,
+                                reps, min_reps)
+            data = measure(impls, n_reps)
+            done.append((case, mode, n_reps))
+            rows = []
+            best_base = data[impls[0].name][2]
+            for impl in impls:
+                ts, rs, best = data[impl.name]
+                tgt = targets[mode] if impl.name == "iternn" else None
+                rows.append(Result(
+                    case, mode, impl.name, tgt, statistics.median(ts), statistics.median(rs),
+                    (_quantile(rs, 0.25), _quantile(rs, 0.75)), best, best / best_base,
+                    ts, rs, impl.calls,
+                ))
+            print_table(rows, f"{MODE_LABEL[mode]}: {n_reps} repetitions; calls per repetition: "
+                        + ", ".join(f"{i.name} {i.calls}" for i in impls))
+            results += rows
+
+    elapsed = time.perf_counter() - t_start
+    summary = [
+        f"{r.case + '/' + r.mode:<17} {r.ratio:.2f}  IQR [{r.ratio_iqr[0]:.2f}, {r.ratio_iqr[1]:.2f}]  "
+        f"best {r.best_ratio:.2f}  target <= {r.target:.2f}  "
+        f"{'MEETS' if r.ratio <= r.target else 'MISSES'}{' (noisy: rerun)' if _noisy(r) else ''}"
+        for r in results if r.target is not None
+    ]
+    print("summary (iternn / torch, median of interleaved per-repetition ratios):")
+    for s in summary:
+        print("  " + s)
+    bad = [c for c in all_checks if not c[2]]
+    load1 = _load()
+    print(f"correctness checks: {len(all_checks) - len(bad)}/{len(all_checks)} OK; total time {elapsed:.1f} s; "
+          f"load average at end: {load1}" + _load_warning(load1))
+
+    payload = {
+        "torch": torch.__version__, "iternn": iternn.__version__, "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(), "quick": args.quick, "elapsed_s": round(elapsed, 2),
+        "load_start": load0, "load_end": load1,
+        "reps": {f"{c}/{m}": n for c, m, n in done},
+        "checks": [{"label": l, "max_abs_diff": e, "ok": ok} for l, e, ok in all_checks],
+        "results": [
+            {"case": r.case, "mode": r.mode, "impl": r.impl, "median_s": r.median_s, "ratio": r.ratio,
+             "ratio_q25": r.ratio_iqr[0], "ratio_q75": r.ratio_iqr[1], "best_s": r.best_s,
+             "best_ratio": r.best_ratio, "target": r.target,
+             "meets": (r.ratio <= r.target) if r.target is not None else None,
+             "noisy": _noisy(r),
+             "calls_per_rep": r.calls, "times_s": r.times_s, "ratios": r.ratios}
+            for r in results
+        ],
+    }
+    print("BENCH_JSON " + json.dumps({k: v for k, v in payload.items()} | {
+        "results": [{k: v for k, v in d.items() if k not in ("times_s", "ratios")} for d in payload["results"]]
+    }, separators=(",", ":")))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=1)
+        print(f"wrote {args.json}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
