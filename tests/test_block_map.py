@@ -122,11 +122,28 @@ def test_summary_and_repr_name_slots_blocks_and_counts():
     m.connect("h", "h", nn.Linear(4, 4))
     m.set_bias("h")
     m.set_activation("h", nn.Tanh())
-    text = m.summary()
-    assert "h <- x" in text and "h <- h" in text and "Tanh" in text
-    assert "12" in text and "20" in text  # per-block parameter counts
-    assert "total parameters: 36" in text
+    s = m.summary()
+    assert (s.block("h", "x").trainable, s.block("h", "h").trainable) == (12, 20)
+    assert s.block("h", "x").shape == (4, 3) and s.block("h", "x").density == 1.0
+    assert s.trainable == 36 == iternn.count_trainable(m) and s.fixed == 0
+    assert s.hidden_proportion == 20 / 32
+    text = str(s)
+    assert "h <- x" in text and "h <- h" in text and "Tanh" in text and "36" in text
     assert "slots=(x=3, h=4), blocks=2" in repr(m)
+
+
+def test_count_trainable_counts_shared_once_and_frozen_as_fixed():
+    lin = nn.Linear(2, 2, bias=False)
+    m = iternn.BlockMap({"a": 2, "b": 2})
+    m.connect("b", "a", lin)
+    m.connect("a", "b", lin)  # tied: the same weight used twice
+    frozen = m.connect("b", "b", nn.Linear(2, 2, bias=False))
+    frozen.weight.requires_grad_(False)
+    s = m.summary()
+    assert iternn.count_trainable(m) == 4 == s.trainable
+    assert s.block("a", "b").trainable == s.block("b", "a").trainable == 4
+    assert s.block("b", "b").fixed == 4 and s.block("b", "b").trainable == 0
+    assert isinstance(iternn.count_trainable(m), int)
 
 
 def test_state_dict_and_to_follow_blocks_and_biases():

@@ -5,7 +5,7 @@ MLPs, RNNs and transformer stacks are one object, a block map
 pattern, weight tying, iteration count, initial vector and forcing (arXiv 2404.00880).
 """
 
-from .core import BlockGraph, BlockMap, block_key
+from .core import BlockGraph, BlockMap, Summary, block_key, count_trainable
 from .convert import (
     EncoderLayerBlock,
     LiftedRNN,
@@ -27,6 +27,8 @@ __all__ = [
     "BlockMap",
     "BlockGraph",
     "block_key",
+    "Summary",
+    "count_trainable",
     "iterate",
     "depth",
     "MapModule",

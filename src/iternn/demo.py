@@ -50,7 +50,7 @@ def run_demo(*, seed: int = 0, reps: int = 5, calls: int = 10, print_fn=print) -
     results["mlp_max_diff"] = (net(x) - mlp(x)).abs().max().item()
     results["mlp_impulse_response"] = net.map.impulse_response_length()
     print_fn("MLP 64-128-128-10 as a block map:")
-    print_fn(net.map.summary())
+    print_fn(str(net.map.summary()))
     print_fn(f"max |map(x) - mlp(x)| = {results['mlp_max_diff']:.2e}\n")
 
     rnn = nn.RNN(16, 64, num_layers=2, batch_first=True)
@@ -61,7 +61,7 @@ def run_demo(*, seed: int = 0, reps: int = 5, calls: int = 10, print_fn=print) -
     results["rnn_max_diff"] = max((out_t - out_m).abs().max().item(), (h_t - h_m).abs().max().item())
     results["rnn_impulse_response"] = rnet.map.impulse_response_length()
     print_fn("2-layer RNN (16 -> 64, T = 50) as a forced block map:")
-    print_fn(rnet.map.summary())
+    print_fn(str(rnet.map.summary()))
     print_fn(f"max |map - rnn| over outputs and h_n = {results['rnn_max_diff']:.2e}\n")
 
     t = _median_times(

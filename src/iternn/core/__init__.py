@@ -2,5 +2,8 @@
 
 from .block_map import BlockMap, block_key
 from .graph import BlockGraph
+from .summary import BlockRow, Summary, count_entries, count_trainable
 
-__all__ = ["BlockMap", "BlockGraph", "block_key"]
+__all__ = [
+    "BlockMap", "BlockGraph", "block_key", "Summary", "BlockRow", "count_trainable", "count_entries",
+]

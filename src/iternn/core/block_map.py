@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .graph import BlockGraph
 from .state import check_state, zeros_like_batch
+from .summary import Summary, summarize
 
 __all__ = ["BlockMap", "block_key"]
 
@@ -337,30 +338,10 @@ class BlockMap(nn.Module):
         slots = ", ".join(f"{k}={v}" for k, v in self._slots.items())
         return f"slots=({slots}), blocks={len(self._edges)}"
 
-    def summary(self) -> str:
-        """A table of slots (size, bias, activation) and blocks (module, parameters)."""
-        lines = ["slot       size  bias  activation"]
-        for s, n in self._slots.items():
-            act = self.activations[s] if s in self.activations else None
-            lines.append(
-                f"{s:<10} {n:>4}  {'yes' if s in self.biases else 'no':<4}  "
-                f"{type(act).__name__ if act is not None else 'identity'}"
-            )
-        lines.append("")
-        lines.append("block (dst <- src)        module                 parameters")
-        total = sum(int(p.numel()) for p in self.biases.values())
-        for (d, s), key in self._edges.items():
-            mod = self.blocks[key]
-            n = sum(int(p.numel()) for p in mod.parameters())
-            total += n
-            lines.append(f"{d + ' <- ' + s:<25} {type(mod).__name__:<22} {n:>10,}")
-        n_act = sum(int(p.numel()) for p in self.activations.parameters())
-        total += n_act
-        lines.append(
-            f"total parameters: {total:,} (biases {sum(int(p.numel()) for p in self.biases.values()):,}"
-            f", activations {n_act:,}); impulse-response length: {self.impulse_response_length()}"
-        )
-        return "\n".join(lines)
+    def summary(self) -> Summary:
+        """Per block: kind, shape, density, trainable/fixed/stored counts and backend;
+        slot biases; totals. ``print(m.summary())`` shows the table."""
+        return summarize(self)
 
     # ------------------------------------------------------------------ internals
     def _apply(self, fn, *args, **kwargs):  # .to(), .double(), .cuda() ...
