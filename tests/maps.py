@@ -61,7 +61,7 @@ def reference_iterate(m, state, steps, hold=(), force=None, inner=1, trajectory=
     cur = dict(state)
     states = []
     frozen = set(hold) | set(force or {})
-    order = m.graph().without_inputs_to(frozen).components() if update == "ordered" else None
+    order = _sweep_order(m, frozen) if update == "ordered" else None
     for t in range(steps):
         if force:
             cur = dict(cur)
@@ -84,3 +84,33 @@ def reference_iterate(m, state, steps, hold=(), force=None, inner=1, trajectory=
     if trajectory:
         return {s: torch.stack([c[s] for c in states]) for s in m.slots}
     return cur
+
+
+def _sweep_order(m, frozen):
+    """Strongly connected components in dependency order, by brute force (independent of
+    the library's graph code): mutual reachability, then Kahn's algorithm."""
+    names = list(m.slots)
+    edges = {(d, s) for d, s in m.edges if d not in frozen}
+    reach = {a: {a} for a in names}
+    changed = True
+    while changed:  # transitive closure: reach[a] = slots a feeds, directly or not
+        changed = False
+        for d, s in edges:
+            for a in names:
+                if s in reach[a] and d not in reach[a]:
+                    reach[a].add(d)
+                    changed = True
+    comps = []
+    for a in names:
+        comp = tuple(b for b in names if b in reach[a] and a in reach[b])
+        if comp not in comps:
+            comps.append(comp)
+    ordered = []
+    while comps:
+        for c in comps:
+            feeders = [o for o in comps if o is not c and any(x in reach[o[0]] for x in c)]
+            if not feeders:
+                ordered.append(c)
+                comps.remove(c)
+                break
+    return ordered

@@ -376,3 +376,59 @@ def test_plans_see_parameters_replaced_by_assign():
     other = iternn.from_mlp(nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)))
     net.load_state_dict(other.state_dict(), assign=True)
     assert torch.equal(net(x), other(x))
+
+
+# ------------------------------------------------------------------ review regressions
+def test_bias_of_another_dtype_is_refused():
+    m = iternn.BlockMap({"x": 2, "h": 2})
+    m.connect("h", "x", nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="'h'.*float64"):
+        m.set_bias("h", torch.zeros(2, dtype=torch.float64))
+
+
+def test_mixed_parameter_dtypes_are_refused_at_iterate():
+    m = iternn.BlockMap({"x": 2, "h": 2})
+    m.connect("h", "x", nn.Linear(2, 2))
+    m.connect("h", "h", nn.Linear(2, 2).double())
+    with pytest.raises(TypeError, match="mixed dtypes"):
+        iternn.iterate(m, {"x": torch.ones(1, 2)}, 1)
+
+
+def test_probe_restores_every_submodule_mode():
+    block = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    block[1].eval()  # a frozen batch norm inside a block in train mode
+    m = iternn.BlockMap({"x": 2, "y": 2})
+    m.connect("y", "x", block)
+    assert block.training and not block[1].training
+
+
+def test_activation_must_keep_the_slot_shape():
+    m = iternn.BlockMap({"y": 2})
+    with pytest.raises(ValueError, match="activation of slot 'y'"):
+        m.set_activation("y", nn.Linear(2, 5))
+
+
+def test_partly_declared_block_is_probed():
+    class Half(nn.Module):
+        in_features = 3
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 7)
+
+        def forward(self, z):
+            return self.lin(z)
+
+    m = iternn.BlockMap({"x": 3, "h": 4})
+    with pytest.raises(ValueError, match="'h' <- 'x'"):
+        m.connect("h", "x", Half())
+
+
+def test_summary_density_is_for_weight_matrices_only():
+    m = iternn.BlockMap({"x": 2, "h": 2})
+    m.connect("h", "h", nn.Linear(2, 2))  # its own bias is not a matrix entry
+    m.connect("h", "x", nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)))
+    s = m.summary()
+    assert s.block("h", "h").density == 1.0
+    assert s.block("h", "x").density is None
+    assert "-" in str(s)

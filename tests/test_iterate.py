@@ -101,7 +101,7 @@ def test_gradcheck_through_all_plans():
     m.connect("h", "x", nn.Linear(2, 3))
     m.connect("h", "h", nn.Linear(3, 3, bias=False))
     m.connect("y", "h", nn.Sequential(nn.Linear(3, 2), nn.Tanh()))
-    m.connect("y", "x", nn.Identity() if False else nn.Linear(2, 2, bias=False))
+    m.connect("y", "x", nn.Linear(2, 2, bias=False))
     m.set_activation("h", nn.Tanh())
     m.set_bias("y")
     m.double()
@@ -182,12 +182,13 @@ def test_caller_tensors_not_mutated():
     xs = torch.randn(4, 3, 2)
     copies = {k: v.clone() for k, v in state.items()}
     versions = {k: v._version for k, v in state.items()}
+    xs_copy = xs.clone()
     for kwargs in ({}, {"force": {"x": xs}}, {"hold": ["x"]}):
         iternn.iterate(m, state, 4, trajectory=True, **kwargs)
         iternn.iterate(m, state, 4, **kwargs)
     for k in state:
         assert torch.equal(state[k], copies[k]) and state[k]._version == versions[k]
-    assert torch.equal(xs, xs.clone())
+    assert torch.equal(xs, xs_copy)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -260,3 +261,111 @@ def test_inference_recurrence_equals_autograd_path(act):
         for k in want:
             assert torch.allclose(got[k], want[k], atol=1e-12, rtol=0), k
     assert torch.equal(xs, x_copy) and torch.equal(h0, h_copy)
+
+
+# ------------------------------------------------------------------ review regressions
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("update", ["jacobi", "ordered"])
+def test_identity_fed_recurrence_leaves_caller_and_other_slots_alone(grad, update):
+    """An identity block hands the caller's tensor on: the no-grad recurrence must not
+    write into it (nor into another slot's trajectory)."""
+    torch.manual_seed(0)
+    m = iternn.BlockMap({"x": 3, "u": 3, "h": 3})
+    m.connect("u", "x", nn.Identity())
+    m.connect("h", "u", nn.Identity())
+    m.connect("h", "h", nn.Linear(3, 3, bias=False))
+    m.set_activation("h", nn.Tanh())
+    xs = torch.randn(5, 2, 3)
+    xs_copy = xs.clone()
+    want = reference_iterate(m, {s: torch.zeros(2, 3) for s in m.slots}, 5,
+                             force={"x": xs}, trajectory=True, update=update)
+    with torch.set_grad_enabled(grad):
+        got = iternn.iterate(m, {}, 5, force={"x": xs}, trajectory=True, update=update)
+    assert torch.equal(xs, xs_copy)
+    _close(got, want, tol=1e-6)
+
+
+def test_bias_only_source_feeding_a_recurrence_under_no_grad():
+    m = iternn.BlockMap({"x": 2, "u": 2, "h": 2})
+    m.set_bias("u", torch.tensor([0.5, -0.5]))
+    m.connect("h", "u", nn.Identity())
+    m.connect("h", "h", nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        got = iternn.iterate(m, {}, 3, force={"x": torch.zeros(3, 1, 2)}, trajectory=True,
+                             update="ordered")
+    want = reference_iterate(m, {s: torch.zeros(1, 2) for s in m.slots}, 3,
+                             force={"x": torch.zeros(3, 1, 2)}, trajectory=True, update="ordered")
+    _close(got, want, tol=1e-6)
+    assert torch.equal(m.bias("u"), torch.tensor([0.5, -0.5]))
+
+
+def test_in_place_activation_and_block_do_not_touch_caller_or_bias():
+    m = iternn.BlockMap({"x": 3, "y": 3, "b": 3})
+    m.connect("y", "x", nn.ReLU(inplace=True))  # stored out of place
+    m.set_activation("y", nn.ReLU(inplace=True))
+    m.set_bias("b", torch.tensor([-1.0, 2.0, -3.0]))
+    m.set_activation("b", nn.ReLU(inplace=True))
+    x = torch.tensor([[-1.0, 2.0, -3.0]])
+    full = {"x": x, "y": torch.zeros(1, 3), "b": torch.zeros(1, 3)}
+    with torch.no_grad():
+        one = m(full)
+        out = iternn.iterate(m, {"x": x}, 2, hold=["x"])
+    assert torch.equal(x, torch.tensor([[-1.0, 2.0, -3.0]]))
+    assert torch.equal(m.bias("b"), torch.tensor([-1.0, 2.0, -3.0]))
+    assert torch.equal(one["y"], torch.tensor([[0.0, 2.0, 0.0]]))
+    assert torch.equal(out["b"], torch.tensor([[0.0, 2.0, 0.0]]))
+
+
+def test_ordered_update_on_slots_declared_out_of_dependency_order():
+    torch.manual_seed(0)
+    m = iternn.BlockMap({"y": 2, "h": 3, "x": 2})
+    m.connect("h", "x", nn.Linear(2, 3))
+    m.connect("y", "h", nn.Linear(3, 2))
+    m.set_activation("h", nn.Tanh())
+    x = torch.randn(4, 2)
+    got = iternn.iterate(m, {"x": x}, 1, hold=["x"], update="ordered")
+    want = m.block("y", "h")(torch.tanh(m.block("h", "x")(x)))
+    assert torch.allclose(got["y"], want, atol=1e-6)
+    traj = iternn.iterate(m, {"x": x}, 1, hold=["x"], update="ordered", trajectory=True)
+    assert torch.equal(traj["y"][-1], got["y"])
+    assert list(traj) == ["y", "h", "x"]  # slot order
+
+
+def test_pruned_linear_block_is_called_with_its_hooks():
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    net = iternn.from_mlp(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)))
+    x = torch.randn(3, 4)
+    net(x)  # the plan is built before pruning
+    block = net.map.block("h1", "x")
+    prune.random_unstructured(block, "weight", amount=0.5)
+    want = nn.functional.linear(torch.tanh(nn.functional.linear(x, block.weight) + net.map.bias("h1")),
+                                net.map.block("y", "h1").weight, net.map.bias("y"))
+    assert torch.allclose(net(x), want, atol=1e-6)
+    m = iternn.BlockMap({"h": 3})
+    lin = m.connect("h", "h", nn.Linear(3, 3))
+    prune.l1_unstructured(lin, "weight", amount=0.4)
+    h0 = torch.randn(2, 3)
+    _close(iternn.iterate(m, {"h": h0}, 3), reference_iterate(m, {"h": h0}, 3), tol=1e-6)
+
+
+def test_steps_zero_with_empty_forced_sequence():
+    m = iternn.BlockMap({"x": 2, "h": 2})
+    out = iternn.iterate(m, {}, 0, force={"x": torch.zeros(0, 3, 2)})
+    assert out["h"].shape == (3, 2) and torch.equal(out["h"], torch.zeros(3, 2))
+
+
+def test_inner_with_empty_force_is_an_error():
+    m = iternn.BlockMap({"x": 2})
+    with pytest.raises(ValueError, match="inner"):
+        iternn.iterate(m, {"x": torch.ones(1, 2)}, 2, inner=3, force={})
+
+
+def test_block_kwargs_reach_a_linear_block_and_forward_checks_keys():
+    m = iternn.BlockMap({"x": 2, "y": 2})
+    m.connect("y", "x", nn.Linear(2, 2))
+    with pytest.raises(TypeError):  # nn.Linear takes no keyword arguments: not dropped
+        iternn.iterate(m, {"x": torch.ones(1, 2)}, 1, hold=["x"], block_kwargs={"y<-x": {"a": 1}})
+    with pytest.raises(ValueError, match="y<-q"):
+        m({"x": torch.ones(1, 2), "y": torch.ones(1, 2)}, **{"y<-q": {}})

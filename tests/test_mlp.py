@@ -22,8 +22,7 @@ def mlps(draw, dropout: bool = False):
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(widths, widths[1:])):
         layers.append(nn.Linear(a, b, bias=draw(st.booleans())))
-        last = i == len(widths) - 2
-        for _ in range(draw(st.integers(0 if last else 0, 2))):
+        for _ in range(draw(st.integers(0, 2))):
             layers.append(draw(st.sampled_from(ACTS))())
         if dropout and draw(st.booleans()):
             layers.append(nn.Dropout(draw(st.floats(0.1, 0.6))))
@@ -223,3 +222,16 @@ def test_to_mlp_rejects_non_linear_block():
     m.connect("y", "x", nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(TypeError, match="'y' <- 'x'"):
         iternn.to_mlp(m)
+
+
+def test_tied_linear_is_refused():
+    lin = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="layer 2 \\(Linear\\) is the same module as layer 0"):
+        iternn.from_mlp(nn.Sequential(lin, nn.Tanh(), lin))
+
+
+def test_to_mlp_refuses_too_few_steps():
+    net = iternn.from_mlp(nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)))
+    short = iternn.MapModule(net.map, steps=1)
+    with pytest.raises(ValueError, match="fewer than its chain's depth 2"):
+        iternn.to_mlp(short)

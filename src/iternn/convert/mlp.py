@@ -47,7 +47,14 @@ def from_mlp(mlp: nn.Sequential) -> MapModule:
         raise TypeError(f"from_mlp needs an nn.Sequential, got {type(mlp).__name__}")
     linears: list[tuple[int, nn.Linear]] = []
     acts: list[list[nn.Module]] = []
+    first_index: dict[int, int] = {}
     for i, layer in enumerate(mlp):
+        if type(layer) is nn.Linear and id(layer) in first_index:
+            raise ValueError(
+                f"layer {i} (Linear) is the same module as layer {first_index[id(layer)]}: "
+                "from_mlp does not convert tied weights (the copies would train apart)"
+            )
+        first_index.setdefault(id(layer), i)
         if type(layer) is nn.Linear:
             if linears and layer.in_features != linears[-1][1].out_features:
                 prev_i, prev = linears[-1]
@@ -126,6 +133,12 @@ def to_mlp(net: MapModule | BlockMap, *, input: str = "x", output: str = "y") ->
     """
     if isinstance(net, MapModule):
         m, input, output = net.map, net.input, net.output
+        depth = m.graph().levels((input,))
+        if depth is not None and net.steps < max(depth.values(), default=0):
+            raise ValueError(
+                f"the MapModule runs {net.steps} application(s), fewer than its chain's depth "
+                f"{max(depth.values())}: it is not the MLP of its blocks"
+            )
     elif isinstance(net, BlockMap):
         m = net
         for role, slot in (("input", input), ("output", output)):

@@ -16,6 +16,7 @@ forcing.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -36,6 +37,50 @@ _RESERVED = frozenset(dir(nn.ModuleDict())) | frozenset(dir(nn.ParameterDict()))
 def block_key(dst: str, src: str) -> str:
     """The ``state_dict`` key of block ``F[dst, src]``: ``"dst<-src"``."""
     return f"{dst}<-{src}"
+
+
+def _out_of_place(module: nn.Module) -> nn.Module:
+    """``module``, or a copy with every ``inplace=True`` switched off.
+
+    Blocks and activations read tensors the caller still owns (an identity block hands
+    the caller's slot tensor on; a bias broadcast is a view of the parameter), so none
+    may write into its input.
+    """
+    if not any(getattr(m, "inplace", False) is True for m in module.modules()):
+        return module
+    module = copy.deepcopy(module)
+    for m in module.modules():
+        if getattr(m, "inplace", False) is True:
+            m.inplace = False
+    return module
+
+
+def _probe(module: nn.Module, n_in: int, n_out: int, where: str, src: str, dst: str) -> None:
+    """Call ``module`` once on zeros ``(2, n_in)`` and check it returns ``(2, n_out)``.
+
+    Runs in eval mode without gradients; the global RNG state and the train/eval mode
+    of every submodule are restored afterwards.
+    """
+    ref = next(iter(module.parameters()), None)
+    if ref is None:
+        ref = next(iter(module.buffers()), None)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.get_default_dtype()
+    device = ref.device if ref is not None else torch.device("cpu")
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            module.eval()
+            out = module(torch.zeros(2, n_in, dtype=dtype, device=device))
+    except Exception as exc:  # the probe is the only way to learn an opaque module's sizes
+        raise ValueError(
+            f"{where}: module failed on an input of shape (2, {n_in}) ({src}): {exc}"
+        ) from exc
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if not isinstance(out, Tensor) or out.shape != (2, n_out):
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"{where}: module maps (2, {n_in}) to {shape}, but {dst} needs (2, {n_out})")
 
 
 def _features(module: nn.Module) -> tuple[int | None, int | None]:
@@ -129,8 +174,11 @@ class BlockMap(nn.Module):
         ``module`` must map tensors ``(*batch, n_src)`` to ``(*batch, n_dst)``. Sizes are
         checked now: from ``in_features``/``out_features`` where the module declares
         them, otherwise by one probe call on a zero input (in eval mode, without
-        gradients, with the global RNG state restored). Connecting a block that already
-        exists is an error; :meth:`disconnect` it first.
+        gradients, with the global RNG state and every submodule's mode restored).
+        Connecting a block that already exists is an error; :meth:`disconnect` it first.
+        A module with in-place operations (``inplace=True``) would overwrite the state
+        it reads, so such a module is stored as an out-of-place copy; any other module
+        is stored as given (the returned object is the one in the map).
         """
         self._check_slot(dst, "destination slot")
         self._check_slot(src, "source slot")
@@ -141,6 +189,7 @@ class BlockMap(nn.Module):
         if (dst, src) in self._edges:
             raise ValueError(f"block {dst!r} <- {src!r} already exists; disconnect it first")
         self._check_block_shape(dst, src, module)
+        module = _out_of_place(module)
         key = block_key(dst, src)
         self.blocks[key] = module
         self._edges[(dst, src)] = key
@@ -151,40 +200,17 @@ class BlockMap(nn.Module):
         n_src, n_dst = self._slots[src], self._slots[dst]
         n_in, n_out = _features(module)
         where = f"block {dst!r} <- {src!r}"
-        if n_in is not None or n_out is not None:
-            if n_in is not None and n_in != n_src:
-                raise ValueError(
-                    f"{where}: module has in_features={n_in} but source slot {src!r} has size {n_src}"
-                )
-            if n_out is not None and n_out != n_dst:
-                raise ValueError(
-                    f"{where}: module has out_features={n_out} but destination slot {dst!r} "
-                    f"has size {n_dst}"
-                )
-            return
-        ref = next(iter(module.parameters()), None)
-        if ref is None:
-            ref = next(iter(module.buffers()), None)
-        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.get_default_dtype()
-        device = ref.device if ref is not None else torch.device("cpu")
-        was_training = module.training
-        try:
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                module.eval()
-                out = module(torch.zeros(2, n_src, dtype=dtype, device=device))
-        except Exception as exc:  # the probe is the only way to learn an opaque module's sizes
+        if n_in is not None and n_in != n_src:
             raise ValueError(
-                f"{where}: module failed on an input of shape (2, {n_src}) "
-                f"(source slot {src!r}): {exc}"
-            ) from exc
-        finally:
-            module.train(was_training)
-        if not isinstance(out, Tensor) or out.shape != (2, n_dst):
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
-                f"{where}: module maps (2, {n_src}) to {shape}, but destination slot "
-                f"{dst!r} needs (2, {n_dst})"
+                f"{where}: module has in_features={n_in} but source slot {src!r} has size {n_src}"
             )
+        if n_out is not None and n_out != n_dst:
+            raise ValueError(
+                f"{where}: module has out_features={n_out} but destination slot {dst!r} "
+                f"has size {n_dst}"
+            )
+        if n_in is None or n_out is None:
+            _probe(module, n_src, n_dst, where, f"source slot {src!r}", f"destination slot {dst!r}")
 
     def disconnect(self, dst: str, src: str) -> nn.Module:
         """Remove block ``F[dst, src]`` and return it."""
@@ -206,7 +232,11 @@ class BlockMap(nn.Module):
         return self.blocks[key]
 
     def set_activation(self, slot: str, module: nn.Module | None) -> None:
-        """Set ``act_slot`` to an element-wise module; ``None`` (or ``nn.Identity``) clears it."""
+        """Set ``act_slot`` to an element-wise module; ``None`` (or ``nn.Identity``) clears it.
+
+        The module must map ``(*batch, n)`` to the same shape (checked by a probe). An
+        in-place module (``inplace=True``) is stored as an out-of-place copy.
+        """
         self._check_slot(slot)
         if module is not None and not isinstance(module, nn.Module):
             raise TypeError(
@@ -217,7 +247,9 @@ class BlockMap(nn.Module):
             if slot in self.activations:
                 del self.activations[slot]
         else:
-            self.activations[slot] = module
+            n = self._slots[slot]
+            _probe(module, n, n, f"activation of slot {slot!r}", f"slot {slot!r}", f"slot {slot!r}")
+            self.activations[slot] = _out_of_place(module)
         self._changed()
 
     def activation(self, slot: str) -> nn.Module | None:
@@ -252,6 +284,12 @@ class BlockMap(nn.Module):
                 )
             if not bias.is_floating_point():
                 raise TypeError(f"bias of slot {slot!r} must be floating point, got {bias.dtype}")
+            dtypes = {p.dtype for p in self.parameters() if p.is_floating_point()}
+            if dtypes and bias.dtype not in dtypes:
+                raise TypeError(
+                    f"bias of slot {slot!r} has dtype {bias.dtype} but the map's parameters are "
+                    f"{sorted(map(str, dtypes))}; convert it first"
+                )
             value = bias.detach().clone()
         else:
             raise TypeError(
@@ -270,10 +308,11 @@ class BlockMap(nn.Module):
         return BlockGraph(tuple(self._slots), tuple(self._edges))
 
     def impulse_response_length(self, hold: tuple[str, ...] | list[str] = ()) -> float:
-        """Applications after which the state no longer depends on the initial state.
+        """How many applications the initial state is felt for (the impulse response's length).
 
-        The longest block path for an acyclic map (``L`` for an ``L``-layer MLP),
-        ``math.inf`` with a cycle or when a held slot feeds a block.
+        The longest block path for an acyclic map (``L`` for an ``L``-layer MLP): after
+        ``L`` applications the output still depends on the initial state, after ``L + 1``
+        nothing does. ``math.inf`` with a cycle, or when a held slot feeds a block.
         """
         for s in hold:
             self._check_slot(s, "held slot")
@@ -331,6 +370,9 @@ class BlockMap(nn.Module):
         dict; the input tensors are never modified.
         """
         check_state(self, state, require_all=True)
+        unknown = [k for k in block_kwargs if k not in self.blocks]
+        if unknown:
+            raise ValueError(f"block_kwargs names unknown block(s) {unknown}")
         return {d: self.destination(d, state, **block_kwargs) for d in self._slots}
 
     # ------------------------------------------------------------------ display

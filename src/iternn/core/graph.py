@@ -143,11 +143,11 @@ class BlockGraph:
         return max(dist.values(), default=0)
 
     def impulse_response_length(self, hold: Iterable[str] = ()) -> float:
-        """Applications after which the state stops depending on the initial state.
+        """How many applications a perturbation of the initial state is felt for.
 
-        For an acyclic map this is the longest path: a perturbation of the initial state
-        travels one block per application and leaves after that many (paper §4.3.1,
-        eq. 39). A cycle keeps it forever (``math.inf``), and so does holding a slot that
+        For an acyclic map this is the longest path ``L``: a perturbation travels one
+        block per application, so it reaches the end of the longest path at application
+        ``L`` and has left the state at application ``L + 1`` (paper §4.3.1, eq. 39). A cycle keeps it forever (``math.inf``), and so does holding a slot that
         feeds any block: the held value is re-injected at every application, which is
         the effect of the identity block on x (eq. 50, infinite impulse response).
         """

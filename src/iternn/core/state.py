@@ -93,6 +93,13 @@ def check_state(
             raise ValueError(f"state is missing slot(s) {missing}")
     if dtype is not None:
         p_dtype, p_device = parameter_spec(m)
+        if p_dtype is None:
+            mixed = sorted({str(p.dtype) for p in m.parameters() if p.is_floating_point()})
+            if len(mixed) > 1:
+                raise TypeError(
+                    f"the map's parameters have mixed dtypes {mixed}; convert the map "
+                    "(e.g. map.to(torch.float32)) before iterating"
+                )
         if p_dtype is not None and dtype != p_dtype:
             raise TypeError(
                 f"state has dtype {dtype} but the map's parameters are {p_dtype}; "

@@ -60,12 +60,10 @@ class BlockRow:
     fixed: int
     stored: int
     backend: str
-
-    @property
-    def density(self) -> float:
-        """Effective (trainable + fixed) entries per entry of the ``rows x cols`` block."""
-        area = self.shape[0] * self.shape[1]
-        return (self.trainable + self.fixed) / area if area else 0.0
+    #: Effective weight entries per entry of the ``rows x cols`` block (biases not
+    #: counted); ``None`` for modules that are not a weight matrix (a transformer layer,
+    #: a nested map, a slot bias).
+    density: float | None
 
 
 @dataclass(frozen=True)
@@ -123,8 +121,9 @@ class Summary:
         for r in self.rows:
             name = f"{r.dst} <- {r.src}" if r.src is not None else f"bias {r.dst}"
             shape = f"{r.shape[0]}x{r.shape[1]}"
+            density = f"{r.density:.3f}" if r.density is not None else "-"
             lines.append(
-                f"{name:<22} {r.kind:<20} {shape:>11} {r.density:>8.3f} {r.trainable:>11,} "
+                f"{name:<22} {r.kind:<20} {shape:>11} {density:>8} {r.trainable:>11,} "
                 f"{r.fixed:>9,} {r.stored:>11,}  {r.backend}"
             )
         lines.append(
@@ -137,6 +136,17 @@ class Summary:
         return "\n".join(lines)
 
 
+def _density(block: nn.Module, shape: tuple[int, int]) -> float | None:
+    """Weight entries per matrix entry, for blocks that are a weight matrix."""
+    area = shape[0] * shape[1]
+    if type(block) is nn.Linear:
+        return 1.0
+    if hasattr(block, "_trainable_counts"):
+        counts = block._trainable_counts()
+        return sum(int(v) for k, v in counts.items() if k != "bias") / area
+    return None
+
+
 def summarize(m: BlockMap) -> Summary:
     """The summary of a block map: every block, then every slot bias and activation."""
     rows = []
@@ -146,20 +156,21 @@ def summarize(m: BlockMap) -> Summary:
         backend = getattr(block, "backend", None)
         if backend is None:
             backend = "dense" if type(block) is nn.Linear else "module"
-        rows.append(BlockRow(dst, src, type(block).__name__, (m.slots[dst], m.slots[src]),
-                             t, f, s, str(backend)))
+        shape = (m.slots[dst], m.slots[src])
+        rows.append(BlockRow(dst, src, type(block).__name__, shape, t, f, s, str(backend),
+                             _density(block, shape)))
     for slot in m.slots:
         bias = m.bias(slot)
         if bias is not None:
             n = int(bias.numel())
             rows.append(BlockRow(slot, None, "bias", (m.slots[slot], 1),
                                  n if bias.requires_grad else 0,
-                                 0 if bias.requires_grad else n, n, "dense"))
+                                 0 if bias.requires_grad else n, n, "dense", None))
         act = m.activation(slot)
         if act is not None and any(True for _ in act.parameters()):
             t, f, s = count_entries(act)
             rows.append(BlockRow(slot, None, f"activation {type(act).__name__}",
-                                 (m.slots[slot], 1), t, f, s, "module"))
+                                 (m.slots[slot], 1), t, f, s, "module", None))
     acts = tuple((s, type(m.activation(s)).__name__) for s in m.slots if m.activation(s) is not None)
     return Summary(tuple(m.slots.items()), tuple(rows), acts, m.impulse_response_length(),
                    count_entries(m))

@@ -23,11 +23,14 @@ def _plan(m: BlockMap, kind: str, frozen: frozenset[str], update: str):
     plan = m._plans.get(key)
     if plan is None:
         if kind == "wave":
-            graph = m.graph()
-            levels = graph.levels(frozen)
-            if levels is not None and update == "ordered":  # one sweep finishes everything
-                levels = {s: min(v, 1) for s, v in levels.items()}
-            plan = Wavefront(m, frozen, levels) if levels is not None else False
+            levels = m.graph().levels(frozen)
+            if levels is None:
+                plan = False
+            else:
+                depth = max(levels.values(), default=0)
+                if update == "ordered":  # one sweep in level order finishes everything
+                    depth = min(depth, 1)
+                plan = Wavefront(m, frozen, levels, depth)
         elif kind == "seq":
             plan = SequencePlan(m, frozen, update)
         else:
@@ -101,7 +104,7 @@ def iterate(
         raise ValueError(f"inner must be an int >= 1, got {inner!r}")
     if update not in UPDATES:
         raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
-    if inner > 1 and force is None:
+    if inner > 1 and not force:
         raise ValueError("inner applications need forced slots (force=...)")
     if block_kwargs is not None:
         unknown = [k for k in block_kwargs if k not in m.blocks]
@@ -139,7 +142,7 @@ def iterate(
             forced[slot] = seq
     if batch is None:
         raise ValueError("state is empty: give at least one slot (it sets the batch shape)")
-    ref = next(iter(forced.values()))[0] if forced else next(iter(state.values()))
+    ref = next(iter(forced.values())) if forced else next(iter(state.values()))
     init = {s: state[s] if s in state else ref.new_zeros(*batch, n) for s, n in m.slots.items()}
     frozen = held | frozenset(forced)
 
@@ -152,7 +155,9 @@ def iterate(
         if inner == 1:
             plan = _plan(m, "seq", frozen, update)
             traj = plan(init, forced, block_kwargs, ref, batch, steps)
-            return traj if trajectory else {s: traj[s][-1] for s in m.slots}
+            if trajectory:
+                return {s: traj[s] for s in m.slots}
+            return {s: traj[s][-1] for s in m.slots}
         step = _plan(m, "step", frozen, update)
         cur, states = dict(init), []
         for t in range(steps):

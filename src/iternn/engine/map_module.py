@@ -65,7 +65,11 @@ class MapModule(nn.Module):
         wave = _plan(m, "wave", frozen, "jacobi")
         if not (wave and self.steps >= wave.depth and x.is_floating_point()):
             return iterate(m, {self.input: x}, self.steps, hold=frozen)[self.output]
-        try:  # the fast path: no per-call checks beyond the shape above
+        if (wave.dtype is not None and x.dtype != wave.dtype) or (
+            wave.device is not None and x.device != wave.device
+        ):
+            return iterate(m, {self.input: x}, self.steps, hold=frozen)[self.output]  # raises
+        try:  # the fast path: no per-call checks beyond the shape and dtype above
             return wave({self.input: x}, None, x, tuple(x.shape[:-1]))[self.output]
         except RuntimeError:
             # A dtype or device mismatch surfaces as a RuntimeError from a kernel:

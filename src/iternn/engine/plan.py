@@ -19,9 +19,11 @@ schedule differs:
 Blocks that share a destination are combined: the first plain ``nn.Linear`` block takes
 the slot bias into its matmul and later ones accumulate with ``addmm``, so a
 destination costs one fused GEMM per block and no extra additions. Plain ``nn.Linear``
-blocks and the built-in ``nn.ReLU``/``nn.Tanh``/``nn.Sigmoid`` activations (exact types)
-are called as functions, so forward hooks registered on those modules are not called;
-wrap such a module in another one to keep its hooks.
+blocks without hooks are evaluated from their ``weight``/``bias`` (a block with forward
+or pre-forward hooks, e.g. pruned or weight-normed, is called as a module), and the
+built-in ``nn.ReLU``/``nn.Tanh``/``nn.Sigmoid`` slot activations (exact types) are called
+as functions, so hooks registered on those activation modules are not called; wrap
+such a module in another one to keep its hooks.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch import Tensor, nn
 from ..core.block_map import BlockMap, block_key
 from ..core.graph import BlockGraph
 from ..core.rowwise import is_rowwise
+from ..core.state import parameter_spec
 
 __all__ = ["Destination", "Wavefront", "SequencePlan", "StepPlan", "compile_destinations"]
 
@@ -98,7 +101,7 @@ def accumulate(
     out = start
     for term in terms:
         z = values[term.src]
-        if term.linear:
+        if term.linear and _plain(term.module) and not (kwargs and term.key in kwargs):
             w = term.module.weight
             wb = None if term.skip_bias else term.module.bias
             if out is None:  # the first matmul takes every bias: an (n,)-sized add
@@ -164,28 +167,32 @@ class StepPlan:
 class Wavefront:
     """Each slot evaluated once, in level order (acyclic structure only)."""
 
-    def __init__(self, m: BlockMap, frozen: frozenset[str], levels: Mapping[str, int]) -> None:
+    def __init__(
+        self, m: BlockMap, frozen: frozenset[str], levels: Mapping[str, int], depth: int
+    ) -> None:
         dests = compile_destinations(m)
         self.frozen = frozen
-        self.depth = max(levels.values(), default=0)
+        self.depth = depth  # applications after which the state is final
         order = sorted((s for s in m.slots if s not in frozen), key=lambda s: levels[s])
         self.order = tuple(dests[s] for s in order)
 
         # One linear block into a slot (the MLP case): precompiled to a fused matmul.
         self.steps = tuple(
-            (d.slot, d.terms[0].src, d.terms[0].module._parameters, d.biases,
-             _activation_function(d.act), None)
+            (d.slot, d.terms[0].src, d.terms[0].module, d.biases, _activation_function(d.act), d)
             if len(d.terms) == 1 and d.terms[0].linear
             else (d.slot, None, None, None, None, d)
             for d in self.order
         )
+        # The dtype/device inputs must have (checked per call by MapModule's fast path).
+        self.dtype, self.device = parameter_spec(m)
 
     def __call__(self, values: dict[str, Tensor], kwargs, ref: Tensor, batch) -> dict[str, Tensor]:
         values = dict(values)
-        for slot, src, params, biases, act, general in self.steps:
-            if general is not None:
-                values[slot] = evaluate(general, values, kwargs, ref, batch)
+        for slot, src, lin, biases, act, dest in self.steps:
+            if lin is None or not _plain(lin) or kwargs:
+                values[slot] = evaluate(dest, values, kwargs, ref, batch)
                 continue
+            params = lin._parameters
             b, wb = biases.get(slot), params["bias"]
             if b is None:
                 b = wb
@@ -328,6 +335,14 @@ class SequencePlan:
             reads[slot] = torch.cat([init[slot].unsqueeze(0), seq[:-1]], dim=0)
 
 
+def _plain(module: nn.Module) -> bool:
+    """An ``nn.Linear`` the engine may evaluate from its parameters: no hooks (pruning
+    and weight norm work through forward pre-hooks) and a real ``weight`` parameter."""
+    return not (module._forward_hooks or module._forward_pre_hooks) and (
+        "weight" in module._parameters
+    )
+
+
 def _fold_bias(term: Term) -> Term:
     """An internal plain-linear term whose bias the drive carries instead."""
     if term.linear and term.module.bias is not None:
@@ -364,7 +379,7 @@ def _recurrence(
     if len(comp.dests) != 1 or len(comp.internal[0]) != 1 or len(batch) != 1:
         return None
     (dest,), ((term,),), (drive,) = comp.dests, comp.internal, drives
-    if not term.linear or drive is None or drive.dim() != 3:
+    if not term.linear or not _plain(term.module) or drive is None or drive.dim() != 3:
         return None
     if term.module.bias is not None and not term.skip_bias:
         return None
@@ -372,15 +387,17 @@ def _recurrence(
     act = _activation_function(dest.act)
     h = init[dest.slot]
     if not torch.is_grad_enabled() and act in _IN_PLACE:
-        # Inference: write each step into the drive buffer (ours, freshly computed),
-        # no per-step allocation and no final stack.
+        # Inference: every step written straight into one new (T, *batch, n) buffer,
+        # no per-step allocation and no final stack. (Never into the drive: it may be
+        # the caller's tensor, handed on by an identity block.)
         act_ = _IN_PLACE[act]
-        for y in drive.unbind(0):
-            y.addmm_(h, wt)
+        buf = torch.empty(drive.shape, dtype=drive.dtype, device=drive.device)
+        for x_t, y in zip(drive.unbind(0), buf.unbind(0)):
+            torch.addmm(x_t, h, wt, out=y)
             if act_ is not None:
                 act_(y)
             h = y
-        return drive
+        return buf
     outs = []
     for x_t in drive.unbind(0):
         h = torch.addmm(x_t, h, wt)
