@@ -1,0 +1,414 @@
+"""Fixed points of a block map: solve from one state, or find many and classify them.
+
+With some slots held (the input), a fixed point is ``z* = act(b + F z*)`` on the free
+slots (paper §4.3.2). :func:`fixed_point` solves for it from a starting state with the
+solvers of :mod:`iternn.dynamics.solvers`. :func:`find_fixed_points` looks for every
+fixed *and slow* point reachable from many starting states, the FixedPointFinder method
+(Sussillo & Barak 2013; Golub & Sussillo 2018): minimise the speed
+``q(z) = 1/2 ||z - G(z)||^2`` from each start, polish with Newton's method, keep the
+points with small ``q``, drop duplicates and classify each by the eigenvalues of the
+Jacobian of ``G`` there.
+
+Neither function differentiates through the solve (results are detached); for
+gradients through a fixed point use :class:`iternn.dynamics.DEQ`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..core.block_map import BlockMap
+from ..core.state import check_state
+from .functional import DynamicsError, MapFunction
+from .solvers import ConvergenceError, SolverInfo, check_solver, check_steps, check_tol, solve
+
+__all__ = ["fixed_point", "find_fixed_points", "FixedPoints", "ConvergenceError"]
+
+
+def _hold(hold: object) -> tuple[str, ...]:
+    if isinstance(hold, str):
+        return (hold,)
+    if not isinstance(hold, Collection):
+        raise DynamicsError(f"hold must be a collection of slot names, got {type(hold).__name__}")
+    return tuple(hold)
+
+
+def _check_map(m: object) -> BlockMap:
+    if not isinstance(m, BlockMap):
+        raise DynamicsError(f"expected a BlockMap, got {type(m).__name__}")
+    return m
+
+
+def fixed_point(
+    m: BlockMap,
+    state: Mapping[str, Tensor],
+    *,
+    solver: str = "anderson",
+    tol: float | None = None,
+    max_steps: int = 200,
+    hold: Collection[str] = (),
+    raise_on_failure: bool = False,
+    update: str = "jacobi",
+    stop_mode: str = "abs",
+    block_kwargs: Mapping[str, Mapping] | None = None,
+    **options,
+) -> tuple[dict[str, Tensor], SolverInfo]:
+    """Solve ``z* = m(z*)`` with the ``hold`` slots fixed, starting from ``state``.
+
+    Args:
+        m: the block map.
+        state: starting state ``slot -> (*batch, n)``; free slots left out start at zero,
+            held slots must be given. Every batch element is solved independently.
+        solver: ``"anderson"``, ``"picard"``, ``"broyden"`` or any registered solver.
+        tol: residual tolerance ``||G(z) - z||`` (``None``: by dtype, see
+            :func:`~iternn.dynamics.solvers.default_tol`).
+        max_steps: most solver updates.
+        hold: slots kept at their value (the input).
+        raise_on_failure: raise :class:`ConvergenceError` (a ``RuntimeError`` carrying
+            ``.info``) unless every element converged; otherwise failure is only reported.
+        update: ``"jacobi"`` (the paper's map) or ``"ordered"`` (see :func:`iternn.iterate`).
+        stop_mode, block_kwargs, **options: passed to the solver / the map.
+
+    Returns:
+        ``(state_star, info)``: every slot at the fixed point (held slots as given, free
+        slots detached) and the :class:`~iternn.dynamics.solvers.SolverInfo`.
+
+    Raises:
+        DynamicsError: unknown solver or option, bad ``tol``/``max_steps``, every slot
+            held (nothing to solve), NaN in the state, unknown held slot.
+        ConvergenceError: not converged and ``raise_on_failure`` is true.
+    """
+    _check_map(m)
+    check_solver(solver)
+    if tol is not None:
+        check_tol(tol)
+    check_steps(max_steps)
+    batch, _, _ = check_state(m, state)
+    if batch is None:
+        raise DynamicsError("state is empty: give at least the held slots (they set the batch shape)")
+    hold = _hold(hold)
+    ref = next(iter(state.values()))
+    full = {s: state[s] if s in state else ref.new_zeros(*batch, n) for s, n in m.slots.items()}
+    g = MapFunction(m, full, hold=hold, update=update, block_kwargs=block_kwargs)
+    z, info = solve(g, g.pack(full), solver=solver, tol=tol, max_steps=max_steps,
+                    stop_mode=stop_mode, **options)
+    if raise_on_failure and not info.converged:
+        n_bad = int((~info.converged_each).sum())
+        raise ConvergenceError(
+            f"fixed_point: solver {solver!r} did not converge for {n_bad} of "
+            f"{info.converged_each.numel() or 1} element(s) in {info.steps} steps "
+            f"(residual {float(info.residual.max()):.3g} > tol {info.tol:g}; {info.reason})",
+            info,
+        )
+    out = g.unpack(z)
+    return {s: out[s] for s in m.slots}, info
+
+
+# ---------------------------------------------------------------------- finding
+@dataclass
+class FixedPoints:
+    """Fixed and slow points found by :func:`find_fixed_points`, lowest ``q`` first.
+
+    Attributes:
+        points: ``(K, n_free)`` packed free slots (slot order ``free``).
+        states: ``slot -> (K, n)``, every slot (held ones included).
+        q: ``(K,)`` speed ``1/2 ||z - G(z)||^2``.
+        kind: ``"fixed"`` (``q <= fixed_tol``) or ``"slow"`` per point.
+        eigenvalues: ``(K, n_free)`` complex eigenvalues of the Jacobian of ``G``,
+            by decreasing modulus.
+        stability: ``"stable"`` (every ``|λ| < 1``), ``"unstable"`` (every ``|λ| > 1``),
+            ``"saddle"`` (some of each) or ``"marginal"`` (the largest ``|λ|`` is 1 within
+            ``marginal_tol``, none above) per point.
+        free: the free slots, in packing order.
+        n_starts: number of starting states.
+        n_discarded: starts whose final ``q`` exceeded ``slow_tol`` (or was not finite).
+    """
+
+    points: Tensor
+    states: dict[str, Tensor]
+    q: Tensor
+    kind: tuple[str, ...]
+    eigenvalues: Tensor
+    stability: tuple[str, ...]
+    free: tuple[str, ...]
+    n_starts: int
+    n_discarded: int
+
+    def __len__(self) -> int:
+        return self.points.shape[0]
+
+    @property
+    def spectral_radius(self) -> Tensor:
+        """``(K,)`` largest ``|λ|`` per point."""
+        return self.eigenvalues.abs()[:, 0] if len(self) else self.q.new_zeros(0)
+
+    def __repr__(self) -> str:
+        rows = [f"FixedPoints({len(self)} found from {self.n_starts} starts, "
+                f"{self.n_discarded} discarded)"]
+        for i in range(len(self)):
+            rows.append(f"  {i}: {self.kind[i]:5s} {self.stability[i]:8s} q={float(self.q[i]):.3g} "
+                        f"|λ|max={float(self.spectral_radius[i]):.4g}")
+        return "\n".join(rows)
+
+
+def batched_jacobian(g, z: Tensor) -> Tensor:
+    """``J[b, i, j] = d g(z)[b, i] / d z[b, j]`` for a batched ``g`` (``(N, n) -> (N, n)``).
+
+    One backward pass per output coordinate, each over the whole batch.
+    """
+    with torch.enable_grad():
+        zr = z.detach().requires_grad_(True)
+        out = g(zr)
+        n = out.shape[-1]
+        rows = []
+        for i in range(n):
+            (row,) = torch.autograd.grad(out[:, i].sum(), zr, retain_graph=i < n - 1,
+                                         allow_unused=True)
+            rows.append(torch.zeros_like(zr) if row is None else row)
+    return torch.stack(rows, dim=1).detach()
+
+
+def _speed(g, z: Tensor) -> Tensor:
+    return 0.5 * (z - g(z)).pow(2).sum(-1)
+
+
+def _check_pos(name: str, value: object, allow_zero: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise DynamicsError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} "
+                            f"finite number, got {value!r}")
+    return float(value)
+
+
+def find_fixed_points(
+    m: BlockMap,
+    states: Mapping[str, Tensor],
+    *,
+    hold: Collection[str] = (),
+    method: str = "adam",
+    opt_steps: int = 1000,
+    lr: float = 1e-2,
+    polish: bool = True,
+    polish_steps: int = 20,
+    polish_radius: float = 0.1,
+    fixed_tol: float = 1e-12,
+    slow_tol: float = 1e-4,
+    unique_tol: float = 1e-4,
+    marginal_tol: float = 1e-6,
+    update: str = "jacobi",
+    block_kwargs: Mapping[str, Mapping] | None = None,
+) -> FixedPoints:
+    """Find fixed and slow points of ``m`` (``hold`` slots fixed) from many starts.
+
+    Args:
+        m: the block map.
+        states: starting states ``slot -> (N, n)``: free slots (left out: zero) give the
+            ``N`` starts; a held slot may be ``(n,)`` (shared by all starts) or ``(N, n)``.
+        hold: slots kept fixed (e.g. a constant input).
+        method: ``"adam"`` (each start independent: Adam is element-wise and ``q`` is a
+            sum over starts; the learning rate decays geometrically to ``lr / 100``) or
+            ``"lbfgs"`` (``torch.optim.LBFGS`` with a strong-Wolfe line search on the sum
+            of ``q``; faster on smooth problems, but the starts share one line search).
+        opt_steps: optimiser steps (L-BFGS: iterations).
+        lr: learning rate (Adam) or initial step (L-BFGS).
+        polish: refine with Newton's method on ``G(z) - z`` (exact Jacobian, at most
+            ``polish_steps`` steps, each capped at ``polish_radius`` in norm and halved
+            until ``q`` decreases; a step that does not decrease ``q`` is not taken).
+        fixed_tol: ``q`` at most this: a fixed point.
+        slow_tol: ``q`` at most this (and above ``fixed_tol``): a slow point; larger ``q``
+            is discarded.
+        unique_tol: points closer than this (Euclidean, over every slot) are the same;
+            the one with the lower ``q`` is kept.
+        marginal_tol: ``|λ|`` within this of 1 counts as 1 (``"marginal"``).
+        update, block_kwargs: as for :func:`iternn.iterate`.
+
+    Returns:
+        A :class:`FixedPoints` (lowest ``q`` first: fixed points before slow points).
+    """
+    _check_map(m)
+    hold = _hold(hold)
+    if method not in ("adam", "lbfgs"):
+        raise DynamicsError(f"method must be 'adam' or 'lbfgs', got {method!r}")
+    check_steps(opt_steps, "opt_steps")
+    check_steps(polish_steps, "polish_steps")
+    lr = _check_pos("lr", lr)
+    polish_radius = _check_pos("polish_radius", polish_radius)
+    fixed_tol = _check_pos("fixed_tol", fixed_tol, allow_zero=True)
+    slow_tol = _check_pos("slow_tol", slow_tol, allow_zero=True)
+    if slow_tol < fixed_tol:
+        raise DynamicsError(f"slow_tol ({slow_tol}) must be >= fixed_tol ({fixed_tol})")
+    unique_tol = _check_pos("unique_tol", unique_tol, allow_zero=True)
+    marginal_tol = _check_pos("marginal_tol", marginal_tol, allow_zero=True)
+    if not isinstance(states, Mapping):
+        raise DynamicsError(f"states must be a dict slot -> (N, n) tensor, got {type(states).__name__}")
+    for s in states:
+        if s not in m.slots:
+            raise DynamicsError(f"states names unknown slot {s!r}; slots are {list(m.slots)}")
+    for s in hold:
+        if s not in m.slots:
+            raise DynamicsError(f"hold names unknown slot {s!r}; slots are {list(m.slots)}")
+    free_given = [s for s in m.slots if s in states and s not in hold]
+    if not free_given:
+        raise DynamicsError(
+            "states must give at least one free slot as an (N, n) tensor of starting points"
+        )
+    ref = states[free_given[0]]
+    if not isinstance(ref, Tensor) or ref.dim() != 2:
+        raise DynamicsError(
+            f"starting states must be (N, n) tensors; slot {free_given[0]!r} has shape "
+            f"{tuple(ref.shape) if isinstance(ref, Tensor) else type(ref).__name__}"
+        )
+    n_starts = ref.shape[0]
+    full: dict[str, Tensor] = {}
+    for s, n in m.slots.items():
+        v = states.get(s)
+        if v is None:
+            if s in hold:
+                raise DynamicsError(f"held slot {s!r} needs a value in states")
+            v = ref.new_zeros(n_starts, n)
+        elif isinstance(v, Tensor) and s in hold and v.dim() == 1:
+            v = v.expand(n_starts, -1)
+        elif isinstance(v, Tensor) and s in hold and v.dim() == 2 and v.shape[0] == 1:
+            v = v.expand(n_starts, -1)
+        full[s] = v
+    check_state(m, full)
+    g = MapFunction(m, full, hold=hold, update=update, block_kwargs=block_kwargs)
+    z = g.pack(full).detach().clone()
+
+    if n_starts and opt_steps:
+        z = _minimise(g, z, method, opt_steps, lr)
+    if n_starts and polish and polish_steps:
+        z = _newton(g, z, polish_steps, polish_radius)
+
+    with torch.no_grad():
+        q = _speed(g, z) if n_starts else z.new_zeros(0)
+    keep = torch.isfinite(q) & (q <= slow_tol)
+    n_discarded = int((~keep).sum())
+    idx = torch.nonzero(keep).flatten()
+    idx = idx[torch.argsort(q[idx], stable=True)]
+    packed_all = m.pack(g.unpack(z))  # every slot: starts with other held values differ
+    chosen: list[int] = []
+    for i in idx.tolist():
+        if chosen and bool((torch.linalg.vector_norm(
+                packed_all[chosen] - packed_all[i], dim=-1) <= unique_tol).any()):
+            continue
+        chosen.append(i)
+    sel = torch.tensor(chosen, dtype=torch.long, device=z.device)
+    points = z[sel]
+    q_sel = q[sel]
+    held_sel = {s: full[s][sel] for s in hold}
+    g_sel = MapFunction(m, held_sel, hold=hold, update=update,
+                        block_kwargs=block_kwargs) if chosen else None
+    if chosen:
+        jac = batched_jacobian(g_sel, points)
+        eig = torch.linalg.eigvals(jac)
+        order = torch.argsort(eig.abs(), dim=-1, descending=True, stable=True)
+        eig = torch.gather(eig, -1, order)
+    else:
+        eig = torch.zeros(0, g.size, dtype=torch.complex128 if z.dtype == torch.float64
+                          else torch.complex64, device=z.device)
+    stability = tuple(_classify(e, marginal_tol) for e in eig.abs())
+    kind = tuple("fixed" if float(v) <= fixed_tol else "slow" for v in q_sel)
+    out_states = g_sel.unpack(points) if chosen else {
+        s: full[s][:0] for s in m.slots}
+    return FixedPoints(
+        points=points,
+        states={s: out_states[s] for s in m.slots},
+        q=q_sel,
+        kind=kind,
+        eigenvalues=eig,
+        stability=stability,
+        free=g.free,
+        n_starts=n_starts,
+        n_discarded=n_discarded,
+    )
+
+
+def _classify(mod: Tensor, tol: float) -> str:
+    above = bool((mod > 1 + tol).any())
+    below = bool((mod < 1 - tol).any())
+    if above:
+        return "saddle" if below else "unstable"
+    return "stable" if bool((mod < 1 - tol).all()) else "marginal"
+
+
+def _minimise(g, z0: Tensor, method: str, steps: int, lr: float) -> Tensor:
+    """Minimise ``q`` from every start; return the best iterate per start."""
+    z = z0.clone().requires_grad_(True)
+    best = z0.clone()
+    with torch.no_grad():
+        best_q = _speed(g, z0)
+    best_q = torch.where(torch.isfinite(best_q), best_q, torch.inf)
+    with torch.enable_grad():
+        if method == "adam":
+            opt = torch.optim.Adam([z], lr=lr)
+            gamma = 0.01 ** (1.0 / max(steps, 1))
+            sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                q = _speed(g, z)
+                qd = q.detach()
+                better = torch.isfinite(qd) & (qd < best_q)
+                best = torch.where(better[:, None], z.detach(), best)
+                best_q = torch.where(better, qd, best_q)
+                if bool((best_q == 0).all()):
+                    break
+                q.sum().backward()
+                opt.step()
+                sched.step()
+        else:
+            opt = torch.optim.LBFGS([z], lr=lr, max_iter=steps, tolerance_grad=0.0,
+                                    tolerance_change=0.0, history_size=20,
+                                    line_search_fn="strong_wolfe")
+
+            def closure():
+                opt.zero_grad(set_to_none=True)
+                loss = _speed(g, z).sum()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+    with torch.no_grad():
+        q = _speed(g, z)
+        better = torch.isfinite(q) & (q < best_q)
+        return torch.where(better[:, None], z.detach(), best)
+
+
+def _newton(g, z: Tensor, steps: int, radius: float) -> Tensor:
+    """Newton on ``G(z) - z`` with capped, backtracked steps that must decrease ``q``."""
+    z = z.detach().clone()
+    n = z.shape[-1]
+    eye = torch.eye(n, dtype=z.dtype, device=z.device)
+    with torch.no_grad():
+        q = _speed(g, z)
+    for _ in range(steps):
+        jac = batched_jacobian(g, z)
+        with torch.no_grad():
+            r = g(z) - z
+            dz, info = torch.linalg.solve_ex(jac - eye, -r.unsqueeze(-1))
+            dz = dz.squeeze(-1)
+            ok = (info == 0) & torch.isfinite(dz).all(-1) & torch.isfinite(q)
+            dz = torch.where(ok[:, None], dz, 0.0)
+            norm = torch.linalg.vector_norm(dz, dim=-1, keepdim=True)
+            dz = dz * torch.clamp(radius / norm.clamp_min(torch.finfo(z.dtype).tiny), max=1.0)
+            moved = torch.zeros_like(ok)
+            t = 1.0
+            for _ in range(12):
+                todo = ok & ~moved
+                if not bool(todo.any()):
+                    break
+                trial = z + t * dz
+                q_trial = _speed(g, trial)
+                accept = todo & torch.isfinite(q_trial) & (q_trial < q)
+                z = torch.where(accept[:, None], trial, z)
+                q = torch.where(accept, q_trial, q)
+                moved |= accept
+                t *= 0.5
+            if not bool(moved.any()):
+                break
+    return z

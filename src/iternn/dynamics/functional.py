@@ -1,0 +1,112 @@
+"""A block map as a plain function on a packed state, for the dynamics tools.
+
+Solvers, Jacobians and Lyapunov exponents want ``z -> G(z)`` on one flat vector. The
+*free* slots (those the iteration updates) are packed in slot order; held slots are
+fixed at given values and are not part of ``z`` — so a fixed point of ``G`` is a fixed
+point of the map with the input held (paper §4.3.2: ``z* = act(b + F z*)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+
+import torch
+from torch import Tensor
+
+from ..core.block_map import BlockMap
+from ..core.state import check_state
+from ..engine.iterate import UPDATES, _plan
+
+__all__ = ["MapFunction", "DynamicsError"]
+
+
+class DynamicsError(ValueError):
+    """Bad input to a dynamics tool (the message names the slot, solver or option)."""
+
+
+class MapFunction:
+    """``G(z)``: one application of ``m`` on the packed free slots, held slots fixed.
+
+    Args:
+        m: the block map.
+        state: values of the held slots (and the batch shape); other slots given here
+            are ignored except as a starting point via :meth:`pack`.
+        hold: slots kept at their value in ``state``.
+        update: ``"jacobi"`` (the paper's map) or ``"ordered"`` (see :func:`iterate`).
+
+    ``G`` maps ``(*batch, n_free)`` to ``(*batch, n_free)``; autograd flows through it.
+    """
+
+    def __init__(
+        self,
+        m: BlockMap,
+        state: Mapping[str, Tensor],
+        *,
+        hold: Collection[str] = (),
+        update: str = "jacobi",
+        block_kwargs: Mapping[str, Mapping] | None = None,
+    ) -> None:
+        if not isinstance(m, BlockMap):
+            raise TypeError(f"expected a BlockMap, got {type(m).__name__}")
+        if update not in UPDATES:
+            raise DynamicsError(f"update must be one of {UPDATES}, got {update!r}")
+        hold = (hold,) if isinstance(hold, str) else tuple(hold)
+        for s in hold:
+            if s not in m.slots:
+                raise DynamicsError(f"hold names unknown slot {s!r}; slots are {list(m.slots)}")
+            if s not in state:
+                raise DynamicsError(f"held slot {s!r} needs a value in state")
+        for s, v in state.items():
+            if isinstance(v, Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
+                raise DynamicsError(f"slot {s!r} of the state contains NaN or inf")
+        check_state(m, state)  # names, sizes, batch shape, dtype and device
+        self.map = m
+        self.hold = hold
+        self.update = update
+        self.block_kwargs = block_kwargs
+        self.held = {s: state[s] for s in hold}
+        self.free = tuple(s for s in m.slots if s not in hold)
+        if not self.free:
+            raise DynamicsError("every slot is held: there is nothing to iterate")
+        self.sizes = tuple(m.slots[s] for s in self.free)
+        self.size = sum(self.sizes)
+        self._frozen = frozenset(hold)
+        if block_kwargs is not None:
+            unknown = [k for k in block_kwargs if k not in m.blocks]
+            if unknown:
+                raise DynamicsError(f"block_kwargs names unknown block(s) {unknown}")
+
+    def unpack(self, z: Tensor) -> dict[str, Tensor]:
+        """The full state for packed free slots ``z`` (held slots from ``state``)."""
+        if z.shape[-1] != self.size:
+            raise DynamicsError(
+                f"packed state must have last dim {self.size} (free slots {list(self.free)}), "
+                f"got {tuple(z.shape)}"
+            )
+        parts = dict(zip(self.free, torch.split(z, list(self.sizes), dim=-1)))
+        batch = z.shape[:-1]
+        for s, v in self.held.items():
+            if v.shape[:-1] != batch:
+                try:
+                    v = v.expand(*batch, v.shape[-1])
+                except RuntimeError:
+                    raise DynamicsError(
+                        f"packed state has batch shape {tuple(batch)} but held slot {s!r} has "
+                        f"{tuple(v.shape[:-1])}, which does not broadcast to it"
+                    ) from None
+            parts[s] = v
+        return parts
+
+    def pack(self, state: Mapping[str, Tensor]) -> Tensor:
+        """Pack the free slots of a state (slot order); missing free slots are an error."""
+        missing = [s for s in self.free if s not in state]
+        if missing:
+            raise DynamicsError(f"state is missing free slot(s) {missing}")
+        return torch.cat([state[s] for s in self.free], dim=-1)
+
+    def __call__(self, z: Tensor) -> Tensor:
+        state = self.unpack(z)
+        # One application through the engine's step plan (checked once, in __init__).
+        step = _plan(self.map, "step", self._frozen, self.update)
+        out = step(state, self.block_kwargs, z, tuple(z.shape[:-1]))
+        return torch.cat([out[s] for s in self.free], dim=-1)

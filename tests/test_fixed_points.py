@@ -1,0 +1,354 @@
+"""Fixed points: the solver registry, fixed_point on block maps, find_fixed_points."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import iternn
+from iternn.dynamics.fixed_points import FixedPoints, find_fixed_points, fixed_point
+from iternn.dynamics.functional import DynamicsError
+from iternn.dynamics.solvers import SOLVERS, ConvergenceError, SolverInfo, register_solver, solve
+
+F64 = torch.float64
+
+
+def _linear(weight) -> nn.Linear:
+    w = torch.as_tensor(weight, dtype=F64)
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return lin
+
+
+def tanh_map(n_x=3, n_h=6, radius=0.95, seed=0):
+    """x (held) and h: h <- tanh(W h + U x + b), W = radius * an orthogonal matrix."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n_h, n_h, generator=g, dtype=F64))
+    w = radius * q
+    u = torch.randn(n_h, n_x, generator=g, dtype=F64)
+    b = 0.5 * torch.randn(n_h, generator=g, dtype=F64)
+    m = iternn.BlockMap({"x": n_x, "h": n_h})
+    m.connect("h", "h", _linear(w))
+    m.connect("h", "x", _linear(u))
+    m.set_bias("h", b)
+    m.set_activation("h", nn.Tanh())
+    return m.double(), (w, u, b)
+
+
+def scipy_fixed_point(w, u, b, x):
+    """The fixed point of h = tanh(W h + U x + b) per row of x, with scipy.optimize.root."""
+    sp = pytest.importorskip("scipy.optimize")
+    np_w, np_u, np_b = w.numpy(), u.numpy(), b.numpy()
+    out = []
+    for xi in x.numpy():
+        import numpy as np
+
+        def fun(h):
+            return h - np.tanh(np_w @ h + np_u @ xi + np_b)
+
+        sol = sp.root(fun, np.zeros(np_w.shape[0]), method="hybr", tol=1e-13)
+        assert np.abs(fun(sol.x)).max() < 1e-13
+        out.append(sol.x)
+    return torch.tensor(np.stack(out), dtype=F64)
+
+
+# ------------------------------------------------------------------ contractive map
+@pytest.fixture(scope="module")
+def contractive():
+    m, (w, u, b) = tanh_map()
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+    return m, w, u, b, x, scipy_fixed_point(w, u, b, x)
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson", "broyden"])
+def test_agrees_with_scipy(contractive, solver):
+    m, w, u, b, x, want = contractive
+    star, info = fixed_point(m, {"x": x}, hold=["x"], solver=solver, tol=1e-12, max_steps=2000)
+    assert isinstance(info, SolverInfo) and info.solver == solver
+    assert info.converged and info.reason == "converged"
+    assert info.converged_each.shape == (5,) and bool(info.converged_each.all())
+    assert torch.allclose(star["h"], want, atol=1e-8, rtol=0), (star["h"] - want).abs().max()
+    assert torch.equal(star["x"], x)
+    # The reported residual is the residual of the returned point.
+    res = (m({"x": x, "h": star["h"]})["h"] - star["h"]).norm(dim=-1)
+    assert torch.allclose(info.residual, res, atol=1e-15, rtol=1e-6)
+    assert info.residual_trace.shape == (info.steps + 1,)
+    assert info.residual_trace[-1] <= 1e-12 < info.residual_trace[0]
+
+
+def test_anderson_needs_fewer_steps_than_picard(contractive):
+    m, *_, x, _ = contractive
+    _, picard = fixed_point(m, {"x": x}, hold=["x"], solver="picard", tol=1e-12, max_steps=2000)
+    _, anderson = fixed_point(m, {"x": x}, hold=["x"], solver="anderson", tol=1e-12, max_steps=2000)
+    _, broyden = fixed_point(m, {"x": x}, hold=["x"], solver="broyden", tol=1e-12, max_steps=2000)
+    assert picard.converged and anderson.converged and broyden.converged
+    assert anderson.steps < picard.steps / 2, (anderson.steps, picard.steps)
+    assert broyden.steps < picard.steps, (broyden.steps, picard.steps)
+
+
+def test_damped_picard_converges(contractive):
+    m, *_, x, want = contractive
+    star, full = fixed_point(m, {"x": x}, hold=["x"], solver="picard", tol=1e-11, max_steps=3000)
+    star_d, damped = fixed_point(m, {"x": x}, hold=["x"], solver="picard", tol=1e-11,
+                                 max_steps=3000, beta=0.5)
+    # W has eigenvalues all round the circle |λ| = 0.95: damping changes the path.
+    assert damped.converged and full.converged and damped.steps != full.steps
+    assert torch.allclose(star_d["h"], want, atol=1e-9, rtol=0)
+
+
+def test_batched_elements_converge_independently(contractive):
+    m, *_, x, _ = contractive
+    batch, info = fixed_point(m, {"x": x}, hold=["x"], tol=1e-12)
+    for i in range(x.shape[0]):
+        one, _ = fixed_point(m, {"x": x[i:i + 1]}, hold=["x"], tol=1e-12)
+        assert torch.allclose(batch["h"][i], one["h"][0], atol=1e-11, rtol=0)
+    # Unbatched states work too: batch shape ().
+    single, info1 = fixed_point(m, {"x": x[0]}, hold=["x"], tol=1e-12)
+    assert single["h"].shape == (6,) and info1.converged_each.shape == ()
+    assert torch.allclose(single["h"], batch["h"][0], atol=1e-11, rtol=0)
+
+
+def test_mixed_batch_reports_per_element():
+    # Element 0 contracts (a = 0.5), element 1 oscillates forever under Picard (a = -1).
+    a = torch.tensor([[0.5], [-1.0]], dtype=F64)
+    c = torch.tensor([[1.0], [1.0]], dtype=F64)
+    z, info = solve(lambda z: a * z + c, torch.zeros(2, 1, dtype=F64), solver="picard",
+                    tol=1e-12, max_steps=100)
+    assert info.converged_each.tolist() == [True, False]
+    assert not info.converged and info.reason == "max_steps" and info.steps == 100
+    assert abs(float(z[0, 0]) - 2.0) < 1e-11
+    # Anderson solves the linear problem for both elements.
+    z, info = solve(lambda z: a * z + c, torch.zeros(2, 1, dtype=F64), solver="anderson", tol=1e-12)
+    assert info.converged and torch.allclose(z, c / (1 - a), atol=1e-11, rtol=0)
+
+
+def test_non_convergence_reported_and_raised(contractive):
+    m, *_, x, _ = contractive
+    star, info = fixed_point(m, {"x": x}, hold=["x"], max_steps=2, tol=1e-12)
+    assert not info.converged and info.steps == 2 and info.reason == "max_steps"
+    assert not bool(info.converged_each.any())
+    assert torch.isfinite(star["h"]).all()
+    with pytest.raises(ConvergenceError) as err:
+        fixed_point(m, {"x": x}, hold=["x"], max_steps=2, tol=1e-12, raise_on_failure=True)
+    assert isinstance(err.value, RuntimeError) and not err.value.info.converged
+    assert "did not converge" in str(err.value)
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson", "broyden"])
+def test_non_finite_iterates_stop_without_crash(solver):
+    def f(z):  # row 0 contracts to 2; row 1 walks up by 1 per step and is NaN past 3.5
+        walk = torch.where(z[1:] > 3.5, torch.nan, z[1:] + 1.0)
+        return torch.cat([0.5 * z[:1] + 1.0, walk])
+
+    z, info = solve(f, torch.zeros(2, 1, dtype=F64), solver=solver, tol=1e-10, max_steps=500)
+    assert info.converged_each.tolist() == [True, False]
+    assert not info.converged and info.reason == "non-finite" and info.steps < 500
+    assert abs(float(z[0, 0]) - 2.0) < 1e-9
+    assert torch.isfinite(z).all() and torch.isfinite(info.residual).all()
+    assert torch.isinf(info.residual_trace).any()
+    # z <- z^2 + 2 has no real fixed point; Picard overflows.
+    z, info = solve(lambda z: z * z + 2.0, torch.zeros(3, 1, dtype=F64), solver="picard")
+    assert info.reason == "non-finite" and torch.isfinite(z).all()
+
+
+def test_registry_custom_solver():
+    assert {"picard", "anderson", "broyden"} <= set(SOLVERS)
+
+    def halving(f, z0, *, tol, max_steps, stop_mode, scale=0.5):
+        z = z0
+        for k in range(max_steps):
+            z = (1 - scale) * z + scale * f(z)
+        r = (f(z) - z).norm(dim=-1)
+        return z, SolverInfo("", bool((r <= tol).all()), r <= tol, max_steps,
+                             r.max()[None], r, tol, stop_mode, "max_steps")
+
+    register_solver("test-halving", halving)
+    try:
+        z, info = solve(lambda z: 0.5 * z + 1, torch.zeros(4, 2, dtype=F64),
+                        solver="test-halving", max_steps=100, scale=0.5)
+        assert info.solver == "test-halving" and info.converged
+        assert torch.allclose(z, torch.full((4, 2), 2.0, dtype=F64), atol=1e-10)
+        with pytest.raises(DynamicsError, match="no option"):
+            solve(lambda z: z, torch.zeros(1, 1), solver="test-halving", m=3)
+    finally:
+        del SOLVERS["test-halving"]
+
+
+# ------------------------------------------------------------------ MLP map
+def test_mlp_fixed_point_is_the_forward_pass():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.ReLU(),
+                        nn.Linear(4, 2)).double()
+    net = iternn.from_mlp(mlp)
+    x = torch.randn(7, 3, dtype=F64)
+    h1 = mlp[1](mlp[0](x))
+    h2 = mlp[3](mlp[2](h1))
+    y = mlp[4](h2)
+    for solver in ("picard", "anderson", "broyden"):
+        star, info = fixed_point(net.map, {"x": x}, hold=["x"], solver=solver, tol=1e-12)
+        assert info.converged, solver
+        for slot, want in (("x", x), ("h1", h1), ("h2", h2), ("y", y)):
+            assert torch.allclose(star[slot], want, atol=1e-10, rtol=0), (solver, slot)
+    # Picard reaches it exactly in L = 3 applications (the map is nilpotent).
+    _, info = fixed_point(net.map, {"x": x}, hold=["x"], solver="picard", tol=1e-12)
+    assert info.steps == 3 and float(info.residual.max()) == 0.0
+
+
+# ------------------------------------------------------------------ finding fixed points
+def bistable_1d(w=2.0, c=0.0):
+    m = iternn.BlockMap({"z": 1})
+    m.connect("z", "z", _linear([[w]]))
+    if c:
+        m.set_bias("z", torch.tensor([c], dtype=F64))
+    m.set_activation("z", nn.Tanh())
+    return m.double()
+
+
+def test_find_fixed_points_1d_bistable():
+    sp = pytest.importorskip("scipy.optimize")
+    zstar = sp.brentq(lambda z: z - math.tanh(2 * z), 0.5, 1.5)
+    m = bistable_1d()
+    starts = torch.linspace(-2.05, 2.05, 16, dtype=F64)[:, None]  # no start on a fixed point
+    res = find_fixed_points(m, {"z": starts}, opt_steps=300)
+    assert isinstance(res, FixedPoints) and len(res) == 3 and res.n_starts == 16
+    order = torch.argsort(res.points[:, 0])
+    pts = res.points[order, 0]
+    assert torch.allclose(pts, torch.tensor([-zstar, 0.0, zstar], dtype=F64), atol=1e-10, rtol=0)
+    labels = [res.stability[i] for i in order.tolist()]
+    assert labels == ["stable", "unstable", "stable"]
+    assert all(k == "fixed" for k in res.kind) and bool((res.q <= 1e-12).all())
+    lam = res.eigenvalues[order, 0].real
+    want = torch.tensor([2 * (1 - zstar**2), 2.0, 2 * (1 - zstar**2)], dtype=F64)
+    assert torch.allclose(lam, want, atol=1e-8, rtol=0)
+    assert res.states["z"].shape == (3, 1)
+
+
+def _bistable_2d():
+    th = 0.6
+    rot = torch.tensor([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]], dtype=F64)
+    w = rot @ torch.diag(torch.tensor([2.0, 0.5], dtype=F64)) @ rot.T
+    m = iternn.BlockMap({"u": 1, "v": 1})
+    for i, d in enumerate("uv"):
+        for j, s in enumerate("uv"):
+            m.connect(d, s, _linear(w[i:i + 1, j:j + 1]))
+        m.set_activation(d, nn.Tanh())
+    return m.double(), w
+
+
+@pytest.mark.parametrize("method", ["adam", "lbfgs"])
+def test_find_fixed_points_2d_two_stable_one_saddle(method):
+    sp = pytest.importorskip("scipy.optimize")
+    import numpy as np
+
+    m, w = _bistable_2d()
+    wn = w.numpy()
+    want = []
+    for guess in ([1.0, 1.0], [0.0, 0.0], [-1.0, -1.0]):
+        sol = sp.root(lambda z: z - np.tanh(wn @ z), guess, tol=1e-13)
+        assert np.abs(sol.x - np.tanh(wn @ sol.x)).max() < 1e-13
+        want.append(sol.x)
+    want = torch.tensor(np.array(want), dtype=F64)
+    assert (want[0] - want[1]).norm() > 0.5  # three distinct points
+    grid = torch.linspace(-1.6, 1.6, 6, dtype=F64)  # 36 starts, none on a fixed point
+    uu, vv = torch.meshgrid(grid, grid, indexing="ij")
+    steps = 400 if method == "adam" else 100
+    res = find_fixed_points(m, {"u": uu.reshape(-1, 1), "v": vv.reshape(-1, 1)},
+                            method=method, opt_steps=steps)
+    assert len(res) == 3, res
+    assert res.free == ("u", "v") and res.points.shape == (3, 2)
+    for i, p in enumerate(want):
+        d = (res.points - p).norm(dim=-1)
+        j = int(d.argmin())
+        assert float(d[j]) < 1e-9
+        assert res.kind[j] == "fixed"
+        assert res.stability[j] == ("saddle" if i == 1 else "stable")
+    saddle = int((res.points.norm(dim=-1)).argmin())
+    assert torch.allclose(res.eigenvalues[saddle].real, torch.tensor([2.0, 0.5], dtype=F64), atol=1e-9)
+
+
+def test_find_slow_point_past_a_saddle_node():
+    # z <- tanh(2 z + 0.6): past the saddle-node bifurcation (at bias ~0.533) the left
+    # stable point and the saddle have vanished; a slow point (a local minimum of
+    # q = 1/2 (z - G(z))^2 > 0, where G'(z) = 1) is left behind.
+    sp = pytest.importorskip("scipy.optimize")
+    c = 0.6
+    ghost = sp.minimize_scalar(lambda z: 0.5 * (z - math.tanh(2 * z + c)) ** 2,
+                               bounds=(-1.2, -0.2), method="bounded", options={"xatol": 1e-12})
+    m = bistable_1d(c=c)
+    starts = torch.linspace(-1.5, 1.5, 12, dtype=F64)[:, None]
+    res = find_fixed_points(m, {"z": starts}, slow_tol=1e-2, unique_tol=1e-3, opt_steps=400)
+    assert res.kind == ("fixed", "slow"), res
+    assert res.stability[0] == "stable" and float(res.points[0, 0]) > 0.9
+    assert abs(float(res.points[1, 0]) - ghost.x) < 1e-4
+    assert abs(float(res.q[1]) - ghost.fun) < 1e-6 * ghost.fun
+    assert abs(float(res.spectral_radius[1]) - 1.0) < 1e-3
+    # With a stricter slow threshold the ghost is discarded, not reported.
+    strict = find_fixed_points(m, {"z": starts}, slow_tol=1e-4, opt_steps=300)
+    assert strict.kind == ("fixed",) and strict.n_discarded > 0
+
+
+def test_find_fixed_points_with_held_input():
+    m, *_ = tanh_map(radius=0.5)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, generator=g, dtype=F64)
+    starts = torch.randn(10, 6, generator=g, dtype=F64)
+    res = find_fixed_points(m, {"x": x, "h": starts}, hold=["x"], opt_steps=200)
+    assert len(res) == 1 and res.stability == ("stable",) and res.kind == ("fixed",)
+    star, _ = fixed_point(m, {"x": x}, hold=["x"], tol=1e-13)
+    assert torch.allclose(res.states["h"][0], star["h"], atol=1e-10, rtol=0)
+    assert torch.equal(res.states["x"][0], x)
+    assert float(res.spectral_radius[0]) < 0.5
+
+
+# ------------------------------------------------------------------ bad input
+def test_unknown_solver_is_named():
+    m, *_ = tanh_map()
+    with pytest.raises(DynamicsError, match=r"unknown solver 'newton-raphson'.*anderson"):
+        fixed_point(m, {"x": torch.zeros(1, 3, dtype=F64)}, hold=["x"], solver="newton-raphson")
+    with pytest.raises(DynamicsError, match="unknown solver 'nope'"):
+        solve(lambda z: z, torch.zeros(1, 2), solver="nope")
+
+
+def test_nan_in_state_is_named():
+    m, *_ = tanh_map()
+    h = torch.zeros(2, 6, dtype=F64)
+    h[1, 3] = float("nan")
+    with pytest.raises(DynamicsError, match="'h'.*NaN"):
+        fixed_point(m, {"x": torch.zeros(2, 3, dtype=F64), "h": h}, hold=["x"])
+    with pytest.raises(DynamicsError, match="NaN"):
+        solve(lambda z: z, torch.tensor([[float("nan")]]))
+
+
+def test_nothing_free_to_solve():
+    m, *_ = tanh_map()
+    state = {"x": torch.zeros(2, 3, dtype=F64), "h": torch.zeros(2, 6, dtype=F64)}
+    with pytest.raises(DynamicsError, match="nothing to iterate"):
+        fixed_point(m, state, hold=["x", "h"])
+    with pytest.raises(DynamicsError, match="free slot"):
+        find_fixed_points(m, {"x": state["x"]}, hold=["x"])
+
+
+@pytest.mark.parametrize("tol", [0, -1e-3, float("nan"), float("inf"), True, "small"])
+def test_bad_tol_is_named(tol):
+    m, *_ = tanh_map()
+    with pytest.raises(DynamicsError, match="tol"):
+        fixed_point(m, {"x": torch.zeros(1, 3, dtype=F64)}, hold=["x"], tol=tol)
+
+
+@pytest.mark.parametrize("max_steps", [-1, 2.5, None])
+def test_bad_max_steps_is_named(max_steps):
+    with pytest.raises(DynamicsError, match="max_steps"):
+        solve(lambda z: z, torch.zeros(1, 2), max_steps=max_steps)
+
+
+def test_bad_solver_options_are_named():
+    with pytest.raises(DynamicsError, match="no option.*'memory'"):
+        solve(lambda z: z, torch.zeros(1, 2), solver="picard", memory=3)
+    with pytest.raises(DynamicsError, match="beta"):
+        solve(lambda z: z, torch.zeros(1, 2), solver="picard", beta=1.5)
+    with pytest.raises(DynamicsError, match="Anderson memory"):
+        solve(lambda z: z, torch.zeros(1, 2), solver="anderson", m=0)
+    with pytest.raises(DynamicsError, match="same shape"):
+        solve(lambda z: z[..., :1], torch.zeros(1, 2))
