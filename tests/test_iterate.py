@@ -369,3 +369,20 @@ def test_block_kwargs_reach_a_linear_block_and_forward_checks_keys():
         iternn.iterate(m, {"x": torch.ones(1, 2)}, 1, hold=["x"], block_kwargs={"y<-x": {"a": 1}})
     with pytest.raises(ValueError, match="y<-q"):
         m({"x": torch.ones(1, 2), "y": torch.ones(1, 2)}, **{"y<-q": {}})
+
+
+def test_forward_mode_through_the_inference_recurrence():
+    torch.manual_seed(0)
+    m = iternn.BlockMap({"x": 2, "h": 3})
+    m.connect("h", "x", nn.Linear(2, 3))
+    m.connect("h", "h", nn.Linear(3, 3))
+    m.set_activation("h", nn.Tanh())
+    xs, h0 = torch.randn(5, 4, 2), torch.zeros(4, 3)
+
+    def f(h):
+        return iternn.iterate(m, {"h": h}, 5, force={"x": xs}, trajectory=True)["h"]
+
+    _, want = torch.func.jvp(f, (h0,), (torch.ones_like(h0),))
+    with torch.no_grad():
+        _, got = torch.func.jvp(f, (h0,), (torch.ones_like(h0),))
+    assert torch.allclose(got, want, atol=1e-6)

@@ -20,6 +20,7 @@ from .convert import (
 from .engine import depth, iterate
 from .engine.map_module import MapModule
 from .io import load, register_codec, save
+from . import dynamics
 
 __version__ = "0.1.0"
 
@@ -44,5 +45,6 @@ __all__ = [
     "save",
     "load",
     "register_codec",
+    "dynamics",
     "__version__",
 ]

@@ -1,5 +1,36 @@
-"""Dynamics of block maps: impulse response, fixed points, equilibrium models, spectra."""
+"""Dynamics of block maps: impulse response, fixed points, equilibrium models, spectra.
 
+Every tool works on a :class:`~iternn.BlockMap` (or a module with ``.map``) and a state
+dict, with held slots as in :func:`iternn.iterate`; internally the map is the function
+``G`` on its packed free slots (:class:`MapFunction`).
+"""
+
+from .deq import DEQ
+from .fixed_points import FixedPoints, find_fixed_points, fixed_point
 from .functional import DynamicsError, MapFunction
+from .impulse import ImpulseResponse, impulse_response
+from .jacobian import eigenvalues, jacobian, singular_values, spectral_radius
+from .lyapunov import largest_lyapunov, lyapunov_spectrum
+from .solvers import SOLVERS, ConvergenceError, SolverInfo, register_solver, solve
 
-__all__ = ["MapFunction", "DynamicsError"]
+__all__ = [
+    "MapFunction",
+    "DynamicsError",
+    "ConvergenceError",
+    "impulse_response",
+    "ImpulseResponse",
+    "fixed_point",
+    "find_fixed_points",
+    "FixedPoints",
+    "solve",
+    "SolverInfo",
+    "SOLVERS",
+    "register_solver",
+    "DEQ",
+    "jacobian",
+    "eigenvalues",
+    "singular_values",
+    "spectral_radius",
+    "lyapunov_spectrum",
+    "largest_lyapunov",
+]

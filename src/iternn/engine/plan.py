@@ -335,6 +335,13 @@ class SequencePlan:
             reads[slot] = torch.cat([init[slot].unsqueeze(0), seq[:-1]], dim=0)
 
 
+def _transformed(*tensors: Tensor) -> bool:
+    """Whether torch.func (jvp, vmap, grad) is tracing these tensors: then ``out=`` and
+    in-place kernels are unavailable and the out-of-place path must be taken."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(wrapped(t) for t in tensors)
+
+
 def _plain(module: nn.Module) -> bool:
     """An ``nn.Linear`` the engine may evaluate from its parameters: no hooks (pruning
     and weight norm work through forward pre-hooks) and a real ``weight`` parameter."""
@@ -386,7 +393,7 @@ def _recurrence(
     wt = term.module.weight.t()
     act = _activation_function(dest.act)
     h = init[dest.slot]
-    if not torch.is_grad_enabled() and act in _IN_PLACE:
+    if not torch.is_grad_enabled() and act in _IN_PLACE and not _transformed(drive, h, wt):
         # Inference: every step written straight into one new (T, *batch, n) buffer,
         # no per-step allocation and no final stack. (Never into the drive: it may be
         # the caller's tensor, handed on by an identity block.)

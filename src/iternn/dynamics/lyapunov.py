@@ -1,0 +1,255 @@
+"""Lyapunov exponents of an iterated block map (the QR method).
+
+Along the trajectory ``z_{t+1} = G_t(z_t)`` (one application on the free slots, held
+slots fixed, forced slots overwritten with their next value before each application),
+an orthonormal tangent basis ``Q`` (``N × k``) is pushed forward by the Jacobian,
+``J(z_t) Q_t = Q_{t+1} R_t`` (QR), and the exponents are the time averages
+
+    λ_i = (1 / steps) · Σ_t log |R_t[i, i]|.
+
+Units: natural log per application (per forcing step with ``force``). The trajectory
+is computed by :func:`iternn.iterate` in chunks. For small maps (``N <= 64`` free dims,
+or ``k >= N/4``) the exact Jacobians of a whole chunk are formed at once
+(:func:`~iternn.dynamics.jacobian.jacobian`'s structured or forward-mode path, time as
+a batch dim) and ``J Q`` is a matrix product; otherwise ``J Q`` is ``k``
+Jacobian-vector products per application and no Jacobian is formed. The QR
+factorisations and the averages are in float64 whatever the map's dtype (the map itself
+runs in its own dtype: pass ``m.double()`` and a float64 state for a float64
+trajectory).
+
+When the free slots form no cycle (an MLP-like map with its input held) every product
+of ``p + 1`` Jacobians is exactly zero (``p`` the longest block path among the free
+slots), so with ``steps >= p + 1`` every exponent is exactly ``-inf``; this is read
+from the structure and returned without iterating.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+
+import torch
+from torch import Tensor
+
+from ..core.block_map import BlockMap
+from ..core.graph import BlockGraph
+from ..engine.iterate import iterate
+from .functional import DynamicsError, MapFunction
+from .jacobian import (
+    _as_map,
+    _autograd_jacobian,
+    _check_hold,
+    _check_int,
+    _check_state,
+    _check_update,
+    _finite,
+    _jacobian_at,
+)
+
+__all__ = ["lyapunov_spectrum", "largest_lyapunov"]
+
+#: Free dims up to which whole Jacobians are formed (else ``k`` JVPs per application).
+_DENSE_N = 64
+#: Entries of the Jacobians held at once (float64): chunks of the trajectory.
+_DENSE_BUDGET = 1 << 22
+
+
+def _nilpotency_bound(m: BlockMap, free: tuple[str, ...]) -> float:
+    """Applications after which any product of Jacobians is 0 (``inf`` with a cycle).
+
+    Among the free slots an acyclic block graph makes every Jacobian strictly
+    block-triangular in one slot order, so a product of ``p + 1`` of them vanishes,
+    ``p`` the longest block path among the free slots.
+    """
+    keep = set(free)
+    sub = BlockGraph(free, tuple(e for e in m.edges if e[0] in keep and e[1] in keep))
+    return sub.longest_path() + 1
+
+
+def _columns(g: MapFunction, z: Tensor, q: Tensor) -> Tensor:
+    """``J(z) Q`` for a basis ``q`` of shape ``(*batch, N, k)`` (one JVP per column;
+    the dense Jacobian by reverse mode where forward mode is not supported)."""
+
+    def one(v: Tensor) -> Tensor:
+        return torch.func.jvp(g, (z,), (v,))[1]
+
+    try:
+        return torch.func.vmap(one, in_dims=-1, out_dims=-1, randomness="same")(q)
+    except (RuntimeError, NotImplementedError):
+        pass
+    try:  # modules vmap cannot handle
+        return torch.stack([one(q[..., i]) for i in range(q.shape[-1])], dim=-1)
+    except (RuntimeError, NotImplementedError):
+        pass
+    # Modules forward mode cannot go through: the whole Jacobian by reverse mode.
+    return _autograd_jacobian(g, z) @ q
+
+
+def _check_force(
+    m: BlockMap, force: object, hold: tuple[str, ...], length: int, batch, dtype, device
+) -> dict[str, Tensor]:
+    if force is None:
+        return {}
+    if not isinstance(force, Mapping):
+        raise DynamicsError(f"force must be a dict slot -> sequence, got {type(force).__name__}")
+    out = {}
+    for s, seq in force.items():
+        if not isinstance(s, str) or s not in m.slots:
+            raise DynamicsError(f"force names unknown slot {s!r}; slots are {list(m.slots)}")
+        if s in hold:
+            raise DynamicsError(f"slot {s!r} cannot be both held and forced")
+        n = m.slots[s]
+        if not isinstance(seq, Tensor) or not seq.is_floating_point():
+            raise DynamicsError(f"forced slot {s!r} must be a floating tensor")
+        want = (length, *batch, n)
+        if tuple(seq.shape) != want:
+            raise DynamicsError(
+                f"forced slot {s!r} needs shape {want} (time first: warmup + steps entries), "
+                f"got {tuple(seq.shape)}"
+            )
+        if seq.dtype != dtype or seq.device != device:
+            raise DynamicsError(
+                f"forced slot {s!r} is {seq.dtype} on {seq.device}, "
+                f"the state is {dtype} on {device}"
+            )
+        _finite(s, seq, "forced slot {!r}")
+        out[s] = seq
+    return out
+
+
+def lyapunov_spectrum(
+    m: BlockMap,
+    state: Mapping[str, Tensor],
+    *,
+    steps: int,
+    hold: Collection[str] = (),
+    k: int | None = None,
+    warmup: int = 0,
+    force: Mapping[str, Tensor] | None = None,
+    update: str = "jacobi",
+    generator: torch.Generator | None = None,
+    block_kwargs: Mapping[str, Mapping] | None = None,
+) -> Tensor:
+    """The ``k`` largest Lyapunov exponents along the trajectory from ``state``.
+
+    Args:
+        m: the block map (or a :class:`~iternn.MapModule`).
+        state: initial state (free slots; missing ones start at zero) and the values
+            of held slots. Slot tensors ``(n,)`` give one spectrum ``(k,)``; a batched
+            state ``(*batch, n)`` gives one per element, ``(*batch, k)`` (batch elements
+            are independent trajectories).
+        steps: applications averaged over (``>= 1``).
+        hold: slots kept fixed (not part of the tangent space).
+        k: number of exponents, ``1 <= k <= N`` (``N`` = total size of the free
+            slots); default all ``N``.
+        warmup: applications made first without averaging: the state moves onto its
+            attractor and the tangent basis aligns with the leading directions.
+        force: ``slot -> (warmup + steps, *batch, n)``: before application ``t`` the
+            slot is set to ``force[slot][t]`` (a driven system; exponents of the
+            non-autonomous map). Forced slots are not part of the tangent space.
+        update: ``"jacobi"`` or ``"ordered"`` (see :func:`iternn.iterate`).
+        generator: draws the initial random orthonormal tangent basis (default: a
+            generator seeded 0, so results are deterministic).
+
+    Returns:
+        float64 exponents, largest first, in natural log per application.
+    """
+    bm = _as_map(m)
+    steps = _check_int(steps, "steps", 1)
+    warmup = _check_int(warmup, "warmup", 0)
+    hold = _check_hold(bm, hold)
+    update = _check_update(update)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise DynamicsError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    forced_names = tuple(force) if isinstance(force, Mapping) else ()
+    full, batch = _check_state(bm, state, hold, frozen=forced_names)
+    ref = next(iter(full.values()))
+    forced = _check_force(bm, force, hold, warmup + steps, batch, ref.dtype, ref.device)
+    frozen = hold + tuple(s for s in bm.slots if s in forced)
+    free = tuple(s for s in bm.slots if s not in frozen)
+    if not free:
+        raise DynamicsError(
+            "every slot is held or forced: the tangent space is empty, there are no exponents"
+        )
+    n = sum(bm.slots[s] for s in free)
+    if k is None:
+        k = n
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise DynamicsError(
+            f"k must be an int with 1 <= k <= {n} (the size of the free slots {list(free)}), "
+            f"got {k!r}"
+        )
+    if steps >= _nilpotency_bound(bm, free):
+        # No cycle among the free slots: every product of that many Jacobians along the
+        # trajectory is exactly 0, so the tangent volume collapses: every exponent is
+        # -inf (numerically the QR method would only give large negative numbers).
+        return torch.full((*batch, k), -math.inf, dtype=torch.float64, device=ref.device)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    basis = torch.randn(*batch, n, k, generator=gen, dtype=torch.float64, device=gen.device)
+    q = torch.linalg.qr(basis.to(ref.device)).Q
+    held = {s: full[s] for s in hold}
+    cur = {s: v.detach() for s, v in full.items()}
+    total = torch.zeros(*batch, k, dtype=torch.float64, device=ref.device)
+    numel = max(1, math.prod(batch)) * n * n
+    dense = n <= _DENSE_N or 4 * k >= n
+    chunk = max(1, _DENSE_BUDGET // numel) if dense else 1
+    length, t = warmup + steps, 0
+    with torch.no_grad():
+        while t < length:
+            size = min(chunk, length - t)
+            part = {s: seq[t : t + size] for s, seq in forced.items()}
+            # The states z_t ... z_{t+size} (one call: the engine's fast plans).
+            traj = iterate(bm, cur, size, hold=hold, force=part or None, trajectory=True,
+                           update=update, block_kwargs=block_kwargs)
+            for s in free:
+                if not torch.isfinite(traj[s]).all():
+                    raise DynamicsError(
+                        f"the trajectory left the finite numbers (slot {s!r}, within "
+                        f"applications {t + 1}..{t + size}); the map diverges from this state"
+                    )
+            before = {s: torch.cat([cur[s].unsqueeze(0), traj[s][:-1]]) for s in free}
+            zs = torch.cat([before[s] for s in free], dim=-1)
+            if dense:  # G_t at every state of the chunk, time as one more batch dim
+                timed = {s: v.expand(size, *v.shape) for s, v in held.items()}
+                g = MapFunction(bm, {**timed, **part}, hold=frozen, update=update,
+                                block_kwargs=block_kwargs)
+                jac = _jacobian_at(bm, g, zs, (size, *batch),
+                                   block_kwargs=block_kwargs).to(torch.float64)
+            elif not part:
+                g = MapFunction(bm, held, hold=frozen, update=update, block_kwargs=block_kwargs)
+            for i in range(size):
+                if dense:
+                    jq = jac[i] @ q
+                else:
+                    if part:
+                        g = MapFunction(bm, {**held, **{s: seq[i] for s, seq in part.items()}},
+                                        hold=frozen, update=update, block_kwargs=block_kwargs)
+                    jq = _columns(g, zs[i], q.to(zs.dtype)).to(torch.float64)
+                q, r = torch.linalg.qr(jq)
+                if t + i >= warmup:
+                    total += torch.log(torch.diagonal(r, dim1=-2, dim2=-1).abs())
+            cur = {**cur, **{s: traj[s][-1] for s in free}}
+            t += size
+    exps = total / steps
+    return torch.sort(exps, dim=-1, descending=True).values
+
+
+def largest_lyapunov(
+    m: BlockMap,
+    state: Mapping[str, Tensor],
+    *,
+    steps: int,
+    hold: Collection[str] = (),
+    warmup: int = 0,
+    force: Mapping[str, Tensor] | None = None,
+    update: str = "jacobi",
+    generator: torch.Generator | None = None,
+    block_kwargs: Mapping[str, Mapping] | None = None,
+) -> Tensor:
+    """The largest Lyapunov exponent (``k = 1``: one tangent vector, renormalised each
+    application): a 0-d float64 tensor, or ``(*batch,)``. Natural log per application;
+    positive means chaos (nearby trajectories separate), negative a stable orbit."""
+    return lyapunov_spectrum(
+        m, state, steps=steps, hold=hold, k=1, warmup=warmup, force=force, update=update,
+        generator=generator, block_kwargs=block_kwargs,
+    )[..., 0]
