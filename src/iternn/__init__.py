@@ -20,7 +20,8 @@ from .convert import (
 from .engine import depth, iterate
 from .engine.map_module import MapModule
 from .io import load, register_codec, save
-from . import dynamics
+from . import dynamics, sparse
+from .sparse import MaskedLinear, SparseLinear, matched_map
 
 __version__ = "0.1.0"
 
@@ -46,5 +47,9 @@ __all__ = [
     "load",
     "register_codec",
     "dynamics",
+    "sparse",
+    "SparseLinear",
+    "MaskedLinear",
+    "matched_map",
     "__version__",
 ]

@@ -1,0 +1,422 @@
+"""Sparse-kernel benchmarks (issue 3): SparseLinear vs a dense masked block, as ratios.
+
+Run ``.venv/bin/python benchmarks/sparse.py`` (about 3-4 minutes; ``--quick``: smaller
+sizes, < 30 s). Options:
+
+    --quick            smoke run: small sizes, 3 repetitions
+    --case NAME        only this case (repeatable): block, memory, mlp, crossover
+                       (crossover is not in the default set: it measured the constant
+                       in src/iternn/sparse/kernels.py and takes a few minutes)
+    --reps N           repetitions per timing (default 7 full, 3 quick; at least 5 full)
+    --threads N        torch.set_num_threads(N) (default: torch's, 2 here)
+
+Cases:
+
+* ``block``: one random 4096x4096 block, batch 256, densities 0.5 ... 0.01, forward +
+  backward (a fixed random upstream gradient; parameter and input gradients):
+  SparseLinear (csr backend) and SparseLinear (backend="auto") vs MaskedLinear (dense
+  masked), and vs plain ``torch.sparse.mm`` autograd on a CSR tensor built from values
+  with ``requires_grad`` (COO was 5-15x slower than CSR; see the notes). Targets: csr
+  >= 3x faster than masked at 10 %, >= 20x at 1 %.
+* ``memory``: training steps (forward, backward, SGD step) of a 20000x20000 block at 1 %
+  density, batch 64, each module in its own fresh subprocess (``sys.executable``); the
+  peak RSS (``ru_maxrss``) of each, and of a process that only imports torch and iternn
+  and makes the input. Target: sparse < 10 % of masked.
+* ``mlp``: a training step (forward, backward, SGD step) of an MLP 784-1024-1024-10 and
+  of ``iternn.sparse.builders.matched_map(mlp, density=0.1, seed=0)`` (same trainable
+  count), batch 256; skipped when the builders are not available.
+* ``crossover``: SparseLinear csr / SparseLinear dense backend for several block sizes,
+  batches 32 and 256, densities 0.5 ... 0.01 (the table in kernels.py).
+
+Timing: every implementation is called a few times in each repetition, one after the
+other (interleaved, order rotated each repetition); its time in a repetition is the
+median of its calls; the reported ratio is the median over repetitions of the ratio
+inside each repetition, so the drifts of this shared, noisy machine cancel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+try:
+    import iternn  # noqa: F401
+except ImportError:  # running from a checkout without an installed package
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+from iternn.sparse import kernels
+from iternn.sparse.linear import MaskedLinear, SparseLinear
+from iternn.sparse.sampling import random_indices
+
+
+# ============================================================================ timing
+def _calls_for(fn, target_s: float, max_calls: int) -> int:
+    fn()  # warm-up (allocator, MKL handles)
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    return max(1, min(max_calls, int(target_s / max(dt, 1e-6))))
+
+
+def interleaved(impls: dict, reps: int, target_s: float = 0.15, max_calls: int = 50) -> dict:
+    """Per-repetition median call times (s) of every implementation, interleaved.
+
+    ``times["best"][name]`` is the fastest single call of ``name`` over all
+    repetitions: interference only ever adds time, so on a busy machine the ratio of
+    best calls is the less noisy view of what the code costs.
+    """
+    calls = {k: _calls_for(f, target_s, max_calls) for k, f in impls.items()}
+    names = list(impls)
+    times = {k: [] for k in names}
+    best = {k: math.inf for k in names}
+    for r in range(reps):
+        order = names[r % len(names):] + names[: r % len(names)]
+        gc.collect()
+        gc.disable()
+        try:
+            for k in order:
+                ts = []
+                for _ in range(calls[k]):
+                    t0 = time.perf_counter()
+                    impls[k]()
+                    ts.append(time.perf_counter() - t0)
+                times[k].append(statistics.median(ts))
+                best[k] = min(best[k], min(ts))
+        finally:
+            gc.enable()
+    times["best"] = best
+    return times
+
+
+def ratio_stats(times: dict, num: str, den: str) -> tuple[float, float, float]:
+    """Median and IQR over repetitions of times[num] / times[den] (per repetition)."""
+    rs = sorted(a / b for a, b in zip(times[num], times[den]))
+    q = statistics.quantiles(rs, n=4) if len(rs) >= 2 else [rs[0]] * 3
+    return statistics.median(rs), q[0], q[2]
+
+
+def _ms(ts: list[float]) -> str:
+    return f"{statistics.median(ts) * 1e3:9.2f} ms"
+
+
+# ============================================================================ block case
+def _fwd_bwd(module, x, gy):
+    def run():
+        for p in module.parameters():
+            p.grad = None
+        x.grad = None
+        module(x).backward(gy)
+    return run
+
+
+class TorchSparseMM(torch.nn.Module):
+    """``y = x W^T + b`` with plain torch.sparse.mm autograd on a CSR tensor whose values
+    require grad (the tensor is rebuilt each call from the trainable values)."""
+
+    def __init__(self, src: SparseLinear) -> None:
+        super().__init__()
+        self.crow = src.crow_indices.long()
+        self.col = src.col_indices.long()
+        self.shape = (src.out_features, src.in_features)
+        self.values = torch.nn.Parameter(src.values.detach().clone())
+        self.bias = torch.nn.Parameter(src.bias.detach().clone())
+
+    def forward(self, x):
+        w = torch.sparse_csr_tensor(self.crow, self.col, self.values, self.shape, check_invariants=False)
+        return torch.sparse.mm(w, x.t()).t() + self.bias
+
+
+def _masked_from(src: SparseLinear) -> MaskedLinear:
+    mask = torch.zeros(src.out_features, src.in_features, dtype=torch.bool)
+    idx = src.indices()
+    mask[idx[0], idx[1]] = True
+    m = MaskedLinear(src.in_features, src.out_features, mask=mask)
+    with torch.no_grad():
+        m.weight.zero_()
+        m.weight[idx[0], idx[1]] = src.values
+        m.bias.copy_(src.bias)
+    return m
+
+
+def case_block(quick: bool, reps: int) -> bool:
+    n, batch = (1024, 64) if quick else (4096, 256)
+    densities = (0.1, 0.01) if quick else (0.5, 0.25, 0.1, 0.05, 0.01)
+    targets = {0.1: 3.0, 0.01: 20.0}
+    print(f"\n== block: one random {n}x{n} block, batch {batch}, float32, forward+backward "
+          f"(values/weight, bias and input gradients), {reps} repetitions ==")
+    print("  speedup = masked time / impl time (median over interleaved repetitions; IQR in brackets)")
+    header = (f"  {'density':>7}  {'impl':<24} {'median/call':>12}  {'speedup':>8}  "
+              f"{'IQR':>16}  {'best/call':>12} {'best spd':>8}  {'target':>7}  verdict")
+    print(header)
+    print("  " + "-" * (len(header) - 2))
+    ok = True
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, n, generator=gen).requires_grad_()
+    gy = torch.randn(batch, n, generator=gen)
+    for d in densities:
+        sp = SparseLinear(n, n, density=d, backend="csr", generator=gen)
+        auto = SparseLinear(n, n, indices=sp.indices(), backend="auto")
+        with torch.no_grad():
+            auto.values.copy_(sp.values)
+            auto.bias.copy_(sp.bias)
+        masked = _masked_from(sp)
+        tsm = TorchSparseMM(sp)
+        # correctness: every implementation against the masked (dense) reference
+        ref = None
+        for name, m in (("masked", masked), ("csr", sp), ("auto", auto), ("sparse.mm", tsm)):
+            xx = x.detach().clone().requires_grad_()
+            y = m(xx)
+            y.backward(gy)
+            wg = m.weight.grad[m.mask] if isinstance(m, MaskedLinear) else m.values.grad
+            got = (y.detach(), xx.grad, wg, m.bias.grad)
+            if ref is None:
+                ref = got
+            else:
+                err = max(float((a - b).abs().max() / (a.abs().max() + 1e-30)) for a, b in zip(ref, got))
+                if err > 1e-4:
+                    print(f"  FAIL {name} at density {d}: max relative difference {err:.2e}")
+                    ok = False
+            m.zero_grad(set_to_none=True)
+        impls = {
+            "masked (dense)": _fwd_bwd(masked, x, gy),
+            "SparseLinear csr": _fwd_bwd(sp, x, gy),
+            "SparseLinear auto": _fwd_bwd(auto, x, gy),
+            "torch.sparse.mm": _fwd_bwd(tsm, x, gy),
+        }
+        times = interleaved(impls, reps, target_s=0.05 if quick else 0.15)
+        base = "masked (dense)"
+        for name in impls:
+            med, lo, hi = ratio_stats(times, base, name)  # masked / impl = speedup
+            tgt = targets.get(d) if name == "SparseLinear csr" else None
+            label = name + (f" [{auto.backend}]" if name == "SparseLinear auto" else "")
+            verdict = "" if tgt is None else ("MEETS" if med >= tgt else "MISSES")
+            if name == base:
+                verdict = "(baseline)"
+            best = times["best"][base] / times["best"][name]
+            print(f"  {d:>7}  {label:<24} {_ms(times[name]):>12}  {med:7.2f}x  "
+                  f"[{lo:6.2f}, {hi:6.2f}]  {times['best'][name] * 1e3:9.2f} ms {best:7.2f}x  "
+                  f"{'>=' + str(tgt) + 'x' if tgt else '-':>7}  {verdict}")
+        del sp, auto, masked, tsm
+        gc.collect()
+    return ok
+
+
+# ============================================================================ memory case
+def memory_worker(kind: str, n: int, density: float, batch: int, steps: int) -> None:
+    """Runs in a fresh subprocess; prints one JSON line with its peak RSS."""
+    def rss_mb() -> float:
+        # Peak RSS of this process: VmHWM, which exec resets. ru_maxrss survives exec on
+        # Linux, so a child of a big parent inherits the parent's peak; it is printed
+        # too (ru_maxrss_mb) for reference, but the table uses VmHWM.
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, n, generator=gen)
+    start = rss_mb()
+    t0 = time.perf_counter()
+    if kind == "baseline":
+        m = None
+    elif kind == "sparse":
+        m = SparseLinear(n, n, density=density, backend="csr", generator=gen)
+    elif kind == "masked":
+        idx = random_indices(n, n, round(density * n * n), generator=gen)
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        mask[idx[0], idx[1]] = True
+        del idx
+        m = MaskedLinear(n, n, mask=mask, generator=gen)
+        del mask
+    else:
+        raise SystemExit(f"unknown kind {kind!r}")
+    build_s = time.perf_counter() - t0
+    after_build = rss_mb()
+    step_times = []
+    if m is not None:
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = m(x).square().mean()
+            loss.backward()
+            opt.step()
+            step_times.append(time.perf_counter() - t0)
+    print(json.dumps({"kind": kind, "start_mb": start, "after_build_mb": after_build,
+                      "peak_mb": rss_mb(), "build_s": build_s, "step_s": step_times,
+                      "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def _run_worker(kind: str, n: int, density: float, batch: int, steps: int, timeout: float):
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", kind, str(n),
+           str(density), str(batch), str(steps)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:.0f} s"
+    if out.returncode != 0:
+        return None, f"exit status {out.returncode}: {out.stderr.strip().splitlines()[-1:] }"
+    return json.loads(out.stdout.strip().splitlines()[-1]), None
+
+
+def case_memory(quick: bool) -> bool:
+    density, batch, steps = 0.01, 64, 3
+    n = 3000 if quick else 20000
+    # The dense-masked 20000 x 20000 block needs weight + mask + masked copy + two dense
+    # gradients: ~1.6 GB each in float32, about 7 GB at peak. Run it when the machine has
+    # the room; otherwise fall back to a proportionally smaller size and say so.
+    avail_gb = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail_gb = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    need_gb = 5 * 4 * n * n / 2**30 + 1
+    if avail_gb is not None and need_gb > 0.8 * avail_gb:
+        n_new = int(((0.8 * avail_gb - 1) * 2**30 / 20) ** 0.5)
+        print(f"  note: the masked {n}x{n} block needs ~{need_gb:.1f} GB, {avail_gb:.1f} GB "
+              f"available; measuring {n_new}x{n_new} instead")
+        n = n_new
+    print(f"\n== memory: {n}x{n} block, density {density}, batch {batch}, {steps} training steps "
+          f"(forward, backward, SGD step); each in a fresh subprocess ==")
+    res = {}
+    for kind in ("baseline", "sparse", "masked"):
+        r, err = _run_worker(kind, n, density, batch, steps, timeout=240)
+        if r is None:
+            print(f"  {kind}: no result ({err})")
+            return False
+        res[kind] = r
+    base = res["baseline"]["peak_mb"]
+    print(f"  {'process':<28} {'peak RSS':>10} {'above baseline':>15} {'after build':>12} "
+          f"{'ru_maxrss':>10} {'build':>8} {'median step':>12}")
+    for kind, label in (("baseline", "baseline (torch + input)"), ("sparse", "SparseLinear (csr)"),
+                        ("masked", "MaskedLinear (dense)")):
+        r = res[kind]
+        step = f"{statistics.median(r['step_s']):9.3f} s" if r["step_s"] else "-"
+        print(f"  {label:<28} {r['peak_mb']:8.0f} MB {r['peak_mb'] - base:12.0f} MB "
+              f"{r['after_build_mb']:9.0f} MB {r['ru_maxrss_mb']:7.0f} MB {r['build_s']:7.2f}s {step:>12}")
+    ratio = res["sparse"]["peak_mb"] / res["masked"]["peak_mb"]
+    ratio_above = (res["sparse"]["peak_mb"] - base) / max(res["masked"]["peak_mb"] - base, 1e-9)
+    print(f"  sparse / masked peak RSS: {ratio:.3f} (target < 0.10: "
+          f"{'MEETS' if ratio < 0.10 else 'MISSES'}); above the baseline process: {ratio_above:.3f}")
+    print("  (peak RSS = VmHWM of the worker; ru_maxrss is inherited across exec from this "
+          "process, so it is shown for reference only)")
+    return True
+
+
+# ============================================================================ MLP case
+def case_mlp(quick: bool, reps: int) -> bool:
+    batch = 64 if quick else 256
+    print("\n== mlp: training step (forward, backward, SGD step) of an MLP 784-1024-1024-10 "
+          f"vs matched_map(mlp, density=0.1, seed=0), batch {batch} ==")
+    try:
+        from iternn.sparse.builders import matched_map
+    except ImportError:
+        print("  skipped (builders not available)")
+        return True
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(784, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
+                              torch.nn.ReLU(), torch.nn.Linear(1024, 10))
+    smap = matched_map(mlp, density=0.1, seed=0)
+    try:
+        from iternn.sparse.counting import count_trainable
+        print(f"  trainable: MLP {count_trainable(mlp):,}, matched map {count_trainable(smap):,}")
+    except ImportError:
+        pass
+    backends = sorted({getattr(m, "backend", None) for m in smap.modules() if isinstance(m, SparseLinear)})
+    print(f"  SparseLinear backends in the map: {backends or 'none'}")
+    x = torch.randn(batch, 784)
+
+    def step_of(model):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def run():
+            opt.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            opt.step()
+        return run
+
+    times = interleaved({"MLP": step_of(mlp), "matched map": step_of(smap)}, reps,
+                        target_s=0.05 if quick else 0.15)
+    med, lo, hi = ratio_stats(times, "matched map", "MLP")
+    print(f"  MLP          {_ms(times['MLP'])}")
+    print(f"  matched map  {_ms(times['matched map'])}   map / MLP time: {med:.2f} [{lo:.2f}, {hi:.2f}]")
+    return True
+
+
+# ============================================================================ crossover
+def case_crossover(quick: bool, reps: int) -> bool:
+    shapes = [(1024, 1024, 32), (1024, 1024, 256)] if quick else [
+        (256, 256, 32), (256, 256, 256), (1024, 1024, 32), (1024, 1024, 256),
+        (4096, 4096, 32), (4096, 4096, 256), (3928, 784, 256)]
+    densities = (0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05)
+    print(f"\n== crossover: SparseLinear csr time / dense-backend time, forward+backward, "
+          f"float32, {reps} repetitions (< 1: csr faster); median of per-repetition ratios, "
+          f"then (in brackets) the ratio of the best calls ==")
+    print(f"  {'out x in':<11} {'batch':>5}  " + "  ".join(f"{'d=' + str(d):>13}" for d in densities))
+    gen = torch.Generator().manual_seed(0)
+    for out_f, in_f, batch in shapes:
+        row = []
+        x = torch.randn(batch, in_f, generator=gen).requires_grad_()
+        gy = torch.randn(batch, out_f, generator=gen)
+        for d in densities:
+            a = SparseLinear(in_f, out_f, density=d, backend="csr", generator=gen)
+            b = SparseLinear(in_f, out_f, indices=a.indices(), backend="dense")
+            times = interleaved({"csr": _fwd_bwd(a, x, gy), "dense": _fwd_bwd(b, x, gy)}, reps, target_s=0.1)
+            best = times["best"]["csr"] / times["best"]["dense"]
+            row.append(f"{ratio_stats(times, 'csr', 'dense')[0]:5.2f} [{best:5.2f}]")
+        print(f"  {str(out_f) + 'x' + str(in_f):<11} {batch:>5}  " + "  ".join(f"{r:>13}" for r in row))
+    print(f"  current constant: CROSSOVER_DENSITY = {kernels.CROSSOVER_DENSITY}, "
+          f"SMALL_BLOCK = {kernels.SMALL_BLOCK}")
+    return True
+
+
+# ============================================================================ main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--case", action="append", choices=["block", "memory", "mlp", "crossover"])
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: torch's); 1 is less sensitive to other "
+                         "processes on a busy 2-core machine")
+    ap.add_argument("--memory-worker", nargs=5, metavar=("KIND", "N", "DENSITY", "BATCH", "STEPS"),
+                    help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_worker:
+        kind, n, d, b, s = args.memory_worker
+        memory_worker(kind, int(n), float(d), int(b), int(s))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = args.reps or (3 if args.quick else 7)
+    if not args.quick:
+        reps = max(reps, 5)
+    # memory first: its workers' numbers do not depend on it, but it keeps this process
+    # small while they run
+    cases = args.case or ["memory", "block", "mlp"]
+    t0 = time.perf_counter()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.2f} (quick={args.quick})")
+    ok = True
+    for c in cases:
+        fn = {"block": case_block, "mlp": case_mlp, "crossover": case_crossover}.get(c)
+        ok &= case_memory(args.quick) if c == "memory" else fn(args.quick, reps)
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s, load average at end {os.getloadavg()[0]:.2f}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,509 @@
+"""Sparse linear blocks: :class:`SparseLinear` (compressed storage) and :class:`MaskedLinear`.
+
+Both compute ``y = x W^T + b`` for inputs of shape ``(*batch, in_features)`` (any number of
+leading dims), like ``nn.Linear``, with a fixed sparsity pattern whose entries alone are
+trainable.
+
+* :class:`SparseLinear` stores only the pattern (CSR row pointers and column indices, as
+  buffers, so ``state_dict`` carries it) and one value per stored entry (the ``values``
+  parameter). Its ``"csr"`` backend never forms a dense weight or a dense weight gradient
+  (see :mod:`iternn.sparse.kernels`); its ``"dense"`` backend scatters the values into a
+  dense weight for ``F.linear``, which is faster above the measured crossover density.
+* :class:`MaskedLinear` keeps a dense ``weight`` and a boolean ``mask`` buffer and
+  computes ``F.linear(x, weight * mask, bias)``: the straightforward reference, and the
+  better choice for dense-ish patterns.
+
+Row = output index (destination), column = input index (source), as everywhere in
+iternn. The default initialisation is ``nn.Linear``'s, with each row's fan-in replaced by
+its *effective* fan-in, the number of stored entries in that row:
+``U(-1/sqrt(f_i), 1/sqrt(f_i))`` for the entries and the bias of row ``i`` (rows with no
+entries get a zero bias).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import kernels
+from .kernels import CSRPattern
+from .sampling import random_indices
+
+__all__ = ["SparseLinear", "MaskedLinear"]
+
+_BACKENDS = ("auto", "csr", "dense")
+
+
+def _check_features(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _check_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    return dtype
+
+
+def _check_generator(generator: object) -> torch.Generator | None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
+
+
+def _check_density(density: object) -> float:
+    if isinstance(density, bool) or not isinstance(density, numbers.Real):
+        raise TypeError(f"density must be a real number in (0, 1], got {type(density).__name__}")
+    value = float(density)
+    if not (0.0 < value <= 1.0):  # also rejects NaN
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    return value
+
+
+def _check_indices(indices: object, out_features: int, in_features: int) -> Tensor:
+    """Validated ``(2, nnz)`` int64 CPU positions, sorted row-major."""
+    if not isinstance(indices, Tensor):
+        raise TypeError(f"indices must be a (2, nnz) integer tensor, got {type(indices).__name__}")
+    if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
+        raise TypeError(f"indices must be an integer tensor, got dtype {indices.dtype}")
+    if indices.dim() != 2 or indices.shape[0] != 2:
+        raise ValueError(f"indices must have shape (2, nnz), got {tuple(indices.shape)}")
+    idx = indices.detach().to("cpu", torch.long)
+    rows, cols = idx[0], idx[1]
+    for name, part, size, what in ((0, rows, out_features, "out_features"),
+                                   (1, cols, in_features, "in_features")):
+        if part.numel() and (int(part.min()) < 0 or int(part.max()) >= size):
+            bad = part[(part < 0) | (part >= size)][0].item()
+            kind = "row" if name == 0 else "column"
+            raise ValueError(
+                f"indices: {kind} index {bad} is out of range [0, {size}) ({what}={size})"
+            )
+    flat, order = torch.sort(rows * in_features + cols)
+    dup = flat.diff() == 0
+    if bool(dup.any()):
+        first = int(flat[1:][dup][0])
+        raise ValueError(
+            f"indices contain {int(dup.sum())} duplicate position(s), e.g. "
+            f"({first // in_features}, {first % in_features})"
+        )
+    return idx[:, order]
+
+
+def _row_bounds(row_counts: Tensor) -> Tensor:
+    """``1/sqrt(f_i)`` per row (float64), 0 for rows with no entries."""
+    counts = row_counts.to(torch.float64)
+    return torch.where(counts > 0, counts.clamp(min=1).rsqrt(), torch.zeros_like(counts))
+
+
+def _check_input(module: nn.Module, x: object, param_name: str, param: Tensor) -> Tensor:
+    cls = type(module).__name__
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{cls} input must be a tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != module.in_features:
+        raise ValueError(
+            f"{cls} input must have last dim in_features={module.in_features}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    if x.dtype != param.dtype:
+        raise TypeError(
+            f"{cls}.{param_name} has dtype {param.dtype} but the input has dtype {x.dtype}; "
+            f"convert the module (.to({x.dtype})) or the input"
+        )
+    return x
+
+
+class _PatternCheck:
+    """``_load_from_state_dict`` guard: pattern buffers must match the module's exactly.
+
+    A module built by ``_for_loading`` (a placeholder whose pattern is unknown until the
+    state_dict arrives, as in a file loader) instead adopts the pattern of the first
+    state_dict it loads, after validating it (``_adopt_pattern``).
+    """
+
+    _pattern_buffers: tuple[str, ...] = ()
+    _adopt_on_load = False
+
+    def _check_loaded_pattern(self, state_dict, prefix: str) -> None:
+        if self._adopt_on_load and all(prefix + n in state_dict for n in self._pattern_buffers):
+            self._adopt_pattern({n: state_dict[prefix + n] for n in self._pattern_buffers})
+            self._adopt_on_load = False
+            return
+        for name in self._pattern_buffers:
+            key = prefix + name
+            if key not in state_dict:
+                continue  # strict loading reports missing keys itself
+            new, own = state_dict[key], getattr(self, name)
+            same = (
+                isinstance(new, Tensor)
+                and tuple(new.shape) == tuple(own.shape)
+                and torch.equal(new.detach().to(device=own.device, dtype=own.dtype), own)
+            )
+            if not same:
+                shape = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
+                raise ValueError(
+                    f"{type(self).__name__}: state_dict buffer {key!r} (shape {shape}) differs "
+                    f"from this block's pattern (shape {tuple(own.shape)}); the sparsity "
+                    f"pattern is fixed at construction, build the block with the saved pattern"
+                )
+
+
+class SparseLinear(_PatternCheck, nn.Module):
+    """A linear map with a fixed sparse weight, stored compressed; drop-in for ``nn.Linear``.
+
+    ``y = x W^T + b`` where ``W`` (``out_features x in_features``) has ``nnz`` stored
+    entries. The pattern is given either by ``density`` (exactly
+    ``round(density * in_features * out_features)`` distinct positions -- Python's
+    ``round``, halves to even -- drawn uniformly without replacement with ``generator``) or by ``indices`` (``(2, nnz)`` integer
+    positions ``(row = output index, column = input index)``, distinct and in range, any
+    order).
+
+    Parameters: ``values`` (``(nnz,)``, in the pattern's row-major order: see
+    :meth:`indices`) and ``bias`` (``(out_features,)``, or ``None`` with ``bias=False``).
+    Buffers: ``crow_indices`` (``(out_features + 1,)``) and ``col_indices`` (``(nnz,)``),
+    the CSR pattern, saved in ``state_dict``; the transposed pattern used by the input
+    gradient (``crow_indices_t``, ``col_indices_t`` and the permutation ``perm_t``) is
+    derived from it and not saved. Loading a ``state_dict`` whose pattern differs raises a
+    ``ValueError`` naming the buffer. Index buffers are int32 when every index fits (the
+    form MKL takes), so ``.double()`` and ``.to(dtype)`` convert only values and bias.
+
+    ``backend``: ``"csr"`` (compressed kernels, never a dense weight or gradient; float32
+    and float64 only), ``"dense"`` (values scattered into a dense weight, then
+    ``F.linear``) or ``"auto"`` (chosen from the shape and density by
+    :func:`iternn.sparse.kernels.choose_backend`: CSR at or below the crossover density
+    measured on the development machine). The resolved choice is the ``backend``
+    attribute; assigning ``"csr"``/``"dense"``/``"auto"`` to it later is allowed.
+
+    Same ``generator`` seed -> identical pattern, values and bias.
+    """
+
+    _pattern_buffers = ("crow_indices", "col_indices")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        density: float | None = None,
+        indices: Tensor | None = None,
+        bias: bool = True,
+        generator: torch.Generator | None = None,
+        backend: str = "auto",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = _check_features(in_features, "in_features")
+        self.out_features = _check_features(out_features, "out_features")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+        generator = _check_generator(generator)
+        dtype = _check_dtype(dtype)
+        self._check_backend(backend)
+        if (density is None) == (indices is None):
+            raise ValueError(
+                "give exactly one of density and indices "
+                f"(got {'both' if density is not None else 'neither'})"
+            )
+        if density is not None:
+            p = _check_density(density)
+            k = round(p * in_features * out_features)
+            idx = random_indices(out_features, in_features, k, generator=generator)
+        else:
+            idx = _check_indices(indices, out_features, in_features)
+        pattern = kernels.csr_pattern(idx, (out_features, in_features))
+        del idx  # (2, nnz) int64: the largest temporary of a big block
+        self.register_buffer("crow_indices", pattern.crow.to(device))
+        self.register_buffer("col_indices", pattern.col.to(device))
+        self.register_buffer("crow_indices_t", pattern.crow_t.to(device), persistent=False)
+        self.register_buffer("col_indices_t", pattern.col_t.to(device), persistent=False)
+        self.register_buffer("perm_t", pattern.perm.to(device), persistent=False)
+
+        bounds = _row_bounds(pattern.crow.diff()).to(dtype)
+        nnz = pattern.nnz
+        entry_bounds = bounds.repeat_interleave(pattern.crow.diff().long(), output_size=nnz)
+        values = torch.rand(nnz, generator=generator, dtype=dtype).mul_(2).sub_(1).mul_(entry_bounds)
+        self.values = nn.Parameter(values.to(device))
+        if bias:
+            b = torch.rand(out_features, generator=generator, dtype=dtype).mul_(2).sub_(1).mul_(bounds)
+            self.bias = nn.Parameter(b.to(device))
+        else:
+            self.register_parameter("bias", None)
+        self.backend = backend
+
+    # ------------------------------------------------------------------ pattern
+    @staticmethod
+    def _check_backend(backend: object) -> str:
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        return backend
+
+    @property
+    def backend(self) -> str:
+        """``"csr"`` or ``"dense"``: how :meth:`forward` computes (``"auto"`` resolved)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._check_backend(value)
+        if value == "auto":
+            value = kernels.choose_backend(self.out_features, self.in_features, self.nnz)
+        self._backend = value
+
+    @property
+    def pattern(self) -> CSRPattern:
+        """The pattern (CSR and transposed CSR) as a :class:`~iternn.sparse.kernels.CSRPattern`."""
+        return CSRPattern(self.crow_indices, self.col_indices, self.crow_indices_t,
+                          self.col_indices_t, self.perm_t, (self.out_features, self.in_features))
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored entries."""
+        return self.col_indices.numel()
+
+    @property
+    def density(self) -> float:
+        """``nnz / (out_features * in_features)``."""
+        return self.nnz / (self.out_features * self.in_features)
+
+    def indices(self) -> Tensor:
+        """``(2, nnz)`` int64 positions ``(row, column)``, row-major: ``values[k]`` sits at
+        ``indices()[:, k]``."""
+        rows = kernels.pattern_rows(self.crow_indices, self.nnz)
+        return torch.stack((rows, self.col_indices.long()))
+
+    def dense_weight(self) -> Tensor:
+        """The dense ``(out_features, in_features)`` weight (differentiable in ``values``);
+        for tests and inspection, it materialises the whole matrix."""
+        return kernels.dense_weight_from_values(self.values, self.pattern)
+
+    def _trainable_counts(self) -> dict[str, int]:
+        """Entries training can change, per own parameter: ``values`` -> nnz, ``bias`` -> out."""
+        counts = {"values": self.nnz}
+        if self.bias is not None:
+            counts["bias"] = self.out_features
+        return counts
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        self._check_loaded_pattern(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    @classmethod
+    def _for_loading(cls, in_features: int, out_features: int, nnz: int, *, bias: bool = True,
+                     backend: str = "auto", dtype: torch.dtype | None = None) -> SparseLinear:
+        """A placeholder with ``nnz`` entries whose pattern is taken from the first
+        ``state_dict`` it loads (validated: sorted, distinct, in range). For file loaders
+        (an ``iternn.io`` codec), which build a module before reading its tensors."""
+        flat = torch.arange(nnz)
+        idx = torch.stack((flat // in_features, flat % in_features))
+        m = cls(in_features, out_features, indices=idx, bias=bias, backend=backend, dtype=dtype)
+        m._adopt_on_load = True
+        return m
+
+    def _adopt_pattern(self, tensors: dict[str, Tensor]) -> None:
+        crow, col = tensors["crow_indices"], tensors["col_indices"]
+        out_f, in_f = self.out_features, self.in_features
+        where = "SparseLinear: state_dict pattern"
+        if not (isinstance(crow, Tensor) and isinstance(col, Tensor)) or crow.shape != self.crow_indices.shape \
+                or col.shape != self.col_indices.shape:
+            raise ValueError(f"{where} has the wrong shapes for this placeholder "
+                             f"(crow_indices {tuple(self.crow_indices.shape)}, col_indices {tuple(self.col_indices.shape)})")
+        crow = crow.detach().to("cpu", torch.long)
+        col = col.detach().to("cpu", torch.long)
+        counts = crow.diff()
+        if int(crow[0]) != 0 or int(crow[-1]) != col.numel() or bool((counts < 0).any()):
+            raise ValueError(f"{where}: 'crow_indices' is not a valid CSR row pointer")
+        rows = torch.repeat_interleave(torch.arange(out_f), counts)
+        idx = _check_indices(torch.stack((rows, col)), out_f, in_f)
+        if not torch.equal(idx[1], col):
+            raise ValueError(f"{where}: 'col_indices' are not sorted within each row")
+        p = kernels.csr_pattern(idx, (out_f, in_f))
+        for name, value in (("crow_indices", p.crow), ("col_indices", p.col), ("crow_indices_t", p.crow_t),
+                            ("col_indices_t", p.col_t), ("perm_t", p.perm)):
+            buf = getattr(self, name)
+            buf.copy_(value.to(buf.device))
+
+    # ------------------------------------------------------------------ compute
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input(self, x, "values", self.values)
+        if self._backend == "dense":
+            return kernels.dense_linear(x, self.values, self.bias, self.pattern)
+        if x.dtype not in kernels.CSR_DTYPES:
+            raise TypeError(
+                f"SparseLinear.values has dtype {x.dtype}, which the 'csr' backend does not "
+                f"support (torch's CSR kernels take {[str(d) for d in kernels.CSR_DTYPES]}); "
+                f"use backend='dense' or convert the module"
+            )
+        return kernels.sparse_linear(x, self.values, self.bias, self.pattern)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"nnz={self.nnz}, density={self.density:.4g}, backend={self.backend!r}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+class MaskedLinear(_PatternCheck, nn.Module):
+    """A dense linear map whose weight is restricted to a fixed boolean mask.
+
+    ``y = F.linear(x, weight * mask, bias)``. ``mask`` is a bool tensor of shape
+    ``(out_features, in_features)`` (row = output index); ``in_features`` and
+    ``out_features`` are read from it. ``weight`` is a dense parameter whose masked-out
+    entries are zero from construction and get zero gradients (so SGD, momentum, weight
+    decay and Adam leave them at zero); only the ``mask.sum()`` masked-in entries and the
+    bias count as trainable. ``mask`` is a buffer (in ``state_dict``); loading a
+    ``state_dict`` with a different mask raises a ``ValueError``. ``generator`` seeds the
+    initialisation.
+    """
+
+    _pattern_buffers = ("mask",)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        mask: Tensor,
+        bias: bool = True,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = _check_features(in_features, "in_features")
+        self.out_features = _check_features(out_features, "out_features")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+        generator = _check_generator(generator)
+        dtype = _check_dtype(dtype)
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a bool tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
+        if tuple(mask.shape) != (out_features, in_features):
+            raise ValueError(
+                f"mask must have shape (out_features, in_features) = "
+                f"({out_features}, {in_features}), got {tuple(mask.shape)}"
+            )
+        mask = mask.detach().to("cpu").clone()
+        bounds = _row_bounds(mask.sum(1)).to(dtype)
+        # In place: a large block's initialisation holds one dense temporary, the weight.
+        w = torch.rand(out_features, in_features, generator=generator, dtype=dtype)
+        w.mul_(2).sub_(1).mul_(bounds.unsqueeze(1)).mul_(mask)
+        self.register_buffer("mask", mask.to(device))
+        self.weight = nn.Parameter(w.to(device))
+        if bias:
+            b = torch.rand(out_features, generator=generator, dtype=dtype).mul_(2).sub_(1).mul_(bounds)
+            self.bias = nn.Parameter(b.to(device))
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def backend(self) -> str:
+        """Always ``"masked"`` (dense product with the masked weight)."""
+        return "masked"
+
+    @property
+    def nnz(self) -> int:
+        """Number of masked-in (trainable) weight entries."""
+        return int(self.mask.sum())
+
+    @property
+    def density(self) -> float:
+        return self.nnz / (self.out_features * self.in_features)
+
+    def indices(self) -> Tensor:
+        """``(2, nnz)`` int64 positions of the masked-in entries, row-major."""
+        return self.mask.nonzero().t()
+
+    def dense_weight(self) -> Tensor:
+        """``weight * mask`` (differentiable in ``weight``)."""
+        return self.weight * self.mask
+
+    def _trainable_counts(self) -> dict[str, int]:
+        counts = {"weight": self.nnz}
+        if self.bias is not None:
+            counts["bias"] = self.out_features
+        return counts
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        self._check_loaded_pattern(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    @classmethod
+    def _for_loading(cls, in_features: int, out_features: int, *, bias: bool = True,
+                     dtype: torch.dtype | None = None) -> MaskedLinear:
+        """A placeholder whose mask is taken from the first ``state_dict`` it loads."""
+        m = cls(in_features, out_features, mask=torch.ones(out_features, in_features, dtype=torch.bool),
+                bias=bias, dtype=dtype)
+        m._adopt_on_load = True
+        return m
+
+    def _adopt_pattern(self, tensors: dict[str, Tensor]) -> None:
+        mask = tensors["mask"]
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != self.mask.shape:
+            raise ValueError(f"MaskedLinear: state_dict 'mask' must be a bool tensor of shape "
+                             f"{tuple(self.mask.shape)}")
+        self.mask.copy_(mask.to(self.mask.device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input(self, x, "weight", self.weight)
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"nnz={self.nnz}, density={self.density:.4g}, bias={self.bias is not None}"
+        )
+
+
+# ---------------------------------------------------------------------------- file codecs
+# Encode/decode pairs in the form ``iternn.io.register_codec`` takes. They are not
+# registered here (this package imports only iternn.core and iternn.engine); the package
+# registers them where it imports both, e.g.
+#     io.register_codec(SparseLinear, "iternn.SparseLinear", encode_sparse_linear, decode_sparse_linear)
+#     io.register_codec(MaskedLinear, "iternn.MaskedLinear", encode_masked_linear, decode_masked_linear)
+# decode builds a placeholder (``_for_loading``) that adopts the saved pattern on load.
+def _param_dtype(m: nn.Module, enc) -> str:
+    dtypes = {p.dtype for p in m.parameters()}
+    if len(dtypes) != 1:
+        raise enc.unsupported(f"mixes dtypes {sorted(str(d) for d in dtypes)}")
+    return str(dtypes.pop()).removeprefix("torch.")
+
+
+def _dtype_from(name: object) -> torch.dtype:
+    value = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"{name!r} is not a floating-point torch dtype name")
+    return value
+
+
+def encode_sparse_linear(m: SparseLinear, enc) -> dict:
+    return {"in_features": m.in_features, "out_features": m.out_features, "nnz": m.nnz,
+            "bias": m.bias is not None, "backend": m.backend, "dtype": _param_dtype(m, enc)}
+
+
+def decode_sparse_linear(cfg: dict, dec=None) -> SparseLinear:
+    return SparseLinear._for_loading(cfg["in_features"], cfg["out_features"], cfg["nnz"], bias=cfg["bias"],
+                                     backend=cfg["backend"], dtype=_dtype_from(cfg["dtype"]))
+
+
+def encode_masked_linear(m: MaskedLinear, enc) -> dict:
+    return {"in_features": m.in_features, "out_features": m.out_features,
+            "bias": m.bias is not None, "dtype": _param_dtype(m, enc)}
+
+
+def decode_masked_linear(cfg: dict, dec=None) -> MaskedLinear:
+    return MaskedLinear._for_loading(cfg["in_features"], cfg["out_features"], bias=cfg["bias"],
+                                     dtype=_dtype_from(cfg["dtype"]))
