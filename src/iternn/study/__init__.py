@@ -1,0 +1,4 @@
+"""The sparsity study (issue 5): data, training, sweeps, reports.
+
+Submodules: :mod:`iternn.study.data` (datasets, offline by default).
+"""
