@@ -1,0 +1,322 @@
+"""Data-parallel training with ``torch.distributed`` (one process per device).
+
+Run under torchrun::
+
+    torchrun --nproc_per_node=2 -m iternn.study.distributed --build mypkg.jobs:build --out run/
+    torchrun --nproc_per_node=2 -m iternn.study.distributed --dataset digits --hidden 64 --out run/
+
+or start every process yourself with ``RANK``, ``WORLD_SIZE`` (and ``LOCAL_RANK``) in its
+environment and either ``MASTER_ADDR``/``MASTER_PORT`` or ``--init-method
+file:///shared/path``, or call :func:`train_distributed` in every process. The same command without
+torchrun (no ``WORLD_SIZE`` in the environment) trains in one process with
+:func:`iternn.study.train.train`.
+
+**Exactness.** Every rank draws the same shuffled order (the generator is seeded with
+``config.seed``), cuts each *global* batch of ``config.batch_size`` samples into
+``world_size`` contiguous, disjoint shards (``tensor_split``: sizes differ by at most
+one; a rank may get none in a short last batch) and backpropagates the sum of its
+per-sample losses divided by the global batch size. The gradients are all-reduced
+(summed) in one flat buffer per dtype, so every rank holds the gradient of the *global
+batch mean* — the same as one process with the same batch (equal to averaging the ranks'
+mean gradients when the shards are equal). Clipping and the optimizer step then run on
+identical gradients, so parameters stay identical on every rank (checked at the end:
+:class:`RuntimeError` if not). Rank 0's initial parameters and buffers are broadcast at
+the start, so the ranks' own initialisations do not matter. The result equals
+single-process training up to floating-point summation order.
+
+Not covered by that equality: randomness inside the model (each rank's global RNG is
+seeded with ``seed + rank``, so dropout masks differ from a single process's) and
+batch-statistics layers (BatchNorm sees the local shard; running buffers are taken from
+rank 0 at the end of training, like DDP's ``broadcast_buffers``).
+
+**Files.** Only rank 0 writes ``checkpoint.pt``/``metrics.*`` (see
+:mod:`iternn.study.train`). On resume rank 0 reads the checkpoint and broadcasts it, so the
+other machines need no shared filesystem. RNG states of every rank are gathered into
+the checkpoint; resuming with the same ``world_size`` is bit-exact.
+
+**Backends.** ``gloo`` for CPU training, ``nccl`` for CUDA (rank ``r`` uses
+``cuda:LOCAL_RANK``); chosen from ``config.device`` unless ``backend`` is given.
+
+**Several machines.** torchrun on each node with ``--nnodes=M --node_rank=i
+--master_addr=HOST --master_port=PORT`` (or ``--rdzv-endpoint``); the data must be
+loadable on every node (each rank loads the whole dataset and takes its shards).
+To spread a *sweep* instead, give each machine a disjoint subset of the runs (every run
+is an independent single-process job with its own ``out_dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .train import TrainConfig, TrainResult, _fit, _resolve_device, train
+
+__all__ = ["TorchComm", "train_distributed", "main"]
+
+
+class TorchComm:
+    """The collectives the trainer needs, on the default process group."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.device = device
+
+    def all_reduce_(self, tensor: Tensor) -> None:
+        """Sum ``tensor`` over the ranks, in place."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self._object_device())
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_module(self, model: nn.Module) -> None:
+        """Copy rank 0's parameters and buffers to every rank."""
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                dist.broadcast(t.data, src=0)
+
+    def max_param_difference(self, model: nn.Module) -> float:
+        """Largest absolute difference between this rank's parameters and rank 0's, over
+        all ranks."""
+        params = [p.detach().reshape(-1).double() for p in model.parameters()]
+        if not params:
+            return 0.0
+        flat = torch.cat(params)
+        ref = flat.clone()
+        dist.broadcast(ref, src=0)
+        diff = (flat - ref).abs().max().reshape(1)
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        return float(diff)
+
+    def _object_device(self) -> torch.device | None:
+        return self.device if dist.get_backend() == "nccl" else None
+
+
+def train_distributed(
+    model: nn.Module,
+    data: Any,
+    config: TrainConfig | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], Any] | None = None,
+    on_epoch: Callable[[dict[str, Any]], Any] | None = None,
+    backend: str | None = None,
+    init_method: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> TrainResult:
+    """Data-parallel :func:`~iternn.study.train.train`; call it in every process.
+
+    If the default process group is not initialised yet it is created here (and destroyed
+    on return): from torchrun's environment (``init_method="env://"``) by default, or
+    from ``init_method`` (e.g. ``"file:///tmp/x"``), ``rank`` and ``world_size``.
+
+    Args:
+        model, data, config, out_dir, resume, progress, log, on_epoch: as for ``train``;
+            ``config.batch_size`` is the global batch. Only rank 0 writes files, draws
+            bars and calls ``log`` and ``on_epoch``.
+        backend: ``"gloo"`` or ``"nccl"``; default ``nccl`` when the device is CUDA.
+
+    Returns:
+        The same :class:`TrainResult` on every rank (``world_size`` set).
+    """
+    config = TrainConfig() if config is None else config
+    created = False
+    if not dist.is_initialized():
+        device = _resolve_device(config.device)
+        if backend is None:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "nccl":
+            local_rank = int(os.environ.get("LOCAL_RANK", rank if rank is not None else 0))
+            torch.cuda.set_device(local_rank)
+        kwargs: dict[str, Any] = {"backend": backend, "init_method": init_method or "env://"}
+        if rank is not None:
+            kwargs["rank"] = rank
+        if world_size is not None:
+            kwargs["world_size"] = world_size
+        dist.init_process_group(**kwargs)
+        created = True
+    try:
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = _resolve_device(config.device)
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        config = dataclasses.replace(config, device=str(device))
+        comm = TorchComm(device)
+        model.to(device)
+        comm.broadcast_module(model)
+        result = _fit(model, data, config, out_dir=out_dir, resume=resume, progress=progress,
+                      log=log, on_epoch=on_epoch, comm=comm, device=device)
+        comm.broadcast_module(model)  # buffers (BatchNorm statistics) as rank 0 has them
+        diff = comm.max_param_difference(model)
+        if diff != 0.0:
+            raise RuntimeError(f"parameters differ between ranks after training (max {diff})")
+        return result
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _load_callable(spec: str) -> Callable[[], Any]:
+    """``package.module:function`` or ``path/to/file.py:function``."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise ValueError(f"--build must be MODULE:FUNCTION or FILE.py:FUNCTION, got {spec!r}")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ValueError(f"--build file {target} does not exist")
+        mod_name = f"_iternn_build_{abs(hash(str(path.resolve())))}"
+        spec_obj = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(spec_obj)
+        sys.modules[mod_name] = module
+        spec_obj.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"--build: {target} has no callable {name!r}")
+    return fn
+
+
+def _mlp(features: int, hidden: Sequence[int], outputs: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, outputs))
+    return nn.Sequential(*layers)
+
+
+def _build_from_dataset(args: argparse.Namespace, seed: int) -> tuple[nn.Module, Any]:
+    from .data import load_dataset  # the data stream's module; imported only when needed
+
+    data = load_dataset(args.dataset, seed=args.data_seed)
+    if data.x_train.dim() != 2:
+        raise ValueError(f"--dataset {args.dataset}: inputs are {data.x_train.dim() - 1}-D; "
+                         "the built-in MLP needs flat features (use --build)")
+    outputs = data.n_classes if data.task != "regression" else (
+        1 if data.y_train.dim() == 1 else data.y_train.shape[1])
+    hidden = [int(h) for h in args.hidden.split(",") if h.strip()] if args.hidden else []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _mlp(data.x_train.shape[1], hidden, outputs)
+    return model, data
+
+
+_OVERRIDES = {  # flag dest -> TrainConfig field
+    "optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay",
+    "momentum": "momentum", "epochs": "epochs", "batch_size": "batch_size",
+    "patience": "patience", "seed": "seed", "loss_on": "loss_on",
+    "max_grad_norm": "max_grad_norm", "lr_schedule": "lr_schedule", "device": "device",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m iternn.study.distributed",
+        description="Train one model, data-parallel under torchrun (or in one process).")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--build", metavar="MODULE:FUNC",
+                      help="callable returning (model, dataset) or (model, dataset, "
+                           "TrainConfig); MODULE may be a path to a .py file")
+    what.add_argument("--dataset", help="a dataset name of iternn.study.data (MLP model)")
+    p.add_argument("--hidden", default="64", help="MLP hidden widths, comma-separated")
+    p.add_argument("--data-seed", type=int, default=0, help="dataset seed")
+    p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"))
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--patience", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--loss-on", choices=("last", "all"))
+    p.add_argument("--max-grad-norm", type=float)
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"))
+    p.add_argument("--device")
+    p.add_argument("--backend", choices=("gloo", "nccl"))
+    p.add_argument("--init-method", help="process-group rendezvous, e.g. file:///shared/x "
+                                         "(default env://, as set by torchrun)")
+    p.add_argument("--out", help="output folder (checkpoint, metrics)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no log lines on stderr")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry; returns the exit code (0 done, 1 failure, 2 bad usage).
+
+    Rank 0 prints the result as one JSON line on stdout and log lines on stderr.
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)  # exits with 2 on bad usage
+    try:
+        if args.build:
+            built = _load_callable(args.build)()
+            if not isinstance(built, tuple) or len(built) not in (2, 3):
+                raise ValueError("--build must return (model, dataset) or "
+                                 "(model, dataset, TrainConfig)")
+            model, data = built[:2]
+            config = built[2] if len(built) == 3 else TrainConfig()
+        else:
+            config = TrainConfig()
+        overrides = {field: getattr(args, dest) for dest, field in _OVERRIDES.items()
+                     if getattr(args, dest) is not None}
+        config = dataclasses.replace(config, **overrides)
+        if args.dataset:
+            model, data = _build_from_dataset(args, config.seed)
+        if args.resume and not args.out:
+            raise ValueError("--resume needs --out")
+    except (ValueError, TypeError, KeyError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    distributed = "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0)) if distributed else 0
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    kwargs = dict(out_dir=args.out, resume=args.resume, progress=not args.no_progress, log=log)
+    try:
+        if distributed:
+            result = train_distributed(model, data, config, backend=args.backend,
+                                       init_method=args.init_method, rank=rank,
+                                       world_size=int(os.environ["WORLD_SIZE"]), **kwargs)
+        else:
+            result = train(model, data, config, **kwargs)
+    except (ValueError, TypeError, RuntimeError, OSError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    if rank == 0:
+        print(json.dumps(result.to_dict(), allow_nan=False), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
