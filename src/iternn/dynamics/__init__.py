@@ -11,6 +11,19 @@ from .functional import DynamicsError, MapFunction
 from .impulse import ImpulseResponse, impulse_response
 from .jacobian import eigenvalues, jacobian, singular_values, spectral_radius
 from .lyapunov import largest_lyapunov, lyapunov_spectrum
+from .plots import (
+    BifurcationData,
+    bifurcation_data,
+    plot_bifurcation,
+    plot_eigenvalues,
+    plot_impulse_response,
+    plot_lyapunov,
+    plot_singular_values,
+    plot_structure,
+    plot_trajectories,
+    structure_matrix,
+)
+from .report import analyze
 from .solvers import SOLVERS, ConvergenceError, SolverInfo, register_solver, solve
 
 __all__ = [
@@ -33,4 +46,15 @@ __all__ = [
     "spectral_radius",
     "lyapunov_spectrum",
     "largest_lyapunov",
+    "analyze",
+    "structure_matrix",
+    "plot_structure",
+    "plot_eigenvalues",
+    "plot_singular_values",
+    "plot_impulse_response",
+    "plot_trajectories",
+    "bifurcation_data",
+    "BifurcationData",
+    "plot_bifurcation",
+    "plot_lyapunov",
 ]

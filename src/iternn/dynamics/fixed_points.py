@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..core.block_map import BlockMap
 from ..core.state import check_state
-from .functional import DynamicsError, MapFunction
+from .functional import DynamicsError, MapFunction, as_block_map
 from .solvers import ConvergenceError, SolverInfo, check_solver, check_steps, check_tol, solve
 
 __all__ = ["fixed_point", "find_fixed_points", "FixedPoints", "ConvergenceError"]
@@ -39,9 +39,7 @@ def _hold(hold: object) -> tuple[str, ...]:
 
 
 def _check_map(m: object) -> BlockMap:
-    if not isinstance(m, BlockMap):
-        raise DynamicsError(f"expected a BlockMap, got {type(m).__name__}")
-    return m
+    return as_block_map(m)
 
 
 def fixed_point(

@@ -17,11 +17,22 @@ from ..core.block_map import BlockMap
 from ..core.state import check_state
 from ..engine.iterate import UPDATES, _plan
 
-__all__ = ["MapFunction", "DynamicsError"]
+__all__ = ["MapFunction", "DynamicsError", "as_block_map"]
 
 
 class DynamicsError(ValueError):
     """Bad input to a dynamics tool (the message names the slot, solver or option)."""
+
+
+def as_block_map(m: object) -> BlockMap:
+    """The BlockMap of ``m``: a map itself, or a module holding one as ``.map``
+    (:class:`~iternn.MapModule` and every converter's result)."""
+    if isinstance(m, BlockMap):
+        return m
+    inner = getattr(m, "map", None)
+    if isinstance(m, torch.nn.Module) and isinstance(inner, BlockMap):
+        return inner
+    raise DynamicsError(f"expected a BlockMap (or a module with one as .map), got {type(m).__name__}")
 
 
 class MapFunction:

@@ -42,6 +42,7 @@ from ..core.block_map import BlockMap
 from ..core.rowwise import ELEMENTWISE
 from ..core.state import check_state
 from ..engine.iterate import UPDATES
+from .functional import as_block_map as _as_map
 from .functional import DynamicsError, MapFunction
 
 __all__ = [
@@ -58,16 +59,6 @@ JACOBIAN_METHODS = ("auto", "autograd", "structured")
 
 # ---------------------------------------------------------------------------- validation
 # Shared by impulse.py and lyapunov.py (private helpers).
-
-
-def _as_map(m: object) -> BlockMap:
-    """The BlockMap of ``m`` (a :class:`~iternn.MapModule` is unwrapped)."""
-    if isinstance(m, BlockMap):
-        return m
-    inner = getattr(m, "map", None)
-    if isinstance(m, nn.Module) and isinstance(inner, BlockMap):
-        return inner
-    raise DynamicsError(f"expected a BlockMap (or a MapModule), got {type(m).__name__}")
 
 
 def _check_update(update: object) -> str:
