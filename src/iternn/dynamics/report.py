@@ -460,7 +460,7 @@ class _Analysis:
             "spectral radius",
             lambda: float(spectral_radius(self.m, self.state, hold=self.hold,
                                           update=self.update, generator=self.gen(2))[0]))
-        self.add(f"- Spectral radius (Krylov, Jacobian-vector products): "
+        self.add("- Spectral radius (Krylov, Jacobian-vector products): "
                  + (_f(radius) if why is None else f"not available: {why}"))
         if self.n_free > DENSE_LIMIT:
             note = (f"dense eigenvalues and singular values: skipped, the free state has "
