@@ -26,6 +26,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/sparse.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
