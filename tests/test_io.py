@@ -819,3 +819,26 @@ def test_rnn_map_file_whose_options_do_not_fit_its_map(tmp_path):
     write_bad(path, tensors, doc, meta)
     with pytest.raises(FormatError, match=r"<root>.*'iternn\.RNNMap'.*does not fit the options"):
         load(path)
+
+
+def test_sparse_and_structured_blocks_round_trip(tmp_path):
+    from iternn.sparse import BlockDiagonalLinear, DiagonalLinear, LowRankLinear, MaskedLinear
+
+    g = torch.Generator().manual_seed(0)
+    m = iternn.BlockMap({"x": 6, "h": 6, "y": 4})
+    m.connect("h", "x", iternn.SparseLinear(6, 6, density=0.4, generator=g))
+    m.connect("h", "h", DiagonalLinear(6))
+    m.connect("y", "h", LowRankLinear(6, 4, rank=2, generator=g))
+    m.connect("y", "y", BlockDiagonalLinear(4, 4, blocks=2, generator=g))
+    m.connect("y", "x", MaskedLinear(6, 4, mask=torch.rand(4, 6, generator=g) > 0.5))
+    m.set_activation("h", nn.Tanh())
+    m.double()
+    path = tmp_path / "sparse.safetensors"
+    iternn.save(m, path)
+    back = iternn.load(path)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    a = iternn.iterate(m, {"x": x}, 4, hold=["x"])
+    b = iternn.iterate(back, {"x": x}, 4, hold=["x"])
+    assert all(torch.equal(a[s], b[s]) for s in a)
+    assert torch.equal(back.block("h", "x").indices(), m.block("h", "x").indices())
+    assert iternn.count_trainable(back) == iternn.count_trainable(m)

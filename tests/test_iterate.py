@@ -386,3 +386,21 @@ def test_forward_mode_through_the_inference_recurrence():
     with torch.no_grad():
         _, got = torch.func.jvp(f, (h0,), (torch.ones_like(h0),))
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_sparse_blocks_are_batched_over_a_forced_sequence():
+    from iternn.core.rowwise import is_rowwise
+    from iternn.sparse import DiagonalLinear
+
+    g = torch.Generator().manual_seed(0)
+    m = iternn.BlockMap({"x": 5, "h": 4})
+    m.connect("h", "x", iternn.SparseLinear(5, 4, density=0.5, generator=g))
+    m.connect("h", "h", DiagonalLinear(4))
+    m.set_activation("h", nn.Tanh())
+    m.double()
+    assert is_rowwise(m.block("h", "x")) and is_rowwise(m.block("h", "h"))
+    xs = torch.randn(6, 3, 5, dtype=torch.float64)
+    got = iternn.iterate(m, {}, 6, force={"x": xs}, trajectory=True)
+    want = reference_iterate(m, {"x": xs[0], "h": torch.zeros(3, 4, dtype=torch.float64)}, 6,
+                             force={"x": xs}, trajectory=True)
+    _close(got, want)

@@ -177,6 +177,8 @@ def test_csr_pattern_and_transpose(spec, seed):
     wt = torch.sparse_csr_tensor(p.crow_t, p.col_t, values[p.perm], (cols, rows), check_invariants=True).to_dense()
     assert torch.equal(wt, w.t())
     assert torch.equal(kernels.pattern_rows(p.crow, k), idx[0])
+    again = transpose_pattern(p.crow, p.col, (rows, cols))
+    assert all(torch.equal(a, b) for a, b in zip(again, (p.crow_t, p.col_t, p.perm)))
     assert torch.equal(dense_weight_from_values(values, p), w)
 
 

@@ -14,7 +14,6 @@ from torch import nn
 from iternn import BlockMap
 from iternn.sparse import kernels
 from iternn.sparse.linear import MaskedLinear, SparseLinear
-from iternn.sparse.sampling import random_indices
 
 
 def gen(seed: int) -> torch.Generator:

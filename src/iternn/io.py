@@ -90,6 +90,15 @@ from .convert.rnn import RNNMap
 from .convert.transformer import EncoderLayerBlock, TransformerMap
 from .core.block_map import BlockMap, block_key
 from .engine.map_module import MapModule
+from .sparse.linear import (
+    MaskedLinear,
+    SparseLinear,
+    decode_masked_linear,
+    decode_sparse_linear,
+    encode_masked_linear,
+    encode_sparse_linear,
+)
+from .sparse.structured import BlockDiagonalLinear, DiagonalLinear, LowRankLinear
 
 __all__ = [
     "save",
@@ -1177,3 +1186,30 @@ def _decode_transformer_map(cfg: dict, dec: Decoder) -> TransformerMap:
 
 
 register_codec(TransformerMap, "iternn.TransformerMap", _encode_transformer_map, _decode_transformer_map)
+
+
+# ---------------------------------------------------------------------------- sparse blocks
+def _structured(cls: type, name: str, make) -> None:
+    """A codec for a structured block: its sizes, bias flag and dtype."""
+
+    def encode(m, enc):
+        return {"in_features": m.in_features, "out_features": m.out_features,
+                "rank": getattr(m, "rank", None), "blocks": getattr(m, "blocks", None),
+                "bias": m.bias is not None, "dtype": _uniform_dtype(m, enc)}
+
+    def decode(cfg, dec):
+        return make(cfg, dtype_from_name(cfg["dtype"]))
+
+    register_codec(cls, name, encode, decode)
+
+
+register_codec(SparseLinear, "iternn.SparseLinear", encode_sparse_linear, decode_sparse_linear)
+register_codec(MaskedLinear, "iternn.MaskedLinear", encode_masked_linear, decode_masked_linear)
+_structured(DiagonalLinear, "iternn.DiagonalLinear",
+            lambda c, dt: DiagonalLinear(c["in_features"], bias=c["bias"], dtype=dt))
+_structured(LowRankLinear, "iternn.LowRankLinear",
+            lambda c, dt: LowRankLinear(c["in_features"], c["out_features"], rank=c["rank"],
+                                        bias=c["bias"], dtype=dt))
+_structured(BlockDiagonalLinear, "iternn.BlockDiagonalLinear",
+            lambda c, dt: BlockDiagonalLinear(c["in_features"], c["out_features"],
+                                              blocks=c["blocks"], bias=c["bias"], dtype=dt))

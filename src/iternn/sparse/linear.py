@@ -183,6 +183,8 @@ class SparseLinear(_PatternCheck, nn.Module):
     Same ``generator`` seed -> identical pattern, values and bias.
     """
 
+    rowwise = True  # acts on the last dim only: callable on a whole sequence
+
     _pattern_buffers = ("crow_indices", "col_indices")
 
     def __init__(
@@ -365,6 +367,8 @@ class MaskedLinear(_PatternCheck, nn.Module):
     initialisation.
     """
 
+    rowwise = True  # acts on the last dim only: callable on a whole sequence
+
     _pattern_buffers = ("mask",)
 
     def __init__(
@@ -469,12 +473,9 @@ class MaskedLinear(_PatternCheck, nn.Module):
 
 
 # ---------------------------------------------------------------------------- file codecs
-# Encode/decode pairs in the form ``iternn.io.register_codec`` takes. They are not
-# registered here (this package imports only iternn.core and iternn.engine); the package
-# registers them where it imports both, e.g.
-#     io.register_codec(SparseLinear, "iternn.SparseLinear", encode_sparse_linear, decode_sparse_linear)
-#     io.register_codec(MaskedLinear, "iternn.MaskedLinear", encode_masked_linear, decode_masked_linear)
-# decode builds a placeholder (``_for_loading``) that adopts the saved pattern on load.
+# Encode/decode pairs in the form ``iternn.io.register_codec`` takes; ``iternn.io``
+# registers them (this package imports only iternn.core and iternn.engine). decode
+# builds a placeholder (``_for_loading``) that adopts the saved pattern on load.
 def _param_dtype(m: nn.Module, enc) -> str:
     dtypes = {p.dtype for p in m.parameters()}
     if len(dtypes) != 1:

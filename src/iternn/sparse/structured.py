@@ -120,6 +120,8 @@ class DiagonalLinear(nn.Module):
     (plus ``"bias": n``).
     """
 
+    rowwise = True  # acts on the last dim only: callable on a whole sequence
+
     def __init__(self, n: int, *, bias: bool = False, dtype=None, device=None) -> None:
         super().__init__()
         n = _positive_int(n, "n")
@@ -169,6 +171,8 @@ class LowRankLinear(nn.Module):
     ``u`` and ``v`` (the parametrisation has ``rank**2`` redundant directions, but all
     stored entries are trained).
     """
+
+    rowwise = True  # acts on the last dim only: callable on a whole sequence
 
     def __init__(
         self,
@@ -242,6 +246,8 @@ class BlockDiagonalLinear(nn.Module):
     ``j`` through ``weight[j]``. Parameters ``weight`` ``(k, out/k, in/k)`` and optional
     ``bias``; ``_trainable_counts()`` is ``{"weight": out*in/k}`` (plus ``"bias"``).
     """
+
+    rowwise = True  # acts on the last dim only: callable on a whole sequence
 
     def __init__(
         self,
