@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # pull a multi-GB CUDA build, so setup pins the CPU wheel before installing the package.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo tour test bench clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m iternn demo
+	$(PY) -m iternn study --quick --out study-report
 
 test: setup
 	PYTHONDONTWRITEBYTECODE=1 $(PY) -m pytest -q -p no:cacheprovider
@@ -28,5 +28,8 @@ bench: setup
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/sparse.py
 
+tour: setup
+	$(PY) -m iternn demo
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build src/*.egg-info study-report

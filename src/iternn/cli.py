@@ -1,7 +1,12 @@
 """The ``iternn`` command line.
 
-    iternn demo [--seed N] [--reps N]
+    iternn study [--config FILE] [--quick] [--jobs N] [--out DIR] [--shard I/N]
+    iternn train --dataset D --model M [...]
+    iternn bench [--quick]
     iternn analyze MAP [--out DIR] [--seed N] [--steps N] [--quick] [--no-pictures]
+    iternn demo [--seed N] [--reps N]
+
+``study``, ``train`` and ``bench`` are described in :mod:`iternn.study.commands`.
 
 ``analyze`` reads a map saved with ``iternn.save`` and writes a report folder
 (``report.md`` and PNG pictures: structure, impulse response, spectra, fixed points,
@@ -44,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="convert an MLP and an RNN and compare them with torch")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--reps", type=int, default=5, help="timing repetitions (median)")
+    from .study.commands import add_commands
+
+    add_commands(sub, parents=[common])
     an = sub.add_parser(
         "analyze", parents=[common],
         help="write a report folder on the dynamics of a saved map",
@@ -91,6 +99,10 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 failure, 2 bad usage)."""
     args = _parser().parse_args(argv)
+    from .study.commands import COMMANDS, run
+
+    if args.command in COMMANDS:
+        return run(args)
     try:
         if args.command == "demo":
             from .demo import run_demo

@@ -1,0 +1,684 @@
+"""The study report: ``report.md`` with tables, plots and an honest reading of the claims.
+
+:func:`write_report` writes into the study folder:
+
+* ``report.md`` — sections **Datasets** (sizes, class balance), **Models** (families and
+  their trainable counts against the budget), **Results** (per dataset x budget x model x
+  density: test accuracy and loss, mean ± sample std over seeds, trainable count, epochs,
+  wall time per run, runs ok / diverged / failed), **Plots**, **Claims** (whether each of
+  the paper's claims held *on this data*, computed from the numbers, with the strength of
+  the evidence), **Context** (published MNIST-1D baselines), **Failures** and **Raw
+  results**.
+* PNG plots (matplotlib, drawn on ``Figure`` + ``FigureCanvasAgg``; pyplot is never
+  imported): ``acc_vs_params_<label>.png`` (accuracy against trainable parameters, one
+  line per family / density), ``acc_vs_density_<label>_h<H>.png`` (accuracy against
+  density at one budget, the other families as horizontal reference lines),
+  ``curves_<label>.png`` (validation curves, mean over seeds) and
+  ``structure_<label>_<family>[_d<d>].png`` (spy plot of each map family, via
+  :func:`iternn.dynamics.plots.plot_structure`).
+* ``config.toml`` (the config that produced it), next to ``results.csv`` /
+  ``results.json`` / ``datasets.json`` written by the sweep.
+
+**How claims are judged.** The score is test accuracy (test loss for regression, lower
+is better). When one of several densities is compared with another family, the density is
+chosen by mean *validation* accuracy (loss), then its *test* score is compared, so the
+choice does not peek at the test split. A comparison reports both means ± std, the
+number of seeds and Welch's ``t = (mean_a - mean_b) / sqrt(s_a²/n_a + s_b²/n_b)``.
+Verdict: ``yes``/``no`` by the sign of the difference; the evidence is called *clear*
+only with at least 3 seeds per side and ``|t| >= 2``, otherwise *weak* (and *none* with a
+single seed). Several comparisons are made, so a few "clear" results can still be chance.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import StudyConfig, dumps
+from .sweep import (
+    DATASETS_JSON,
+    DONE_STATUSES,
+    RESULTS_CSV,
+    RESULTS_JSON,
+    RUNS_DIR,
+    SweepResult,
+    collect,
+    load_datasets,
+)
+
+__all__ = ["write_report", "REPORT_NAME", "SECTIONS", "MNIST1D_BASELINES", "compare", "group_stats"]
+
+REPORT_NAME = "report.md"
+#: The level-2 headings of ``report.md``, in order.
+SECTIONS = ("Datasets", "Models", "Results", "Plots", "Claims", "Context: published MNIST-1D baselines",
+            "Failures and divergences", "Raw results")
+#: Published MNIST-1D test accuracies (Greydanus 2020, "Scaling down deep learning",
+#: arXiv:2011.14439, the mnist1d README), for context only: other models, sizes, training.
+MNIST1D_BASELINES = (("logistic regression", 0.32), ("MLP", 0.68), ("GRU", 0.91), ("CNN", 0.94))
+_OK = ("ok", "early_stopped")
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float | None, float | None]:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def group_stats(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (label, hidden, family, density), in grid order: counts of ok / diverged /
+    failed / missing runs and mean ± std (over the ok and early-stopped runs) of the
+    metrics, trainable count and wall time."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in sorted(records, key=lambda r: r.get("index", 0)):
+        key = (r["label"], tuple(r["hidden"]), r["family"], r["density"])
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for (label, hidden, family, density), rs in groups.items():
+        good = [r for r in rs if r["status"] in _OK]
+        row: dict[str, Any] = {
+            "label": label, "hidden": hidden, "family": family, "density": density,
+            "task": rs[0]["task"], "budget": rs[0].get("budget"),
+            "n": len(rs), "n_ok": len(good),
+            "n_diverged": sum(r["status"] == "diverged" for r in rs),
+            "n_failed": sum(r["status"] == "failed" for r in rs),
+            "n_missing": sum(r["status"] == "missing" for r in rs),
+            "trainable": next((r["trainable"] for r in rs if r.get("trainable") is not None), None),
+            "runs": good,
+        }
+        for k in ("test_acc", "test_loss", "val_acc", "best_val_loss", "epochs_run", "wall_time_s"):
+            row[k], row[k + "_std"] = _mean_std([r.get(k) for r in good])
+        row["test_acc_values"] = [r["test_acc"] for r in good if r.get("test_acc") is not None]
+        row["test_loss_values"] = [r["test_loss"] for r in good if r.get("test_loss") is not None]
+        row["all_wall"] = [r["wall_time_s"] for r in rs if r.get("wall_time_s") is not None]
+        rows.append(row)
+    return rows
+
+
+def _metric(task: str) -> tuple[str, bool]:
+    """(record key of the score, higher is better)."""
+    return ("test_loss", False) if task == "regression" else ("test_acc", True)
+
+
+def _values(row: dict[str, Any], key: str) -> list[float]:
+    return row[key + "_values"]
+
+
+def compare(a: Sequence[float], b: Sequence[float], *, higher_better: bool = True) -> dict[str, Any]:
+    """Is ``a`` better than ``b``? ``{"better", "diff", "t", "evidence", "n_a", "n_b"}``;
+    evidence is ``"clear"`` (>= 3 seeds each and ``|t| >= 2``), ``"weak"`` or ``"none"``
+    (one seed on a side, or no data)."""
+    a = [x for x in a if x is not None]
+    b = [x for x in b if x is not None]
+    out: dict[str, Any] = {"n_a": len(a), "n_b": len(b), "better": None, "diff": None, "t": None,
+                           "evidence": "none"}
+    if not a or not b:
+        return out
+    ma, mb = statistics.fmean(a), statistics.fmean(b)
+    diff = ma - mb
+    out["diff"] = diff
+    out["better"] = diff > 0 if higher_better else diff < 0
+    if len(a) > 1 and len(b) > 1:
+        se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+        t = diff / se if se > 0 else (math.inf if diff else 0.0) * (1 if diff >= 0 else -1)
+        out["t"] = t
+        out["evidence"] = "clear" if len(a) >= 3 and len(b) >= 3 and abs(t) >= 2 else "weak"
+    return out
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def _ms(mean: float | None, std: float | None, pct: bool) -> str:
+    if mean is None:
+        return "–"
+    if pct:
+        return f"{100 * mean:.1f} ± {100 * std:.1f}" if std is not None else f"{100 * mean:.1f}"
+    return f"{mean:.4g} ± {std:.2g}" if std is not None else f"{mean:.4g}"
+
+
+def _h(hidden: Sequence[int]) -> str:
+    return "x".join(map(str, hidden))
+
+
+def _model_name(family: str, density: float | None) -> str:
+    return family if density is None else f"{family} d={density:g}"
+
+
+def _table(header: Sequence[str], rows: list[Sequence[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def _score_text(row: dict[str, Any]) -> str:
+    key, _ = _metric(row["task"])
+    pct = key == "test_acc"
+    unit = " %" if pct else ""
+    return f"{_ms(row[key], row[key + '_std'], pct)}{unit} (n={row['n_ok']})"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _figure(w: float = 6.4, h: float = 4.4):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def _plot_acc_vs_params(rows: list[dict], label: str, path: Path) -> Path | None:
+    task = rows[0]["task"]
+    key, _ = _metric(task)
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    for r in rows:
+        if r[key] is None or r["trainable"] is None:
+            continue
+        name = _model_name(r["family"], r["density"])
+        series.setdefault(name, []).append((r["trainable"], r[key], r[key + "_std"] or 0.0))
+    if not series:
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    for name, pts in series.items():
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                    marker="o", capsize=3, label=name)
+    if len({p[0] for pts in series.values() for p in pts}) > 1:
+        ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("test accuracy" if key == "test_acc" else "test loss")
+    ax.set_title(f"{label}: {'accuracy' if key == 'test_acc' else 'loss'} vs trainable parameters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _plot_acc_vs_density(rows: list[dict], label: str, hidden: tuple[int, ...], path: Path) -> Path | None:
+    rows = [r for r in rows if tuple(r["hidden"]) == hidden]
+    task = rows[0]["task"]
+    key, _ = _metric(task)
+    by_fam: dict[str, list[tuple[float, float, float]]] = {}
+    refs = []
+    for r in rows:
+        if r[key] is None:
+            continue
+        if r["density"] is None:
+            refs.append((r["family"], r[key], r[key + "_std"] or 0.0))
+        else:
+            by_fam.setdefault(r["family"], []).append((r["density"], r[key], r[key + "_std"] or 0.0))
+    if not by_fam:
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    for fam, pts in by_fam.items():
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                    marker="o", capsize=3, lw=2, label=fam)
+    styles = ["--", ":", "-.", (0, (5, 1)), (0, (1, 1))]
+    for i, (fam, m, s) in enumerate(refs):
+        line = ax.axhline(m, ls=styles[i % len(styles)], color=f"C{i + len(by_fam)}", label=fam)
+        if s:
+            ax.axhspan(m - s, m + s, color=line.get_color(), alpha=0.08)
+    ax.set_xscale("log")
+    ax.set_xlabel("density of the map's blocks (log scale)")
+    ax.set_ylabel("test accuracy" if key == "test_acc" else "test loss")
+    budget = rows[0].get("budget")
+    ax.set_title(f"{label}: {'accuracy' if key == 'test_acc' else 'loss'} vs density "
+                 f"at a fixed budget ({budget} trainable, hidden {_h(hidden)})", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _plot_curves(rows: list[dict], label: str, path: Path) -> Path | None:
+    hidden = tuple(rows[0]["hidden"])
+    task = rows[0]["task"]
+    field = "val_loss" if task == "regression" else "val_acc"
+    fig = _figure()
+    ax = fig.add_subplot()
+    drawn = 0
+    for r in rows:
+        if tuple(r["hidden"]) != hidden or not r["runs"]:
+            continue
+        curves = [[m.get(field) for m in run.get("metrics", [])] for run in r["runs"]]
+        length = max((len(c) for c in curves), default=0)
+        if not length:
+            continue
+        mean = []
+        for e in range(length):
+            vals = [c[e] for c in curves if e < len(c) and c[e] is not None]
+            mean.append(statistics.fmean(vals) if vals else float("nan"))
+        ax.plot(range(1, length + 1), mean, marker="." if length < 30 else None,
+                label=_model_name(r["family"], r["density"]))
+        drawn += 1
+    if not drawn:
+        return None
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy" if field == "val_acc" else "validation loss")
+    ax.set_title(f"{label}: training curves (mean over seeds, hidden {_h(hidden)})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _spy_plots(config: StudyConfig, datasets: dict[str, Any], out: Path,
+               notes: list[str]) -> list[tuple[str, str, Path]]:
+    """Spy plot of each map family (first budget, seed 0) -> [(label, model name, path)]."""
+    try:
+        from ..dynamics.plots import plot_structure
+    except ImportError as e:  # pragma: no cover - dynamics always ships with iternn
+        notes.append(f"spy plots skipped: {e}")
+        return []
+    from .models import FAMILIES, build_model
+
+    made = []
+    for ds in config.datasets:
+        data = datasets.get(ds.label)
+        if data is None:
+            continue
+        hidden = ds.hidden[0]
+        for family in ds.models:
+            fam = FAMILIES[family]
+            if not fam.is_map:
+                continue
+            dens: list[float | None] = [None] if fam.density == "none" else \
+                [d for d in ds.densities if fam.density == "any" or d < 1]
+            for d in dens:
+                name = _model_name(family, d)
+                fname = f"structure_{ds.label}_{family}" + ("" if d is None else f"_d{d:g}") + ".png"
+                try:
+                    model = build_model(family, data, hidden=hidden, density=d, seed=ds.seeds[0],
+                                        activation=ds.activation)
+                    hold = ("x",) if ds.task != "sequence" else ()
+                    plot_structure(model, out / fname, hold=hold,
+                                   title=f"{ds.label}: {name} (hidden {_h(hidden)})")
+                    made.append((ds.label, name, out / fname))
+                except Exception as e:  # noqa: BLE001 - a picture must not sink the report
+                    notes.append(f"spy plot of {ds.label} {name} failed: {' '.join(str(e).split())}")
+    return made
+
+
+# --------------------------------------------------------------------------- claims
+
+
+def _verdict(c: dict[str, Any], what: str, a_row: dict, b_row: dict,
+             chance: float | None = None) -> str:
+    if c["better"] is None:
+        return f"{what}: **no data** (a side has no completed run)"
+    yes = "yes" if c["better"] else "no"
+    ev = {"clear": "clear evidence", "weak": "weak evidence", "none": "no evidence (one seed)"}[c["evidence"]]
+    t = "" if c["t"] is None else f", t = {c['t']:.1f}"
+    near = ""
+    if chance is not None and a_row.get("test_acc") is not None and b_row.get("test_acc") is not None:
+        low = [_model_name(r["family"], r["density"]) for r in (a_row, b_row)
+               if r["test_acc"] < chance + 0.05]
+        if len(low) == 2:
+            near = (f" — **both within 5 points of chance ({100 * chance:.0f} %): the comparison is "
+                    "uninformative**")
+        elif low:
+            near = (f" — note: {low[0]} stayed within 5 points of chance ({100 * chance:.0f} %), i.e. it "
+                    "did not learn with this training budget; the gap says more about how fast each "
+                    "trains than about what each can represent")
+    tie = ""
+    if not c["better"] and c["evidence"] != "clear":
+        tie = " (not a clear loss either: within the seed-to-seed noise)"
+    return f"{what}: **{yes}** — {_score_text(a_row)} vs {_score_text(b_row)}{t}; {ev}{tie}{near}"
+
+
+def _best_by_val(rows: list[dict], task: str) -> dict | None:
+    rows = [r for r in rows if r["n_ok"]]
+    if not rows:
+        return None
+    if task == "regression":
+        return min(rows, key=lambda r: (r["best_val_loss"] if r["best_val_loss"] is not None else math.inf))
+    return max(rows, key=lambda r: (r["val_acc"] if r["val_acc"] is not None else -math.inf))
+
+
+def _claims(config: StudyConfig, stats: list[dict], records: list[dict],
+            summaries: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for ds in config.datasets:
+        n_cls = (summaries.get(ds.label) or {}).get("n_classes")
+        chance = 1.0 / n_cls if ds.task != "regression" and n_cls else None
+        rows = [r for r in stats if r["label"] == ds.label]
+        if not rows:
+            continue
+        key, hib = _metric(ds.task)
+        vals = "test_acc" if key == "test_acc" else "test_loss"
+        lines += ["", f"### {ds.label}", ""]
+        for hidden in ds.hidden:
+            hr = [r for r in rows if tuple(r["hidden"]) == hidden]
+            if not hr:
+                continue
+            get = {(_model_name(r["family"], r["density"])): r for r in hr}
+            fam = lambda f: [r for r in hr if r["family"] == f]  # noqa: E731
+            budget = hr[0].get("budget")
+            lines.append(f"Budget: hidden {_h(hidden)} = {budget} trainable parameters.")
+            lines.append("")
+            cmp = lambda a, b: compare(_values(a, vals), _values(b, vals), higher_better=hib)  # noqa: E731
+            if ds.task != "sequence":
+                mlp, twin, dense = get.get("mlp"), get.get("mlp_map"), get.get("dense_map")
+                sparse = [r for r in fam("sparse_map") if r["n_ok"]]
+                if mlp and twin:
+                    pairs = {}
+                    for r in records:
+                        if r["label"] == ds.label and tuple(r["hidden"]) == hidden and \
+                                r["family"] in ("mlp", "mlp_map") and r["status"] in _OK:
+                            pairs.setdefault(r["seed"], {})[r["family"]] = r
+                    diffs = [abs(p["mlp"][key] - p["mlp_map"][key]) for p in pairs.values()
+                             if len(p) == 2 and p["mlp"].get(key) is not None
+                             and p["mlp_map"].get(key) is not None]
+                    if diffs:
+                        same = max(diffs) <= (1e-3 if key == "test_acc" else 1e-4 * max(
+                            1.0, abs(mlp[key] or 1.0)))
+                        unit = " points" if key == "test_acc" else ""
+                        mx = 100 * max(diffs) if key == "test_acc" else max(diffs)
+                        lines.append(
+                            f"- *The MLP and its block-map twin (`from_mlp`) are the same network*: "
+                            f"**{'yes' if same else 'no'}** — same seed, same initial weights; largest "
+                            f"|Δ {key}| over {len(diffs)} seed(s): {mx:.3g}{unit} "
+                            + ("(identical up to float rounding)" if same else
+                               "(float rounding in a different evaluation order grows during training)"))
+                if sparse and mlp and mlp["n_ok"]:
+                    best = _best_by_val(sparse, ds.task)
+                    c = cmp(best, mlp)
+                    lines.append("- " + _verdict(
+                        c, f"*A random-sparse map at the same budget beats the MLP* (best density by "
+                           f"validation: d={best['density']:g})", best, mlp, chance))
+                    wins = [r["density"] for r in sparse if cmp(r, mlp)["better"]]
+                    lines.append(f"  - densities whose mean beats the MLP: "
+                                 f"{', '.join(f'{d:g}' for d in wins) if wins else 'none'} "
+                                 f"(of {', '.join(format(r['density'], 'g') for r in sparse)})")
+                if sparse and dense and dense["n_ok"]:
+                    best = _best_by_val(sparse, ds.task)
+                    c = cmp(best, dense)
+                    lines.append("- " + _verdict(
+                        c, f"*Some sparsity beats the dense map at the same budget* (best density by "
+                           f"validation: d={best['density']:g})", best, dense, chance))
+                    wins = [r["density"] for r in sparse if cmp(r, dense)["better"]]
+                    ds_sorted = sorted(r["density"] for r in sparse)
+                    interior = [d for d in wins if d != ds_sorted[0]]
+                    band = ("an intermediate band (" + ", ".join(f"{d:g}" for d in interior) + ") beats dense"
+                            if interior and len(ds_sorted) > 1 else
+                            "no intermediate band beats dense" if not wins else
+                            "only the sparsest density tested beats dense")
+                    lines.append(f"  - densities whose mean beats dense_map: "
+                                 f"{', '.join(f'{d:g}' for d in wins) if wins else 'none'} → {band} "
+                                 "(the paper's direction: a band of intermediate sparsity beats dense)")
+                if dense and mlp and dense["n_ok"] and mlp["n_ok"]:
+                    lines.append("- " + _verdict(cmp(dense, mlp),
+                                                 "*The dense map beats the MLP at (about) the same budget*",
+                                                 dense, mlp, chance))
+            else:
+                forced = [r for r in fam("forced_map") if r["n_ok"]]
+                sparse = [r for r in forced if r["density"] is not None and r["density"] < 1]
+                dense = next((r for r in forced if r["density"] == 1.0), None)
+                best = _best_by_val(sparse, ds.task) if sparse else None
+                for base in ("lstm", "gru", "rnn"):
+                    b = get.get(base)
+                    if best is not None and b is not None and b["n_ok"]:
+                        what = (f"*A sparse forced (recurrent) map beats the {base.upper()} at the same "
+                                f"budget* (best density by validation: d={best['density']:g})")
+                        lines.append("- " + _verdict(cmp(best, b), what, best, b, chance))
+                if best is not None and dense is not None:
+                    lines.append("- " + _verdict(cmp(best, dense),
+                                                 f"*The sparse forced map beats the dense forced map* "
+                                                 f"(d={best['density']:g})", best, dense, chance))
+                if best is None and dense is not None:
+                    lines.append("- no sparse forced map was run (only density 1): the sparse claims "
+                                 "are not tested here")
+                if not any(get.get(b) for b in ("lstm", "gru", "rnn")):
+                    lines.append("- no RNN/GRU/LSTM baseline was run: the comparison is not tested here")
+            lines.append("")
+    return lines
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def write_report(config: StudyConfig, out_dir: str | Path, *, records: list[dict] | None = None,
+                 pictures: bool = True, sweep: SweepResult | None = None,
+                 datasets: dict[str, Any] | None = None) -> Path:
+    """Write ``report.md`` (and its PNGs and ``config.toml``) into ``out_dir``; returns
+    the path of ``report.md``. ``records`` default to :func:`~iternn.study.sweep.collect`."""
+    import json
+
+    from .checkpoint import atomic_write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if records is None:
+        records = collect(config, out)
+    atomic_write_text(out / "config.toml", dumps(config))
+    summaries: dict[str, Any] = {}
+    try:
+        summaries = json.loads((out / DATASETS_JSON).read_text())
+    except (OSError, ValueError):
+        pass
+    notes: list[str] = []
+    need_data = pictures or any(ds.label not in summaries for ds in config.datasets)
+    if need_data and datasets is None:
+        datasets = load_datasets(config)
+    datasets = datasets or {}
+    for lab, d in datasets.items():
+        summaries.setdefault(lab, d.summary())
+
+    stats = group_stats(records)
+    counts = {s: sum(r["status"] == s for r in records)
+              for s in ("ok", "early_stopped", "diverged", "failed", "missing")}
+    total_wall = sum(r.get("wall_time_s") or 0.0 for r in records)
+    L: list[str] = []
+    L += [f"# iternn sparsity study: {config.name}", ""]
+    L.append(f"Written {_dt.datetime.now().isoformat(timespec='seconds')} by `iternn study`. "
+             f"{len(records)} runs in the grid: {counts['ok']} ok, {counts['early_stopped']} "
+             f"early-stopped, {counts['diverged']} diverged, {counts['failed']} failed, "
+             f"{counts['missing']} missing. Sum of run wall times: {total_wall:.1f} s"
+             + (f"; this sweep took {sweep.wall_time_s:.1f} s wall ({sweep.ran} run, "
+                f"{sweep.skipped} reused)" if sweep is not None else "") + ".")
+    L.append("")
+    L.append(_environment(config))
+    L += ["", f"Reproduce: `iternn study --config config.toml --out {out.name}` (the config is in "
+          "this folder; runs already present are reused). The question: at an equal number of "
+          "*trainable* parameters, how do an MLP, its block-map twin, a dense block map and "
+          "random-sparse block maps compare — and, on the anomaly sequence task, a forced "
+          "(recurrent) map against RNN/GRU/LSTM? (arXiv 2404.00880 §8 and its predecessors.)"]
+    if counts["missing"]:
+        L += ["", f"**{counts['missing']} runs are missing** (another shard's, or not run yet): the "
+              "tables below cover the runs present."]
+
+    # -- datasets
+    L += ["", "## Datasets", ""]
+    rows = []
+    for ds in config.datasets:
+        s = summaries.get(ds.label)
+        if s is None:
+            rows.append([ds.label, ds.name, ds.task, "–", "–", "–", "–", "–", "–"])
+            continue
+        sizes = s.get("sizes", {})
+        bal = s.get("class_balance") or {}
+        tb = bal.get("train") if isinstance(bal, dict) else None
+        balance = "–" if not tb else f"{min(tb)}–{max(tb)} per class ({len(tb)} classes)"
+        rows.append([ds.label, ds.name, ds.task, "×".join(map(str, s.get("feature_shape", []))),
+                     sizes.get("train", "–"), sizes.get("val", "–"), sizes.get("test", "–"),
+                     balance, s.get("cross_split_duplicates", "–")])
+    L += _table(["label", "dataset", "task", "sample shape", "train", "val", "test",
+                 "class balance (train)", "rows shared across splits"], rows)
+    L.append("")
+    for ds in config.datasets:
+        s = summaries.get(ds.label) or {}
+        meta = s.get("meta") or {}
+        if meta.get("source"):
+            L.append(f"- **{ds.label}**: {meta['source']}; options {ds.options or 'default'}; "
+                     f"splits seeded with data_seed={config.data_seed}; inputs standardised with "
+                     "train-split statistics.")
+    # -- models
+    L += ["", "## Models", ""]
+    L.append("Every family of a dataset is matched to one *budget* of trainable parameters: the MLP's "
+             "count (flat tasks) or the dense forced map's (sequences). `mlp_map` and `sparse_map` "
+             "and `forced_map` match it exactly; `dense_map` has at most the budget and misses it by "
+             "less than one hidden unit; `rnn`/`gru`/`lstm` take the hidden width whose count is "
+             "closest (see `iternn.study.models`).")
+    L.append("")
+    from .models import FAMILIES
+
+    fam_rows = []
+    for ds in config.datasets:
+        for hidden in ds.hidden:
+            for r in stats:
+                if r["label"] == ds.label and tuple(r["hidden"]) == hidden:
+                    b, t = r.get("budget"), r.get("trainable")
+                    diff = "–" if b is None or t is None else f"{t - b:+d}"
+                    fam_rows.append([ds.label, _h(hidden), _model_name(r["family"], r["density"]),
+                                     FAMILIES[r["family"]].description if r["family"] in FAMILIES else "",
+                                     "–" if b is None else b, "–" if t is None else t, diff])
+    L += _table(["dataset", "hidden", "model", "what", "budget", "trainable", "vs budget"], fam_rows)
+
+    # -- results
+    L += ["", "## Results", ""]
+    L.append("Mean ± sample standard deviation over seeds of the runs that completed (status ok or "
+             "early-stopped; test metrics at the epoch with the lowest validation loss). Accuracies "
+             "in %. Wall time: mean per run, seconds.")
+    for ds in config.datasets:
+        rs = [r for r in stats if r["label"] == ds.label]
+        if not rs:
+            continue
+        L += ["", f"### {ds.label}", ""]
+        table = []
+        for r in rs:
+            table.append([_h(r["hidden"]), r["family"], "–" if r["density"] is None else f"{r['density']:g}",
+                          "–" if r["trainable"] is None else r["trainable"],
+                          f"{r['n_ok']}/{r['n_diverged']}/{r['n_failed']}/{r['n_missing']}",
+                          _ms(r["test_acc"], r["test_acc_std"], True),
+                          _ms(r["test_loss"], r["test_loss_std"], False),
+                          _ms(r["val_acc"], r["val_acc_std"], True),
+                          "–" if r["epochs_run"] is None else f"{r['epochs_run']:.1f}",
+                          "–" if not r["all_wall"] else f"{statistics.fmean(r['all_wall']):.1f}"])
+        L += _table(["hidden", "model", "density", "trainable", "runs ok/div/fail/miss",
+                     "test acc %", "test loss", "val acc %", "epochs", "wall s/run"], table)
+
+    # -- plots
+    L += ["", "## Plots", ""]
+    pics: list[tuple[str, str, Path]] = []
+    if pictures:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            notes.append("plots skipped: matplotlib is not installed (pip install iternn[plots])")
+            pictures = False
+    if pictures:
+        for ds in config.datasets:
+            rs = [r for r in stats if r["label"] == ds.label]
+            if not rs:
+                continue
+            p = _plot_acc_vs_params(rs, ds.label, out / f"acc_vs_params_{ds.label}.png")
+            if p:
+                pics.append(("Accuracy vs trainable parameters", ds.label, p))
+            for hidden in ds.hidden:
+                p = _plot_acc_vs_density(rs, ds.label, hidden, out / f"acc_vs_density_{ds.label}_h{_h(hidden)}.png")
+                if p:
+                    pics.append(("Accuracy vs density at a fixed budget", f"{ds.label}, hidden {_h(hidden)}", p))
+            p = _plot_curves(rs, ds.label, out / f"curves_{ds.label}.png")
+            if p:
+                pics.append(("Training curves", ds.label, p))
+        for lab, name, p in _spy_plots(config, datasets, out, notes):
+            pics.append(("Block structure (spy plots)", f"{lab}: {name}", p))
+    for heading in ("Accuracy vs trainable parameters", "Accuracy vs density at a fixed budget",
+                    "Training curves", "Block structure (spy plots)"):
+        L += [f"### {heading}", ""]
+        items = [(cap, p) for h, cap, p in pics if h == heading]
+        if not items:
+            L += ["(none: " + ("no data for this plot" if pictures else "pictures off") + ")", ""]
+        for cap, p in items:
+            L += [f"![{heading}: {cap}]({p.name})", ""]
+    if pictures:
+        L.append("Spy plots: rows are destination slots, columns source slots (the paper's F); black: "
+                 "a weight entry. Sparse blocks show their actual random pattern.")
+    for n in notes:
+        L += ["", f"- note: {n}"]
+
+    # -- claims
+    L += ["", "## Claims", ""]
+    L.append("Whether the paper's claims held **on this data**, computed from the table above "
+             "(score: test accuracy, test loss for regression). Where several densities were run, "
+             "the density is chosen by validation score before its test score is compared. "
+             "Evidence is *clear* only with >= 3 seeds per side and |Welch t| >= 2, otherwise "
+             "*weak*; with this many comparisons a few clear results can still be chance, and "
+             "small budgets, few epochs and one data split limit what any of this says about the "
+             "paper's setting. The paper itself calls its evidence weak.")
+    L += _claims(config, stats, records, summaries)
+
+    # -- context
+    L += ["## Context: published MNIST-1D baselines", ""]
+    L.append("Test accuracies reported with MNIST-1D (Greydanus 2020, *Scaling down deep learning*, "
+             "arXiv:2011.14439): " + ", ".join(f"{n} ~{100 * a:.0f} %" for n, a in MNIST1D_BASELINES)
+             + ". Those models are larger and trained longer than a quick study's; they are context, "
+             "not a target.")
+    m1 = [r for r in stats if r["label"] in {d.label for d in config.datasets if d.name == "mnist1d"}]
+    if m1:
+        best = max((r for r in m1 if r["test_acc"] is not None), key=lambda r: r["test_acc"], default=None)
+        mlps = [r for r in m1 if r["family"] == "mlp" and r["test_acc"] is not None]
+        if mlps:
+            big = max(mlps, key=lambda r: r["budget"] or 0)
+            L.append(f"Here: the MLP with hidden {_h(big['hidden'])} ({big['budget']} parameters) reached "
+                     f"{_score_text(big)} against the published MLP's ~68 %.")
+        if best is not None:
+            L.append(f"Best model here: {_model_name(best['family'], best['density'])} with hidden "
+                     f"{_h(best['hidden'])}: {_score_text(best)}.")
+    else:
+        L.append("(MNIST-1D was not part of this study.)")
+
+    # -- failures
+    L += ["", "## Failures and divergences", ""]
+    bad = [r for r in records if r["status"] in ("failed", "diverged")]
+    if not bad:
+        L.append("None: every run present completed.")
+    for r in bad:
+        extra = r.get("error") or ""
+        if r["status"] == "diverged" and r.get("diverged_at"):
+            da = r["diverged_at"]
+            extra = f"non-finite loss at epoch {da.get('epoch')}, batch {da.get('batch')}"
+        L.append(f"- `{r['run_id']}`: **{r['status']}** — {extra} (see `{RUNS_DIR}/{r['run_id']}/`)")
+
+    # -- raw
+    L += ["", "## Raw results", ""]
+    L.append(f"- `{RESULTS_CSV}`: one row per run (the table's raw numbers).")
+    L.append(f"- `{RESULTS_JSON}`: the same records with per-epoch metrics and training options.")
+    L.append(f"- `{DATASETS_JSON}`: dataset summaries; `config.toml`: the study's config.")
+    L.append(f"- `{RUNS_DIR}/<run_id>/`: `metrics.csv`, `metrics.json`, `checkpoint.pt` (best weights "
+             "at the end), `result.json`, and `error.txt` for a failed run.")
+    path = out / REPORT_NAME
+    atomic_write_text(path, "\n".join(L) + "\n")
+    return path
+
+
+def _environment(config: StudyConfig) -> str:
+    import torch
+
+    from .. import __version__
+
+    return (f"Environment: iternn {__version__}, torch {torch.__version__}, Python "
+            f"{platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs; "
+            f"{config.threads} torch thread(s) per run; device {config.train.get('device', 'cpu')}.")
+

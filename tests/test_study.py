@@ -1,0 +1,503 @@
+"""The sparsity study: parameter-matched model families, the config validator, grid
+expansion and sharding, a tiny end-to-end study with its report, fault handling in a
+sweep, and the exit codes of ``iternn study / train / bench``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from iternn import count_trainable
+from iternn.sparse import six_block_counts
+from iternn.study import commands, models
+from iternn.study.config import (
+    DEFAULT,
+    QUICK,
+    ConfigError,
+    dumps,
+    load_config,
+    loads,
+    parse_config,
+)
+from iternn.study.data import Dataset
+from iternn.study.models import (
+    FAMILIES,
+    Family,
+    budget,
+    build_model,
+    check_feasible,
+    count_tolerance,
+    recurrent_count,
+    recurrent_width,
+)
+from iternn.study.report import REPORT_NAME, SECTIONS, compare
+from iternn.study.sweep import (
+    expand,
+    parse_shard,
+    run_study,
+    run_sweep,
+    select_shard,
+)
+
+
+def _fake(task: str, n_features: int, n_out: int, *, T: int | None = None, n: int = 24) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    shape = (n, n_features) if T is None else (n, T, n_features)
+    splits = {}
+    for s in ("train", "val", "test"):
+        splits[f"x_{s}"] = torch.randn(shape, generator=g)
+        if task == "regression":
+            splits[f"y_{s}"] = torch.randn(n, n_out, generator=g)
+        else:
+            splits[f"y_{s}"] = torch.arange(n) % n_out
+    return Dataset(name="fake", task=task, n_classes=None if task == "regression" else n_out, **splits)
+
+
+NX, NY = 12, 5
+FLAT = _fake("classification", NX, NY)
+SEQ = _fake("sequence", 12, 10, T=5)
+
+# A tiny study: digits at two budgets (every flat family) and a small anomaly run (every
+# sequence family), one epoch.
+TINY_TOML = """
+name = "tiny"
+seeds = [0, 1]
+[train]
+epochs = 1
+batch_size = 128
+[[datasets]]
+name = "digits"
+models = ["mlp", "mlp_map", "dense_map", "sparse_map"]
+densities = [0.5]
+hidden = [16, 24]
+[[datasets]]
+name = "anomaly"
+seeds = [0]
+models = ["forced_map", "rnn", "gru", "lstm"]
+densities = [0.5, 1.0]
+hidden = [6]
+[datasets.options]
+n_train = 60
+n_val = 20
+n_test = 20
+"""
+
+
+# --------------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize("hidden", [(8,), (32,), (16, 12)])
+def test_flat_families_match_the_mlp_budget(hidden):
+    target = budget(FLAT, hidden)
+    widths = [NX, *hidden, NY]
+    assert target == sum(a * b + b for a, b in zip(widths, widths[1:]))
+    for family, density in [("mlp", None), ("mlp_map", None), ("sparse_map", 0.05),
+                            ("sparse_map", 0.3), ("sparse_map", 0.6)]:
+        m = build_model(family, FLAT, hidden=hidden, density=density, seed=1)
+        assert count_trainable(m) == target, (family, density)
+        assert m(FLAT.x_test).shape == (24, NY)
+    dense = build_model("dense_map", FLAT, hidden=hidden, seed=1)
+    got, tol = count_trainable(dense), count_tolerance("dense_map", FLAT, hidden)
+    assert 0 <= target - got < tol
+    # the documented rounding: one more hidden unit would exceed the budget
+    n_h = dense.map.slots["h"]
+    assert sum(six_block_counts(NX, n_h + 1, NY, 1.0).values()) > target
+    assert tol == sum(six_block_counts(NX, n_h + 1, NY, 1.0).values()) - got
+
+
+@pytest.mark.parametrize("width", [4, 16, 33])
+def test_sequence_families_match_the_forced_map_budget(width):
+    target = budget(SEQ, width)
+    assert target == width * 12 + width * width + 10 * width + width + 10
+    for density in (1.0, 0.5, 0.2):
+        m = build_model("forced_map", SEQ, hidden=width, density=density, seed=3)
+        assert count_trainable(m) == target, density
+        assert m(SEQ.x_test).shape == (24, 10)
+    for kind in ("rnn", "gru", "lstm"):
+        m = build_model(kind, SEQ, hidden=width, seed=3)
+        got, tol = count_trainable(m), count_tolerance(kind, SEQ, width)
+        assert abs(got - target) <= tol, kind
+        w = recurrent_width(kind, 12, 10, target)
+        assert got == recurrent_count(kind, 12, w, 10)
+        for other in (w - 1, w + 1):  # no neighbouring width is closer to the budget
+            if other >= 1:
+                assert abs(recurrent_count(kind, 12, other, 10) - target) >= abs(got - target)
+        assert m(SEQ.x_test).shape == (24, 10)
+
+
+def test_mlp_map_is_the_exact_twin_and_builders_are_seeded():
+    state = torch.get_rng_state()
+    mlp = build_model("mlp", FLAT, hidden=(16,), seed=7)
+    twin = build_model("mlp_map", FLAT, hidden=(16,), seed=7)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
+    assert torch.equal(mlp(FLAT.x_test), twin(FLAT.x_test))
+    a = build_model("sparse_map", FLAT, hidden=(16,), density=0.2, seed=5)
+    b = build_model("sparse_map", FLAT, hidden=(16,), density=0.2, seed=5)
+    c = build_model("sparse_map", FLAT, hidden=(16,), density=0.2, seed=6)
+    assert torch.equal(a(FLAT.x_test), b(FLAT.x_test))
+    assert not torch.equal(a(FLAT.x_test), c(FLAT.x_test))
+
+
+def test_dense_forced_map_is_an_elman_rnn_with_readout():
+    net = build_model("forced_map", SEQ, hidden=5, seed=0)
+    m = net.map
+    x = SEQ.x_test[:4]
+    h = torch.zeros(4, 5)
+    for t in range(x.shape[1]):
+        h = torch.tanh(m.bias("h") + m.block("h", "x")(x[:, t]) + m.block("h", "h")(h))
+    y = m.bias("y") + m.block("y", "h")(h)
+    torch.testing.assert_close(net(x), y)
+
+
+def test_build_model_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown model family 'nope'"):
+        build_model("nope", FLAT, hidden=8)
+    with pytest.raises(ValueError, match="serves tasks sequence"):
+        build_model("lstm", FLAT, hidden=8)
+    with pytest.raises(ValueError, match=r"density in \(0, 1\)"):
+        build_model("sparse_map", FLAT, hidden=8, density=1.0)
+    with pytest.raises(ValueError, match="takes no density"):
+        build_model("mlp", FLAT, hidden=8, density=0.5)
+    with pytest.raises(ValueError, match="one hidden width"):
+        build_model("forced_map", SEQ, hidden=[4, 4])
+    with pytest.raises(ValueError, match="activation"):
+        build_model("rnn", SEQ, hidden=4, activation="gelu")
+    # the six-block map's x -> y and y -> y blocks alone exceed a tiny budget at high density
+    with pytest.raises(ValueError, match="below the smallest six-block map"):
+        build_model("dense_map", FLAT, hidden=2)
+    with pytest.raises(ValueError, match="below the smallest six-block map"):
+        check_feasible("sparse_map", FLAT, hidden=2, density=0.9)
+    check_feasible("sparse_map", FLAT, hidden=2, density=0.1)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _cfg(**top) -> dict:
+    base = {"datasets": [{"name": "digits"}]}
+    base.update(top)
+    return base
+
+
+@pytest.mark.parametrize("data, message", [
+    (_cfg(epochs=3), r"^epochs: unknown key"),
+    (_cfg(train={"lr": -1}), r"^train\.lr must be > 0, got -1$"),
+    (_cfg(train={"lrr": 0.1}), r"^train\.lrr: unknown key"),
+    (_cfg(train={"epochs": 0}), r"^train\.epochs must be an int >= 1, got 0$"),
+    (_cfg(train={"optimizer": "adagrad"}), r"^train\.optimizer must be one of"),
+    (_cfg(train={"seed": 1}), r"^train\.seed: not allowed"),
+    (_cfg(seeds=[]), r"^seeds must be a non-empty list"),
+    (_cfg(seeds=[0, 0]), r"^seeds must be a list of distinct seeds"),
+    (_cfg(jobs=0), r"^jobs must be an int >= 1, got 0$"),
+    ({"datasets": [{"name": "digits", "modles": ["mlp"]}]}, r"^datasets\[0\]\.modles: unknown key"),
+    ({"datasets": [{"name": "digitz"}]}, r"^datasets\[0\]\.name must be one of"),
+    ({"datasets": [{"label": "x"}]}, r"^datasets\[0\]\.name: missing"),
+    ({"datasets": [{"name": "digits"}, {"name": "digits", "models": ["mlp", "mpl"]}]},
+     r"^datasets\[1\]\.label: 'digits' is used twice|^datasets\[1\]\.models\[1\]: unknown model 'mpl'"),
+    ({"datasets": [{"name": "digits", "models": ["mlp", "mpl"]}]},
+     r"^datasets\[0\]\.models\[1\]: unknown model 'mpl'"),
+    ({"datasets": [{"name": "digits", "models": ["lstm"]}]},
+     r"^datasets\[0\]\.models\[0\]: model 'lstm' serves sequence"),
+    ({"datasets": [{"name": "digits", "densities": [0.5, 1.0]}]},
+     r"^datasets\[0\]\.densities\[1\]: density 1 is not sparse"),
+    ({"datasets": [{"name": "digits", "densities": [0.0]}]},
+     r"^datasets\[0\]\.densities\[0\] must be a number in \(0, 1\]"),
+    ({"datasets": [{"name": "digits", "hidden": [8, "x"]}]}, r"^datasets\[0\]\.hidden\[1\] must be"),
+    ({"datasets": [{"name": "anomaly", "hidden": [[8, 8]]}]}, r"^datasets\[0\]\.hidden\[0\] must be one int"),
+    ({"datasets": [{"name": "digits", "options": {"n_train": 5}}]},
+     r"^datasets\[0\]\.options\.n_train: unknown option of dataset 'digits'"),
+    ({"datasets": [{"name": "digits", "train": {"batch_size": 1.5}}]},
+     r"^datasets\[0\]\.train\.batch_size must be an int >= 1"),
+    ({"datasets": []}, r"^datasets must be a non-empty array"),
+    ({}, r"^datasets: missing"),
+])
+def test_config_errors_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data)
+
+
+def test_config_defaults_round_trip_and_files(tmp_path):
+    c = parse_config({"datasets": [{"name": "digits"}, {"name": "anomaly", "label": "anom"}]})
+    assert c.seeds == (0, 1, 2) and c.train["epochs"] == 20 and c.train["optimizer"] == "adam"
+    flat, seq = c.datasets
+    assert flat.models == ("mlp", "mlp_map", "dense_map", "sparse_map") and flat.activation == "relu"
+    assert seq.models == ("forced_map", "rnn", "gru", "lstm") and seq.activation == "tanh"
+    assert seq.label == "anom" and 1.0 in seq.densities
+    tiny = loads(TINY_TOML)
+    for cfg in (c, tiny, QUICK, DEFAULT):
+        assert parse_config(cfg.to_dict()) == cfg
+        assert loads(dumps(cfg)) == cfg
+    path = tmp_path / "study.toml"
+    path.write_text(dumps(tiny))
+    assert load_config(path) == tiny
+    assert tiny.datasets[0].train_config(1).seed == 1
+    assert tiny.datasets[0].train_config(1).patience is None  # patience 0 = off
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    (tmp_path / "bad.toml").write_text("name = [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
+        load_config(tmp_path / "bad.toml")
+
+
+# --------------------------------------------------------------------------- grid
+
+
+def test_grid_expansion_and_shards():
+    tiny = loads(TINY_TOML)
+    runs = expand(tiny)
+    # digits: 2 budgets x (mlp, mlp_map, dense_map, sparse_map@0.5) x 2 seeds;
+    # anomaly: 1 budget x (forced_map@0.5, forced_map@1, rnn, gru, lstm) x 1 seed
+    assert len(runs) == 2 * 4 * 2 + 5
+    assert len({r.run_id for r in runs}) == len(runs)
+    assert [r.index for r in runs] == list(range(len(runs)))
+    assert {r.density for r in runs if r.family == "sparse_map"} == {0.5}
+    assert {r.density for r in runs if r.family == "forced_map"} == {0.5, 1.0}
+    assert all(r.density is None for r in runs if r.family in ("mlp", "lstm"))
+    assert runs[0].run_id == "digits__mlp__h16__s0"
+    assert len(expand(QUICK)) == 3 * 5 * 3 + 4 * 3
+    shards = [select_shard(runs, (i, 3)) for i in (1, 2, 3)]
+    assert [r.index for r in shards[1]] == list(range(1, len(runs), 3))
+    ids = [r.run_id for s in shards for r in s]
+    assert sorted(ids) == sorted(r.run_id for r in runs) and len(set(ids)) == len(ids)
+    assert select_shard(runs, None) == runs
+    assert parse_shard("2/5") == (2, 5)
+    for bad in ("0/2", "3/2", "a/b", "1", "1/0"):
+        with pytest.raises(ValueError):
+            parse_shard(bad)
+    # the fingerprint changes with anything that changes the result
+    import dataclasses
+
+    r0 = runs[0]
+    assert r0.fingerprint() == dataclasses.replace(r0, threads=4, index=9).fingerprint()
+    assert r0.fingerprint() != dataclasses.replace(r0, train={**r0.train, "epochs": 2}).fingerprint()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_tiny_study_end_to_end_with_parallel_jobs(tmp_path):
+    tiny = loads(TINY_TOML)
+    out = tmp_path / "study"
+    lines: list[str] = []
+    sweep, report = run_study(tiny, out, jobs=2, log=lines.append)
+    n = len(expand(tiny))
+    assert sweep.ran == n and sweep.skipped == 0 and sweep.failed == 0 and sweep.missing == 0
+    assert report == out / REPORT_NAME
+    text = report.read_text()
+    headings = re.findall(r"^## (.+)$", text, flags=re.M)
+    assert headings == list(SECTIONS)
+    for needle in ("| digits | digits | classification", "| anomaly | anomaly | sequence",
+                   "test acc %", "sparse_map", "forced_map", "logistic regression ~32 %",
+                   "MLP ~68 %", "GRU ~91 %", "CNN ~94 %", "*A sparse forced (recurrent) map beats the LSTM",
+                   "*A random-sparse map at the same budget beats the MLP*", "results.csv"):
+        assert needle in text, needle
+    # every picture the report links exists, and each kind is there
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert links and all((out / p).is_file() and (out / p).stat().st_size > 1000 for p in links)
+    for prefix in ("acc_vs_params_digits", "acc_vs_density_digits_h16", "acc_vs_density_anomaly_h6",
+                   "curves_digits", "structure_digits_mlp_map", "structure_digits_dense_map",
+                   "structure_digits_sparse_map_d0.5", "structure_anomaly_forced_map_d0.5"):
+        assert f"{prefix}.png" in links, prefix
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == n and {r["status"] for r in rows} <= {"ok", "early_stopped"}
+    assert all(0.0 <= float(r["test_acc"]) <= 1.0 for r in rows)
+    records = json.loads((out / "results.json").read_text())
+    assert len(records) == n and all(len(r["metrics"]) == 1 for r in records)
+    for r in records:
+        assert r["trainable"] is not None and r["budget"] is not None
+        if r["family"] in ("mlp", "mlp_map", "sparse_map", "forced_map"):
+            assert r["trainable"] == r["budget"]
+        assert (out / "runs" / r["run_id"] / "metrics.csv").is_file()
+    twins = {(r["hidden"][0], r["seed"], r["family"]): r["test_acc"] for r in records
+             if r["family"] in ("mlp", "mlp_map")}
+    assert all(twins[(h, s, "mlp")] == twins[(h, s, "mlp_map")] for h, s, _ in twins)
+    assert json.loads((out / "datasets.json").read_text())["digits"]["sizes"]["train"] > 0
+    assert loads((out / "config.toml").read_text()) == tiny
+    assert any(line.startswith(f"[{n}/{n}]") for line in lines)
+    # resumable: a second sweep reuses every run
+    again, _ = run_study(tiny, out, jobs=1, pictures=False)
+    assert again.ran == 0 and again.skipped == n
+
+
+def test_failed_and_diverged_runs_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    def boom(*args):
+        raise RuntimeError("boom: this family always fails")
+
+    monkeypatch.setitem(FAMILIES, "boom", Family("boom", ("classification",), "none", boom))
+    cfg = parse_config({
+        "seeds": [0], "train": {"epochs": 1},
+        "datasets": [
+            {"name": "digits", "models": ["mlp", "boom", "mlp_map"], "hidden": [8]},
+            {"name": "digits", "label": "digits-sgd", "models": ["mlp"], "hidden": [8],
+             "train": {"optimizer": "sgd", "lr": 1e12}},
+        ]})
+    out = tmp_path / "faults"
+    sweep, report = run_study(cfg, out, jobs=1, pictures=False)
+    status = {r["run_id"]: r for r in sweep.records}
+    assert status["digits__mlp__h8__s0"]["status"] == "ok"
+    assert status["digits__mlp_map__h8__s0"]["status"] == "ok"  # ran after the failure
+    failed = status["digits__boom__h8__s0"]
+    assert failed["status"] == "failed" and failed["error"] == "RuntimeError: boom: this family always fails"
+    assert "Traceback" in (out / "runs" / "digits__boom__h8__s0" / "error.txt").read_text()
+    div = status["digits-sgd__mlp__h8__s0"]
+    assert div["status"] == "diverged" and div["test_acc"] is None
+    assert sweep.failed == 1 and sweep.diverged == 1
+    text = report.read_text()
+    assert "`digits__boom__h8__s0`: **failed** — RuntimeError: boom" in text
+    assert "`digits-sgd__mlp__h8__s0`: **diverged** — non-finite loss at epoch 1" in text
+    # a second sweep retries the failed run only (diverged is a result, not a failure)
+    again = run_sweep(cfg, out, jobs=1)
+    assert again.ran == 1 and again.skipped == 3 and again.failed == 1
+    again = run_sweep(cfg, out, jobs=1, retry_failed=False)
+    assert again.ran == 0
+
+
+def test_interrupted_and_redefined_runs(tmp_path):
+    def cfg(n_train):
+        return parse_config({"seeds": [0], "train": {"epochs": 2}, "datasets": [
+            {"name": "regression", "models": ["mlp"], "hidden": [4],
+             "options": {"n_train": n_train, "n_val": 16, "n_test": 16}}]})
+
+    a = run_sweep(cfg(64), tmp_path)
+    rid = "regression__mlp__h4__s0"
+    first = a.records[0]
+    assert a.ran == 1 and first["status"] == "ok" and first["test_acc"] is None
+    (tmp_path / "runs" / rid / "result.json").unlink()  # as if killed before the record
+    b = run_sweep(cfg(64), tmp_path)
+    assert b.ran == 1 and b.records[0]["test_loss"] == first["test_loss"]
+    assert b.records[0]["wall_time_s"] == first["wall_time_s"]  # the finished checkpoint, not a retrain
+    c = run_sweep(cfg(80), tmp_path)  # same run id, other data: trained afresh
+    assert c.ran == 1 and c.records[0]["fingerprint"] != first["fingerprint"]
+    assert c.records[0]["test_loss"] != first["test_loss"]
+    with open(tmp_path / "results.csv", newline="") as f:
+        assert [r["run_id"] for r in csv.DictReader(f)] == [rid]
+
+
+def _crashing_worker(run, study_dir):
+    """Runs in a spawned worker (this module is importable there): kills the process."""
+    import os
+
+    from iternn.study.sweep import run_one
+
+    if run.family == "mlp_map":
+        os._exit(3)
+    return run_one(run, study_dir)
+
+
+def test_a_dying_worker_fails_its_run_only(tmp_path):
+    from iternn.study.sweep import _run_parallel, collect
+
+    cfg = parse_config({"seeds": [0], "train": {"epochs": 1}, "datasets": [
+        {"name": "regression", "models": ["mlp", "mlp_map"], "hidden": [4],
+         "options": {"n_train": 64, "n_val": 16, "n_test": 16}}]})
+    runs = expand(cfg)
+    got: list[dict] = []
+    _run_parallel(runs, tmp_path, 2, got.append, worker=_crashing_worker)
+    by = {r["run_id"]: r for r in got}
+    assert len(by) == 2
+    assert by["regression__mlp_map__h4__s0"]["status"] == "failed"
+    assert "worker process died" in by["regression__mlp_map__h4__s0"]["error"]
+    assert by["regression__mlp__h4__s0"]["status"] == "ok"
+    on_disk = {r["run_id"]: r["status"] for r in collect(cfg, tmp_path)}
+    assert on_disk == {"regression__mlp__h4__s0": "ok", "regression__mlp_map__h4__s0": "failed"}
+
+
+def test_compare_evidence_rules():
+    c = compare([0.9, 0.91, 0.92], [0.8, 0.81, 0.79])
+    assert c["better"] is True and c["evidence"] == "clear" and c["t"] > 2
+    c = compare([0.9, 0.91], [0.8, 0.81])
+    assert c["better"] is True and c["evidence"] == "weak"
+    c = compare([0.5], [0.6])
+    assert c["better"] is False and c["evidence"] == "none" and c["t"] is None
+    c = compare([0.2, 0.3, 0.25], [0.3, 0.35, 0.4], higher_better=False)  # losses
+    assert c["better"] is True and math.isclose(c["diff"], -0.1)
+    assert compare([], [0.5])["better"] is None
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _err_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("iternn: error: ")
+    return err[0]
+
+
+def test_cli_study_and_train_exit_codes(tmp_path, capsys):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text('name = "cli"\nseeds = [0]\n[train]\nepochs = 1\n[[datasets]]\nname = "digits"\n'
+                   'models = ["mlp", "sparse_map"]\ndensities = [0.5]\nhidden = [8]\n')
+    assert commands.main(["study", "--config", str(cfg), "--out", str(tmp_path / "s"),
+                          "--no-pictures", "--quiet"]) == 0
+    assert f"report written to {tmp_path / 's' / 'report.md'}" in capsys.readouterr().out
+    assert commands.main(["study", "--config", str(tmp_path / "missing.toml")]) == 1
+    assert "missing.toml does not exist" in _err_line(capsys)
+    (tmp_path / "bad.toml").write_text('[train]\nlr = -1\n[[datasets]]\nname = "digits"\n')
+    assert commands.main(["study", "--config", str(tmp_path / "bad.toml")]) == 1
+    assert _err_line(capsys).endswith("train.lr must be > 0, got -1")
+    (tmp_path / "small.toml").write_text('[[datasets]]\nname = "digits"\nmodels = ["dense_map"]\nhidden = [8]\n')
+    assert commands.main(["study", "--config", str(tmp_path / "small.toml"), "--out", str(tmp_path / "z")]) == 1
+    assert "datasets[0].hidden[0] ([8]): dense_map: budget 610 is below the smallest" in _err_line(capsys)
+    with pytest.raises(ConfigError):  # --debug: the exception, not the line
+        commands.main(["--debug", "study", "--config", str(tmp_path / "bad.toml")])
+    for argv in (["study", "--shard", "3/2"], ["study", "--quick", "--config", "x"],
+                 ["study", "--jobs", "0"], ["train", "--model", "mlp"], ["nope"]):
+        with pytest.raises(SystemExit) as exc:
+            commands.main(argv)
+        assert exc.value.code == 2, argv
+    capsys.readouterr()
+
+    run_dir = tmp_path / "t"
+    argv = ["train", "--dataset", "digits", "--model", "sparse_map", "--density", "0.5", "--hidden", "8",
+            "--epochs", "2", "--out", str(run_dir), "--quiet"]
+    assert commands.main(argv) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.splitlines()[0])
+    assert summary["status"] == "ok" and summary["epochs_run"] == 2 and summary["trainable"] == 610
+    assert (run_dir / "metrics.csv").is_file() and (run_dir / "checkpoint.pt").is_file()
+    assert commands.main(argv + ["--resume"]) == 0  # a finished run: same result
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["test_acc"] == summary["test_acc"]
+    assert commands.main(["train", "--dataset", "digits", "--model", "lstm", "--out", str(tmp_path / "x")]) == 1
+    assert "model 'lstm' serves sequence datasets" in _err_line(capsys)
+    assert commands.main(["train", "--dataset", "nope", "--model", "mlp", "--out", str(tmp_path / "y")]) == 1
+    assert "unknown dataset 'nope'" in _err_line(capsys)
+
+
+def test_cli_bench_locates_the_benchmarks(tmp_path, monkeypatch, capsys):
+    found = commands.find_benchmarks()
+    assert found is not None and found.name == "run.py" and found.parent.name == "benchmarks"
+    fake = tmp_path / "benchmarks" / "run.py"
+    fake.parent.mkdir()
+    fake.write_text("import json\ndef main(argv):\n    print('ARGV', json.dumps(argv))\n"
+                    "    return 1 if argv == [] else 0\n")
+    monkeypatch.setattr(commands, "find_benchmarks", lambda: fake)
+    assert commands.main(["bench", "--quick"]) == 0
+    assert 'ARGV ["--quick"]' in capsys.readouterr().out
+    assert commands.main(["bench"]) == 1  # the benchmark reported a failed check
+    assert "exited with status 1" in _err_line(capsys)
+    monkeypatch.setattr(commands, "find_benchmarks", lambda: None)
+    assert commands.main(["bench"]) == 1
+    assert "benchmarks/run.py not found" in _err_line(capsys)
+
+
+def test_add_commands_registers_on_a_foreign_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="iternn")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo")
+    commands.add_commands(sub)
+    args = p.parse_args(["study", "--quick", "--jobs", "3", "--shard", "2/4", "--out", "d"])
+    assert (args.command, args.quick, args.jobs, args.shard, args.out) == ("study", True, 3, (2, 4), "d")
+    args = p.parse_args(["train", "--dataset", "anomaly", "--model", "forced_map", "--density", "0.25",
+                         "--hidden", "16"])
+    assert args.density == 0.25 and args.hidden == (16,) and args.resume is False
+    assert p.parse_args(["bench"]).quick is False
+    assert set(commands.COMMANDS) == {"study", "train", "bench"}
