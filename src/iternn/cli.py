@@ -24,6 +24,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .study.commands import COMMANDS, add_commands, one_line, positive_int, run
+
 __all__ = ["main", "default_report_dir"]
 
 
@@ -49,8 +51,6 @@ def _parser() -> argparse.ArgumentParser:
                           help="convert an MLP and an RNN and compare them with torch")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--reps", type=int, default=5, help="timing repetitions (median)")
-    from .study.commands import add_commands
-
     add_commands(sub, parents=[common])
     an = sub.add_parser(
         "analyze", parents=[common],
@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="report folder (default: ./iternn-report-<MAP stem>)")
     an.add_argument("--seed", type=int, default=0,
                     help="seed of the state, perturbations and starts (default 0)")
-    an.add_argument("--steps", type=_positive_int, default=None, metavar="N",
+    an.add_argument("--steps", type=positive_int, default=None, metavar="N",
                     help="applications for the trajectory and the Lyapunov average "
                          "(default 400, --quick: 100)")
     an.add_argument("--quick", action="store_true",
@@ -77,30 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    if not text:
-        return type(exc).__name__
-    if isinstance(exc, (ValueError, TypeError, OSError)):
-        return text
-    return f"{type(exc).__name__}: {text}"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 failure, 2 bad usage)."""
     args = _parser().parse_args(argv)
-    from .study.commands import COMMANDS, run
-
     if args.command in COMMANDS:
         return run(args)
     try:
@@ -120,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line unless --debug
         if args.debug:
             raise
-        print(f"iternn: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"iternn: error: {one_line(exc)}", file=sys.stderr)
         return 1
 
 

@@ -46,6 +46,7 @@ from ..core.block_map import BlockMap
 from ..engine.iterate import depth, iterate
 from .rnn import (
     RNNMap,
+    rnn_options_repr,
     activation,
     check_config,
     check_h0,
@@ -195,18 +196,7 @@ class LiftedRNN(nn.Module):
         return output, h_n
 
     def extra_repr(self) -> str:
-        s = f"{self.input_size}, {self.hidden_size}, T={self.T}"
-        if self.num_layers != 1:
-            s += f", num_layers={self.num_layers}"
-        if self.nonlinearity != "tanh":
-            s += f", nonlinearity={self.nonlinearity!r}"
-        if not self.bias:
-            s += ", bias=False"
-        if self.batch_first:
-            s += ", batch_first=True"
-        if self.dropout:
-            s += f", dropout={self.dropout}"
-        return s + f", steps={self.steps}"
+        return rnn_options_repr(self, extra=f", T={self.T}") + f", steps={self.steps}"
 
 
 def lift_rnn(rnn: nn.RNN | RNNMap, T: int) -> LiftedRNN:

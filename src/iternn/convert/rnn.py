@@ -62,6 +62,22 @@ NONLINEARITIES = ("tanh", "relu")
 
 
 # --------------------------------------------------------------------------- helpers
+def rnn_options_repr(net: nn.Module, *, extra: str = "") -> str:
+    """``nn.RNN``-style options of ``net`` that differ from the defaults, for extra_repr."""
+    s = f"{net.input_size}, {net.hidden_size}{extra}"
+    if net.num_layers != 1:
+        s += f", num_layers={net.num_layers}"
+    if net.nonlinearity != "tanh":
+        s += f", nonlinearity={net.nonlinearity!r}"
+    if not net.bias:
+        s += ", bias=False"
+    if net.batch_first:
+        s += ", batch_first=True"
+    if net.dropout:
+        s += f", dropout={net.dropout}"
+    return s
+
+
 def rnn_config(rnn: nn.Module) -> dict:
     """Validate ``rnn`` for conversion and return its configuration as keyword arguments.
 
@@ -346,18 +362,7 @@ class RNNMap(nn.Module):
         return output, h_n
 
     def extra_repr(self) -> str:
-        s = f"{self.input_size}, {self.hidden_size}"
-        if self.num_layers != 1:
-            s += f", num_layers={self.num_layers}"
-        if self.nonlinearity != "tanh":
-            s += f", nonlinearity={self.nonlinearity!r}"
-        if not self.bias:
-            s += ", bias=False"
-        if self.batch_first:
-            s += ", batch_first=True"
-        if self.dropout:
-            s += f", dropout={self.dropout}"
-        return s + ", update='ordered'"
+        return rnn_options_repr(self) + ", update='ordered'"
 
 
 def from_rnn(rnn: nn.RNN) -> RNNMap:

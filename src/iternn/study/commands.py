@@ -36,7 +36,7 @@ __all__ = ["COMMANDS", "add_commands", "run", "main", "find_benchmarks"]
 COMMANDS = ("study", "train", "bench")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
@@ -103,7 +103,7 @@ def add_commands(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = (
     src.add_argument("--config", metavar="FILE", help="a TOML study config")
     src.add_argument("--quick", action="store_true",
                      help="the built-in quick study (a few minutes on 2 CPU cores; `make demo`)")
-    st.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
+    st.add_argument("--jobs", type=positive_int, default=None, metavar="N",
                     help="parallel processes (default: the config's `jobs`)")
     st.add_argument("--out", metavar="DIR", default=None,
                     help="study folder (default: ./iternn-study-<config name>)")
@@ -133,9 +133,9 @@ def add_commands(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = (
     tr.add_argument("--data-path", metavar="DIR", default=None,
                     help="folder of the MNIST IDX files (dataset mnist_idx)")
     tr.add_argument("--activation", default=None, help="relu, tanh, ... (default relu; tanh for sequences)")
-    tr.add_argument("--epochs", type=_positive_int, default=20, help="default 20")
+    tr.add_argument("--epochs", type=positive_int, default=20, help="default 20")
     tr.add_argument("--lr", type=float, default=3e-3, help="default 0.003")
-    tr.add_argument("--batch-size", type=_positive_int, default=64, help="default 64")
+    tr.add_argument("--batch-size", type=positive_int, default=64, help="default 64")
     tr.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
     tr.add_argument("--patience", type=_nonneg_int, default=0,
                     help="early stopping after N epochs without a better validation loss (0: off)")
@@ -161,7 +161,6 @@ def _say(args: argparse.Namespace) -> Any:
 
 def _cmd_study(args: argparse.Namespace) -> int:
     from .config import DEFAULT, QUICK, load_config
-    from .report import REPORT_NAME
     from .sweep import run_study
 
     config = load_config(args.config) if args.config else (QUICK if args.quick else DEFAULT)
@@ -256,7 +255,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 _HANDLERS = {"study": _cmd_study, "train": _cmd_train, "bench": _cmd_bench}
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     if isinstance(exc, FileNotFoundError) and exc.filename and exc.strerror:
         text = f"{exc.strerror}: {exc.filename}"
@@ -287,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - one line unless --debug
         if getattr(args, "debug", False):
             raise
-        print(f"iternn: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"iternn: error: {one_line(exc)}", file=sys.stderr)
         return 1
 
 

@@ -43,7 +43,6 @@ from typing import Any
 from .config import StudyConfig, dumps
 from .sweep import (
     DATASETS_JSON,
-    DONE_STATUSES,
     RESULTS_CSV,
     RESULTS_JSON,
     RUNS_DIR,
