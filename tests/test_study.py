@@ -32,6 +32,7 @@ from iternn.study.models import (
     build_model,
     check_feasible,
     count_tolerance,
+    live_trainable,
     recurrent_count,
     recurrent_width,
 )
@@ -75,6 +76,7 @@ name = "digits"
 models = ["mlp", "mlp_map", "dense_map", "sparse_map"]
 densities = [0.5]
 hidden = [16, 24]
+extra_steps = [0, 1]
 [[datasets]]
 name = "anomaly"
 seeds = [0]
@@ -141,6 +143,26 @@ def test_mlp_map_is_the_exact_twin_and_builders_are_seeded():
     c = build_model("sparse_map", FLAT, hidden=(16,), density=0.2, seed=6)
     assert torch.equal(a(FLAT.x_test), b(FLAT.x_test))
     assert not torch.equal(a(FLAT.x_test), c(FLAT.x_test))
+
+
+@pytest.mark.parametrize("family, density", [("dense_map", None), ("sparse_map", 0.1), ("sparse_map", 0.6)])
+def test_live_count_matches_the_gradient_and_extra_steps_revive_dead_blocks(family, density):
+    for extra in (0, 1):
+        m = build_model(family, FLAT, hidden=(16,), density=density, seed=2, extra_steps=extra)
+        assert m.steps == 2 + extra
+        torch.nn.functional.cross_entropy(m(FLAT.x_train), FLAT.y_train).backward()
+        reached = sum(p.numel() for p in m.parameters() if p.grad is not None and bool(p.grad.ne(0).any()))
+        assert live_trainable(m) == reached
+        h = m.map.slots["h"]
+        dead = count_trainable(m.map.block("h", "h")) + count_trainable(m.map.block("h", "y"))
+        if extra == 0:  # 2 applications: h <- h and h <- y never reach y
+            assert dead > 0 and live_trainable(m) == count_trainable(m) - dead, h
+        else:
+            assert live_trainable(m) == count_trainable(m)
+    assert live_trainable(build_model("mlp_map", FLAT, hidden=(16,))) == budget(FLAT, (16,))
+    assert live_trainable(build_model("forced_map", SEQ, hidden=4)) == budget(SEQ, 4)
+    with pytest.raises(ValueError, match="takes no extra_steps"):
+        build_model("mlp_map", FLAT, hidden=(16,), extra_steps=1)
 
 
 def test_dense_forced_map_is_an_elman_rnn_with_readout():
@@ -214,6 +236,10 @@ def _cfg(**top) -> dict:
     ({"datasets": [{"name": "digits", "train": {"batch_size": 1.5}}]},
      r"^datasets\[0\]\.train\.batch_size must be an int >= 1"),
     ({"datasets": []}, r"^datasets must be a non-empty array"),
+    ({"datasets": [{"name": "digits", "extra_steps": [0, -1]}]},
+     r"^datasets\[0\]\.extra_steps\[1\] must be an int >= 0, got -1$"),
+    ({"datasets": [{"name": "anomaly", "extra_steps": [1]}]},
+     r"^datasets\[0\]\.extra_steps: only dense_map, sparse_map take extra steps"),
     ({}, r"^datasets: missing"),
 ])
 def test_config_errors_name_the_key(data, message):
@@ -250,16 +276,19 @@ def test_config_defaults_round_trip_and_files(tmp_path):
 def test_grid_expansion_and_shards():
     tiny = loads(TINY_TOML)
     runs = expand(tiny)
-    # digits: 2 budgets x (mlp, mlp_map, dense_map, sparse_map@0.5) x 2 seeds;
+    # digits: 2 budgets x (mlp, mlp_map, dense_map +0/+1, sparse_map@0.5 +0/+1) x 2 seeds;
     # anomaly: 1 budget x (forced_map@0.5, forced_map@1, rnn, gru, lstm) x 1 seed
-    assert len(runs) == 2 * 4 * 2 + 5
+    assert len(runs) == 2 * 6 * 2 + 5
+    assert {r.extra_steps for r in runs if r.family in ("dense_map", "sparse_map")} == {0, 1}
+    assert all(r.extra_steps == 0 for r in runs if r.family not in ("dense_map", "sparse_map"))
+    assert "digits__sparse_map__h16__d0.5__e1__s0" in {r.run_id for r in runs}
     assert len({r.run_id for r in runs}) == len(runs)
     assert [r.index for r in runs] == list(range(len(runs)))
     assert {r.density for r in runs if r.family == "sparse_map"} == {0.5}
     assert {r.density for r in runs if r.family == "forced_map"} == {0.5, 1.0}
     assert all(r.density is None for r in runs if r.family in ("mlp", "lstm"))
     assert runs[0].run_id == "digits__mlp__h16__s0"
-    assert len(expand(QUICK)) == 3 * 5 * 3 + 4 * 3
+    assert len(expand(QUICK)) == 3 * 8 * 3 + 4 * 3
     shards = [select_shard(runs, (i, 3)) for i in (1, 2, 3)]
     assert [r.index for r in shards[1]] == list(range(1, len(runs), 3))
     ids = [r.run_id for s in shards for r in s]
@@ -314,6 +343,13 @@ def test_tiny_study_end_to_end_with_parallel_jobs(tmp_path):
         if r["family"] in ("mlp", "mlp_map", "sparse_map", "forced_map"):
             assert r["trainable"] == r["budget"]
         assert (out / "runs" / r["run_id"] / "metrics.csv").is_file()
+    for r in records:  # one extra application makes every block of the six-block map live
+        if r["family"] in ("dense_map", "sparse_map"):
+            assert r["steps"] == 2 + r["extra_steps"]
+            assert (r["live"] == r["trainable"]) == (r["extra_steps"] == 1)
+        else:
+            assert r["live"] == r["trainable"]
+    assert "have dead parameters" in text and "*Iterating the sparse map more often helps*" in text
     twins = {(r["hidden"][0], r["seed"], r["family"]): r["test_acc"] for r in records
              if r["family"] in ("mlp", "mlp_map")}
     assert all(twins[(h, s, "mlp")] == twins[(h, s, "mlp_map")] for h, s, _ in twins)
@@ -418,6 +454,8 @@ def test_compare_evidence_rules():
     c = compare([0.2, 0.3, 0.25], [0.3, 0.35, 0.4], higher_better=False)  # losses
     assert c["better"] is True and math.isclose(c["diff"], -0.1)
     assert compare([], [0.5])["better"] is None
+    c = compare([0.9, 0.9, 0.9], [0.8, 0.8, 0.8])  # no spread: noise not estimable
+    assert c["better"] is True and c["t"] is None and c["evidence"] == "weak"
 
 
 # --------------------------------------------------------------------------- command line
@@ -456,7 +494,7 @@ def test_cli_study_and_train_exit_codes(tmp_path, capsys):
 
     run_dir = tmp_path / "t"
     argv = ["train", "--dataset", "digits", "--model", "sparse_map", "--density", "0.5", "--hidden", "8",
-            "--epochs", "2", "--out", str(run_dir), "--quiet"]
+            "--extra-steps", "1", "--epochs", "2", "--out", str(run_dir), "--quiet"]
     assert commands.main(argv) == 0
     out = capsys.readouterr().out
     summary = json.loads(out.splitlines()[0])
@@ -499,5 +537,8 @@ def test_add_commands_registers_on_a_foreign_parser():
     args = p.parse_args(["train", "--dataset", "anomaly", "--model", "forced_map", "--density", "0.25",
                          "--hidden", "16"])
     assert args.density == 0.25 and args.hidden == (16,) and args.resume is False
+    assert args.extra_steps == 0
+    assert p.parse_args(["train", "--dataset", "digits", "--model", "sparse_map", "--extra-steps", "1"]
+                        ).extra_steps == 1
     assert p.parse_args(["bench"]).quick is False
     assert set(commands.COMMANDS) == {"study", "train", "bench"}

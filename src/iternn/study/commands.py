@@ -4,8 +4,8 @@ The top-level command line (``iternn.cli``) calls :func:`add_commands` on its
 subparsers object and :func:`run` for these commands::
 
     iternn study [--config FILE] [--quick] [--jobs N] [--out DIR] [--shard i/n] [--no-pictures]
-    iternn train --dataset D --model M [--hidden H] [--density P] [--seed S] [--epochs E]
-                 [--lr LR] [--batch-size B] [--out DIR] [--resume] [--quiet]
+    iternn train --dataset D --model M [--hidden H] [--density P] [--extra-steps N] [--seed S]
+                 [--epochs E] [--lr LR] [--batch-size B] [--out DIR] [--resume] [--quiet]
     iternn bench [--quick]
 
 ``study`` runs the grid of a config (``--quick``: the built-in quick study, what ``make
@@ -102,7 +102,7 @@ def add_commands(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = (
     src = st.add_mutually_exclusive_group()
     src.add_argument("--config", metavar="FILE", help="a TOML study config")
     src.add_argument("--quick", action="store_true",
-                     help="the built-in quick study (a few minutes on 2 CPU cores; `make demo`)")
+                     help="the built-in quick study (about 1.5 minutes on 2 CPU cores; `make demo`)")
     st.add_argument("--jobs", type=positive_int, default=None, metavar="N",
                     help="parallel processes (default: the config's `jobs`)")
     st.add_argument("--out", metavar="DIR", default=None,
@@ -128,6 +128,9 @@ def add_commands(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = (
                          "default 32")
     tr.add_argument("--density", type=_density, default=None, metavar="P",
                     help="block density for sparse_map (0 < P < 1) or forced_map (0 < P <= 1)")
+    tr.add_argument("--extra-steps", type=_nonneg_int, default=0, metavar="N",
+                    help="dense_map/sparse_map: iterate N more times than the MLP has layers "
+                         "(1 makes every block of the six-block map live; default 0)")
     tr.add_argument("--seed", type=_nonneg_int, default=0, help="init and batch-order seed (default 0)")
     tr.add_argument("--data-seed", type=_nonneg_int, default=0, help="dataset split seed (default 0)")
     tr.add_argument("--data-path", metavar="DIR", default=None,
@@ -197,8 +200,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
                         "device": args.device}, args.seed)
     data = load_dataset(args.dataset, seed=args.data_seed, **options)
     model = build_model(args.model, data, hidden=hidden, density=args.density, seed=args.seed,
-                        activation=args.activation)
-    name = args.model + ("" if args.density is None else f"-d{args.density:g}")
+                        activation=args.activation, extra_steps=args.extra_steps)
+    name = args.model + ("" if args.density is None else f"-d{args.density:g}") \
+        + (f"-e{args.extra_steps}" if args.extra_steps else "")
     out = Path(args.out) if args.out else Path(f"iternn-train-{args.dataset}-{name}")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank = int(os.environ.get("RANK", "0") or 0)

@@ -92,6 +92,7 @@ __all__ = [
     "count_tolerance",
     "default_activation",
     "forced_map_densities",
+    "live_trainable",
     "make_mlp",
     "normalize_hidden",
     "recurrent_count",
@@ -133,6 +134,7 @@ class Family:
     build: Callable[..., nn.Module]
     description: str = ""
     is_map: bool = False
+    iterated: bool = False  # takes extra_steps (a held-input map iterated a fixed number of times)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -386,9 +388,9 @@ for _fam in (
     Family("mlp_map", FLAT_TASKS, "none", _build_mlp_map, "from_mlp(MLP): its exact block-map twin",
            is_map=True),
     Family("dense_map", FLAT_TASKS, "none", _build_dense_map,
-           "matched_map(MLP, density=1): dense six-block map", is_map=True),
+           "matched_map(MLP, density=1): dense six-block map", is_map=True, iterated=True),
     Family("sparse_map", FLAT_TASKS, "sparse", _build_sparse_map,
-           "matched_map(MLP, density=d): random-sparse six-block map", is_map=True),
+           "matched_map(MLP, density=d): random-sparse six-block map", is_map=True, iterated=True),
     Family("forced_map", SEQUENCE_TASKS, "any", _build_forced_map,
            "forced (x, h, y) map over the sequence, blocks hx, hh, yh at density d", is_map=True),
     Family("rnn", SEQUENCE_TASKS, "none", _recurrent_builder("rnn"), "nn.RNN + Linear readout"),
@@ -448,13 +450,17 @@ def check_feasible(family: str, data: Any, *, hidden: int | Sequence[int],
 
 
 def build_model(family: str, data: Any, *, hidden: int | Sequence[int], density: float | None = None,
-                seed: int = 0, activation: str | None = None, check: bool = True) -> nn.Module:
+                seed: int = 0, activation: str | None = None, extra_steps: int = 0,
+                check: bool = True) -> nn.Module:
     """Build one model of ``family`` for ``data`` at the budget ``hidden`` fixes.
 
-    With ``check=True`` (default) the trainable count is verified against :func:`budget`
-    within :func:`count_tolerance` (``RuntimeError`` otherwise; a built-in family never
-    fails it). Raises ``ValueError`` for an unknown family, a family that does not serve the
-    dataset's task, a bad density, hidden width or activation.
+    ``extra_steps`` (``dense_map``/``sparse_map`` only) iterates the map that many more
+    times than ``matched_map``'s default (the MLP's number of layers): see
+    :func:`live_trainable` for why that matters. With ``check=True`` (default) the
+    trainable count is verified against :func:`budget` within :func:`count_tolerance`
+    (``RuntimeError`` otherwise; a built-in family never fails it). Raises ``ValueError``
+    for an unknown family, a family that does not serve the dataset's task, a bad density,
+    hidden width, activation or ``extra_steps``.
     """
     fam = FAMILIES.get(family)
     if fam is None:
@@ -467,9 +473,16 @@ def build_model(family: str, data: Any, *, hidden: int | Sequence[int], density:
     widths = normalize_hidden(hidden, task)
     d = check_density(fam, density)
     act = _activation_name(task, activation)
+    if isinstance(extra_steps, bool) or not isinstance(extra_steps, int) or extra_steps < 0:
+        raise ValueError(f"extra_steps must be an int >= 0, got {extra_steps!r}")
+    if extra_steps and not fam.iterated:
+        raise ValueError(f"model {family!r} takes no extra_steps (only "
+                         f"{', '.join(f.name for f in FAMILIES.values() if f.iterated)} do)")
     with torch.random.fork_rng(devices=[]):  # no builder may move the caller's global RNG
         torch.manual_seed(seed)
         model = fam.build(data, widths, d, seed, act)
+    if extra_steps:
+        model.steps += extra_steps
     if check and family in _BUILTIN:
         target = budget(data, widths)
         got = count_trainable(model)
@@ -481,3 +494,64 @@ def build_model(family: str, data: Any, *, hidden: int | Sequence[int], density:
 
 
 _BUILTIN = frozenset(FAMILIES)
+
+
+def _nonzero_at_zero(act: nn.Module | None) -> bool:
+    if act is None:
+        return False
+    try:
+        with torch.no_grad():
+            return bool(act(torch.zeros(1)).ne(0).any())
+    except Exception:  # noqa: BLE001 - unknown module: assume it can be non-zero
+        return True
+
+
+def live_trainable(model: nn.Module) -> int:
+    """Trainable entries that can influence the output (the *live* ones).
+
+    For a :class:`~iternn.MapModule` (input held, Jacobi update, other slots starting at
+    zero, ``steps`` applications) a block ``F[d, s]`` is live when, at some application
+    ``k``, its source ``s`` can be non-zero at ``k - 1`` and slot ``d`` at ``k`` can still
+    reach the output by application ``steps``; a slot bias is live when its slot can reach
+    the output. Everything else gets no gradient, ever. Example: ``matched_map`` of a
+    one-hidden-layer MLP runs 2 applications, so in its six-block ``(x, h, y)`` map the
+    blocks ``F[h, h]`` and ``F[h, y]`` are dead (``h`` at application 2 is never read): at
+    low density they hold most of the "matched" budget. One more application
+    (``extra_steps=1``) makes every block live. Any other model: :func:`count_trainable`
+    (all of it; a forced map over ``T >= 2`` steps uses all its blocks).
+    """
+    from ..engine.map_module import MapModule
+
+    if not isinstance(model, MapModule):
+        return count_trainable(model)
+    m, inp, out, steps = model.map, model.input, model.output, model.steps
+    slots = list(m.slots)
+    edges = [(d, s) for d, s in m.edges if d != inp]  # blocks into a held slot never run
+    nonzero = [{s: s == inp for s in slots}]
+    for _ in range(steps):
+        prev = nonzero[-1]
+        cur = {}
+        for d in slots:
+            if d == inp:
+                cur[d] = True
+                continue
+            cur[d] = (m.bias(d) is not None or _nonzero_at_zero(m.activation(d))
+                      or any(prev[s] for dd, s in edges if dd == d))
+        nonzero.append(cur)
+    reach = [dict.fromkeys(slots, False) for _ in range(steps + 1)]
+    reach[steps][out] = True
+    for k in range(steps, 0, -1):
+        for d, s in edges:
+            if reach[k][d]:
+                reach[k - 1][s] = True
+        if inp in slots and reach[k][inp]:
+            reach[k - 1][inp] = True
+    live = 0
+    for d, s in edges:
+        if any(nonzero[k - 1][s] and reach[k][d] for k in range(1, steps + 1)):
+            live += count_trainable(m.block(d, s))
+    for d in slots:
+        b = m.bias(d)
+        if d != inp and b is not None and b.requires_grad and any(reach[k][d] for k in range(1, steps + 1)):
+            live += b.numel()
+    return live

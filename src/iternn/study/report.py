@@ -79,13 +79,16 @@ def group_stats(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     metrics, trainable count and wall time."""
     groups: dict[tuple, list[dict]] = {}
     for r in sorted(records, key=lambda r: r.get("index", 0)):
-        key = (r["label"], tuple(r["hidden"]), r["family"], r["density"])
+        key = (r["label"], tuple(r["hidden"]), r["family"], r["density"], r.get("extra_steps") or 0)
         groups.setdefault(key, []).append(r)
     rows = []
-    for (label, hidden, family, density), rs in groups.items():
+    for (label, hidden, family, density, extra), rs in groups.items():
         good = [r for r in rs if r["status"] in _OK]
         row: dict[str, Any] = {
             "label": label, "hidden": hidden, "family": family, "density": density,
+            "extra_steps": extra,
+            "steps": next((r["steps"] for r in rs if r.get("steps") is not None), None),
+            "live": next((r["live"] for r in rs if r.get("live") is not None), None),
             "task": rs[0]["task"], "budget": rs[0].get("budget"),
             "n": len(rs), "n_ok": len(good),
             "n_diverged": sum(r["status"] == "diverged" for r in rs),
@@ -114,8 +117,9 @@ def _values(row: dict[str, Any], key: str) -> list[float]:
 
 def compare(a: Sequence[float], b: Sequence[float], *, higher_better: bool = True) -> dict[str, Any]:
     """Is ``a`` better than ``b``? ``{"better", "diff", "t", "evidence", "n_a", "n_b"}``;
-    evidence is ``"clear"`` (>= 3 seeds each and ``|t| >= 2``), ``"weak"`` or ``"none"``
-    (one seed on a side, or no data)."""
+    evidence is ``"clear"`` (>= 3 seeds each and ``|t| >= 2``), ``"weak"`` (also when
+    neither side varies across seeds: ``t`` is then ``None``) or ``"none"`` (one seed on a
+    side, or no data)."""
     a = [x for x in a if x is not None]
     b = [x for x in b if x is not None]
     out: dict[str, Any] = {"n_a": len(a), "n_b": len(b), "better": None, "diff": None, "t": None,
@@ -128,9 +132,12 @@ def compare(a: Sequence[float], b: Sequence[float], *, higher_better: bool = Tru
     out["better"] = diff > 0 if higher_better else diff < 0
     if len(a) > 1 and len(b) > 1:
         se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
-        t = diff / se if se > 0 else (math.inf if diff else 0.0) * (1 if diff >= 0 else -1)
-        out["t"] = t
-        out["evidence"] = "clear" if len(a) >= 3 and len(b) >= 3 and abs(t) >= 2 else "weak"
+        if se > 0:
+            t = diff / se
+            out["t"] = t
+            out["evidence"] = "clear" if len(a) >= 3 and len(b) >= 3 and abs(t) >= 2 else "weak"
+        else:  # no spread across seeds at all: the noise cannot be estimated
+            out["evidence"] = "weak"
     return out
 
 
@@ -153,8 +160,13 @@ def _h(hidden: Sequence[int]) -> str:
     return "x".join(map(str, hidden))
 
 
-def _model_name(family: str, density: float | None) -> str:
-    return family if density is None else f"{family} d={density:g}"
+def _model_name(family: str, density: float | None, extra_steps: int = 0) -> str:
+    name = family if density is None else f"{family} d={density:g}"
+    return name + (f" +{extra_steps} step{'s' if extra_steps > 1 else ''}" if extra_steps else "")
+
+
+def _name(row: dict[str, Any]) -> str:
+    return _model_name(row["family"], row["density"], row.get("extra_steps") or 0)
 
 
 def _table(header: Sequence[str], rows: list[Sequence[Any]]) -> list[str]:
@@ -194,7 +206,7 @@ def _plot_acc_vs_params(rows: list[dict], label: str, path: Path) -> Path | None
     for r in rows:
         if r[key] is None or r["trainable"] is None:
             continue
-        name = _model_name(r["family"], r["density"])
+        name = _name(r)
         series.setdefault(name, []).append((r["trainable"], r[key], r[key + "_std"] or 0.0))
     if not series:
         return None
@@ -224,9 +236,10 @@ def _plot_acc_vs_density(rows: list[dict], label: str, hidden: tuple[int, ...], 
         if r[key] is None:
             continue
         if r["density"] is None:
-            refs.append((r["family"], r[key], r[key + "_std"] or 0.0))
+            refs.append((_name(r), r[key], r[key + "_std"] or 0.0))
         else:
-            by_fam.setdefault(r["family"], []).append((r["density"], r[key], r[key + "_std"] or 0.0))
+            fam = _model_name(r["family"], None, r.get("extra_steps") or 0)
+            by_fam.setdefault(fam, []).append((r["density"], r[key], r[key + "_std"] or 0.0))
     if not by_fam:
         return None
     fig = _figure()
@@ -270,7 +283,7 @@ def _plot_curves(rows: list[dict], label: str, path: Path) -> Path | None:
             vals = [c[e] for c in curves if e < len(c) and c[e] is not None]
             mean.append(statistics.fmean(vals) if vals else float("nan"))
         ax.plot(range(1, length + 1), mean, marker="." if length < 30 else None,
-                label=_model_name(r["family"], r["density"]))
+                label=_name(r))
         drawn += 1
     if not drawn:
         return None
@@ -331,7 +344,7 @@ def _verdict(c: dict[str, Any], what: str, a_row: dict, b_row: dict,
     t = "" if c["t"] is None else f", t = {c['t']:.1f}"
     near = ""
     if chance is not None and a_row.get("test_acc") is not None and b_row.get("test_acc") is not None:
-        low = [_model_name(r["family"], r["density"]) for r in (a_row, b_row)
+        low = [_name(r) for r in (a_row, b_row)
                if r["test_acc"] < chance + 0.05]
         if len(low) == 2:
             near = (f" — **both within 5 points of chance ({100 * chance:.0f} %): the comparison is "
@@ -371,14 +384,14 @@ def _claims(config: StudyConfig, stats: list[dict], records: list[dict],
             hr = [r for r in rows if tuple(r["hidden"]) == hidden]
             if not hr:
                 continue
-            get = {(_model_name(r["family"], r["density"])): r for r in hr}
+            get = {_name(r): r for r in hr}
             fam = lambda f: [r for r in hr if r["family"] == f]  # noqa: E731
             budget = hr[0].get("budget")
             lines.append(f"Budget: hidden {_h(hidden)} = {budget} trainable parameters.")
             lines.append("")
             cmp = lambda a, b: compare(_values(a, vals), _values(b, vals), higher_better=hib)  # noqa: E731
             if ds.task != "sequence":
-                mlp, twin, dense = get.get("mlp"), get.get("mlp_map"), get.get("dense_map")
+                mlp, twin = get.get("mlp"), get.get("mlp_map")
                 sparse = [r for r in fam("sparse_map") if r["n_ok"]]
                 if mlp and twin:
                     pairs = {}
@@ -400,36 +413,64 @@ def _claims(config: StudyConfig, stats: list[dict], records: list[dict],
                             f"|Δ {key}| over {len(diffs)} seed(s): {mx:.3g}{unit} "
                             + ("(identical up to float rounding)" if same else
                                "(float rounding in a different evaluation order grows during training)"))
-                if sparse and mlp and mlp["n_ok"]:
-                    best = _best_by_val(sparse, ds.task)
-                    c = cmp(best, mlp)
+                extras = sorted({r.get("extra_steps") or 0 for r in hr
+                                 if r["family"] in ("dense_map", "sparse_map")}) or [0]
+                best_per_extra = {}
+                for e in extras:
+                    sp = [r for r in sparse if (r.get("extra_steps") or 0) == e]
+                    dn = next((r for r in fam("dense_map") if (r.get("extra_steps") or 0) == e), None)
+                    steps = next((r["steps"] for r in sp + ([dn] if dn else []) if r.get("steps")), None)
+                    tag = f" [maps iterated {steps} times{f', +{e}' if e else ''}]" if steps else ""
+                    if len(extras) > 1:
+                        lines.append(f"- With {'the default number of' if not e else f'{e} extra'} "
+                                     f"application{'s' if e != 1 else ''}{tag}:")
+                    pre = "  - " if len(extras) > 1 else "- "
+                    sub = "    - " if len(extras) > 1 else "  - "
+                    if sp and mlp and mlp["n_ok"]:
+                        best = _best_by_val(sp, ds.task)
+                        best_per_extra[e] = best
+                        lines.append(pre + _verdict(
+                            cmp(best, mlp), f"*A random-sparse map at the same budget beats the MLP* (best "
+                                            f"density by validation: d={best['density']:g})", best, mlp, chance))
+                        wins = [r["density"] for r in sp if cmp(r, mlp)["better"]]
+                        lines.append(f"{sub}densities whose mean beats the MLP: "
+                                     f"{', '.join(f'{d:g}' for d in wins) if wins else 'none'} "
+                                     f"(of {', '.join(format(r['density'], 'g') for r in sp)})")
+                    if sp and dn and dn["n_ok"]:
+                        best = _best_by_val(sp, ds.task)
+                        lines.append(pre + _verdict(
+                            cmp(best, dn), f"*Some sparsity beats the dense map at the same budget* (best "
+                                           f"density by validation: d={best['density']:g})", best, dn, chance))
+                        wins = [r["density"] for r in sp if cmp(r, dn)["better"]]
+                        ds_sorted = sorted(r["density"] for r in sp)
+                        interior = [d for d in wins if d != ds_sorted[0]]
+                        band = ("an intermediate band (" + ", ".join(f"{d:g}" for d in interior)
+                                + ") beats dense" if interior and len(ds_sorted) > 1 else
+                                "no intermediate band beats dense" if not wins else
+                                "only the sparsest density tested beats dense")
+                        lines.append(f"{sub}densities whose mean beats dense_map: "
+                                     f"{', '.join(f'{d:g}' for d in wins) if wins else 'none'} → {band} "
+                                     "(the paper's direction: a band of intermediate sparsity beats dense)")
+                    if dn and mlp and dn["n_ok"] and mlp["n_ok"]:
+                        lines.append(pre + _verdict(cmp(dn, mlp),
+                                                    "*The dense map beats the MLP at (about) the same budget*",
+                                                    dn, mlp, chance))
+                    dead = [r for r in sp + ([dn] if dn else [])
+                            if r.get("live") is not None and r.get("trainable") and r["live"] < r["trainable"]]
+                    if dead:
+                        lines.append(f"{sub}**caveat: dead parameters.** Only part of these maps' trainable "
+                                     "entries can reach the output in their applications: "
+                                     + "; ".join(f"{_name(r)}: {r['live']} of {r['trainable']} live "
+                                                 f"({100 * r['live'] / r['trainable']:.0f} %)" for r in dead)
+                                     + ". The comparison is at equal *trainable* count, not equal *live* "
+                                     "count" + (" (see the extra-step variants)" if len(extras) > 1 else
+                                                " (run `extra_steps = [0, 1]` to compare)") + ".")
+                if len(best_per_extra) > 1:
+                    lo, hi = min(best_per_extra), max(best_per_extra)
+                    a, b = best_per_extra[hi], best_per_extra[lo]
                     lines.append("- " + _verdict(
-                        c, f"*A random-sparse map at the same budget beats the MLP* (best density by "
-                           f"validation: d={best['density']:g})", best, mlp, chance))
-                    wins = [r["density"] for r in sparse if cmp(r, mlp)["better"]]
-                    lines.append(f"  - densities whose mean beats the MLP: "
-                                 f"{', '.join(f'{d:g}' for d in wins) if wins else 'none'} "
-                                 f"(of {', '.join(format(r['density'], 'g') for r in sparse)})")
-                if sparse and dense and dense["n_ok"]:
-                    best = _best_by_val(sparse, ds.task)
-                    c = cmp(best, dense)
-                    lines.append("- " + _verdict(
-                        c, f"*Some sparsity beats the dense map at the same budget* (best density by "
-                           f"validation: d={best['density']:g})", best, dense, chance))
-                    wins = [r["density"] for r in sparse if cmp(r, dense)["better"]]
-                    ds_sorted = sorted(r["density"] for r in sparse)
-                    interior = [d for d in wins if d != ds_sorted[0]]
-                    band = ("an intermediate band (" + ", ".join(f"{d:g}" for d in interior) + ") beats dense"
-                            if interior and len(ds_sorted) > 1 else
-                            "no intermediate band beats dense" if not wins else
-                            "only the sparsest density tested beats dense")
-                    lines.append(f"  - densities whose mean beats dense_map: "
-                                 f"{', '.join(f'{d:g}' for d in wins) if wins else 'none'} → {band} "
-                                 "(the paper's direction: a band of intermediate sparsity beats dense)")
-                if dense and mlp and dense["n_ok"] and mlp["n_ok"]:
-                    lines.append("- " + _verdict(cmp(dense, mlp),
-                                                 "*The dense map beats the MLP at (about) the same budget*",
-                                                 dense, mlp, chance))
+                        cmp(a, b), f"*Iterating the sparse map more often helps* (best sparse map with "
+                                   f"+{hi} vs +{lo} applications, each chosen by validation)", a, b, chance))
             else:
                 forced = [r for r in fam("forced_map") if r["n_ok"]]
                 sparse = [r for r in forced if r["density"] is not None and r["density"] < 1]
@@ -538,7 +579,10 @@ def write_report(config: StudyConfig, out_dir: str | Path, *, records: list[dict
              "count (flat tasks) or the dense forced map's (sequences). `mlp_map` and `sparse_map` "
              "and `forced_map` match it exactly; `dense_map` has at most the budget and misses it by "
              "less than one hidden unit; `rnn`/`gru`/`lstm` take the hidden width whose count is "
-             "closest (see `iternn.study.models`).")
+             "closest (see `iternn.study.models`). *Live*: the trainable entries that can reach the "
+             "output within the model's applications (`iternn.study.models.live_trainable`); the "
+             "others never get a gradient. *Steps*: applications of a held-input map (`+n`: extra "
+             "applications beyond the MLP's number of layers).")
     L.append("")
     from .models import FAMILIES
 
@@ -547,12 +591,23 @@ def write_report(config: StudyConfig, out_dir: str | Path, *, records: list[dict
         for hidden in ds.hidden:
             for r in stats:
                 if r["label"] == ds.label and tuple(r["hidden"]) == hidden:
-                    b, t = r.get("budget"), r.get("trainable")
+                    b, t, lv = r.get("budget"), r.get("trainable"), r.get("live")
                     diff = "–" if b is None or t is None else f"{t - b:+d}"
-                    fam_rows.append([ds.label, _h(hidden), _model_name(r["family"], r["density"]),
+                    live = "–" if lv is None else (f"{lv}" if t is None or lv == t else
+                                                    f"**{lv}** ({100 * lv / t:.0f} %)")
+                    fam_rows.append([ds.label, _h(hidden), _name(r),
                                      FAMILIES[r["family"]].description if r["family"] in FAMILIES else "",
-                                     "–" if b is None else b, "–" if t is None else t, diff])
-    L += _table(["dataset", "hidden", "model", "what", "budget", "trainable", "vs budget"], fam_rows)
+                                     "–" if r.get("steps") is None else r["steps"],
+                                     "–" if b is None else b, "–" if t is None else t, diff, live])
+    L += _table(["dataset", "hidden", "model", "what", "steps", "budget", "trainable", "vs budget",
+                 "live"], fam_rows)
+    dead = [r for r in stats if r.get("live") is not None and r.get("trainable") and r["live"] < r["trainable"]]
+    if dead:
+        L += ["", f"**{len(dead)} model(s) have dead parameters** (live < trainable, in bold above): "
+              "a held-input map iterated as many times as the MLP has layers never carries its "
+              "`h <- h` and `h <- y` blocks to the output, so at low density most of its 'matched' "
+              "budget cannot learn. Their comparisons are at equal trainable, not equal live, count; "
+              "one extra application (`extra_steps = [0, 1]` in the config) makes every block live."]
 
     # -- results
     L += ["", "## Results", ""]
@@ -566,7 +621,8 @@ def write_report(config: StudyConfig, out_dir: str | Path, *, records: list[dict
         L += ["", f"### {ds.label}", ""]
         table = []
         for r in rs:
-            table.append([_h(r["hidden"]), r["family"], "–" if r["density"] is None else f"{r['density']:g}",
+            table.append([_h(r["hidden"]), _model_name(r["family"], None, r.get("extra_steps") or 0),
+                          "–" if r["density"] is None else f"{r['density']:g}",
                           "–" if r["trainable"] is None else r["trainable"],
                           f"{r['n_ok']}/{r['n_diverged']}/{r['n_failed']}/{r['n_missing']}",
                           _ms(r["test_acc"], r["test_acc_std"], True),
@@ -643,7 +699,7 @@ def write_report(config: StudyConfig, out_dir: str | Path, *, records: list[dict
             L.append(f"Here: the MLP with hidden {_h(big['hidden'])} ({big['budget']} parameters) reached "
                      f"{_score_text(big)} against the published MLP's ~68 %.")
         if best is not None:
-            L.append(f"Best model here: {_model_name(best['family'], best['density'])} with hidden "
+            L.append(f"Best model here: {_name(best)} with hidden "
                      f"{_h(best['hidden'])}: {_score_text(best)}.")
     else:
         L.append("(MNIST-1D was not part of this study.)")

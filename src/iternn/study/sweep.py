@@ -88,7 +88,8 @@ DONE_STATUSES = ("ok", "early_stopped", "diverged")
 #: ``diverged_at``). ``wall_time_s``: the training's wall time (all sessions, if resumed);
 #: ``run_time_s``: the whole run in its process, data loading and model building included.
 RECORD_FIELDS = ("run_id", "index", "label", "dataset", "task", "family", "hidden", "density",
-                 "seed", "activation", "budget", "trainable", "status", "epochs_run",
+                 "extra_steps", "steps", "seed", "activation", "budget", "trainable", "live",
+                 "status", "epochs_run",
                  "best_epoch", "best_val_loss", "val_acc", "test_loss", "test_acc",
                  "wall_time_s", "run_time_s", "error")
 
@@ -109,14 +110,18 @@ class Run:
     seed: int
     activation: str
     train: dict[str, Any]
+    extra_steps: int = 0
     threads: int = 1
 
     @property
     def run_id(self) -> str:
-        """Unique folder name: ``label__family__h32[-16]__d0.1__s0`` (no ``__d`` without density)."""
+        """Unique folder name: ``label__family__h32[-16]__d0.1__e1__s0`` (no ``__d`` without a
+        density, no ``__e`` without extra steps)."""
         parts = [self.label, self.family, "h" + "-".join(map(str, self.hidden))]
         if self.density is not None:
             parts.append(f"d{self.density!r}")
+        if self.extra_steps:
+            parts.append(f"e{self.extra_steps}")
         parts.append(f"s{self.seed}")
         return "__".join(parts)
 
@@ -125,6 +130,8 @@ class Run:
         d = asdict(self)
         d.pop("index")
         d.pop("threads")
+        if not d["extra_steps"]:
+            d.pop("extra_steps")  # fingerprints of runs without extra steps stay as they were
         d["hidden"] = list(self.hidden)
         return d
 
@@ -151,7 +158,7 @@ class SweepResult:
 
 
 def expand(config: StudyConfig) -> list[Run]:
-    """All runs of the grid, in order (dataset, budget, model, density, seed)."""
+    """All runs of the grid, in order (dataset, budget, model, density, extra steps, seed)."""
     from .models import FAMILIES
 
     runs: list[Run] = []
@@ -164,14 +171,16 @@ def expand(config: StudyConfig) -> list[Run]:
                     dens = [None]
                 else:
                     dens = [d for d in ds.densities if fam.density == "any" or d < 1]
+                extras = ds.extra_steps if fam.iterated else (0,)
                 for d in dens:
-                    for seed in ds.seeds:
-                        runs.append(Run(index=len(runs), label=ds.label, dataset=ds.name,
-                                        task=ds.task, options=dict(ds.options),
-                                        data_seed=config.data_seed, family=family,
-                                        hidden=tuple(hidden), density=d, seed=seed,
-                                        activation=ds.activation, train=dict(ds.train),
-                                        threads=config.threads))
+                    for extra in extras:
+                        for seed in ds.seeds:
+                            runs.append(Run(index=len(runs), label=ds.label, dataset=ds.name,
+                                            task=ds.task, options=dict(ds.options),
+                                            data_seed=config.data_seed, family=family,
+                                            hidden=tuple(hidden), density=d, seed=seed,
+                                            activation=ds.activation, train=dict(ds.train),
+                                            extra_steps=extra, threads=config.threads))
     return runs
 
 
@@ -275,7 +284,7 @@ def base_record(run: Run) -> dict[str, Any]:
     rec: dict[str, Any] = {k: None for k in RECORD_FIELDS}
     rec.update(run_id=run.run_id, index=run.index, label=run.label, dataset=run.dataset,
                task=run.task, family=run.family, hidden=list(run.hidden), density=run.density,
-               seed=run.seed, activation=run.activation, status="missing",
+               extra_steps=run.extra_steps, seed=run.seed, activation=run.activation, status="missing",
                fingerprint=run.fingerprint(), train=dict(run.train), metrics=[])
 
     try:
@@ -292,7 +301,7 @@ def run_one(run: Run, study_dir: str | Path, *, log: Callable[[str], Any] | None
     import torch
 
     from ..core.summary import count_trainable
-    from .models import build_model
+    from .models import build_model, live_trainable
     from .train import train
 
     run_dir = Path(study_dir) / RUNS_DIR / run.run_id
@@ -308,8 +317,10 @@ def run_one(run: Run, study_dir: str | Path, *, log: Callable[[str], Any] | None
 
         def fit(resume: bool):
             model = build_model(run.family, data, hidden=run.hidden, density=run.density,
-                                seed=run.seed, activation=run.activation)
+                                seed=run.seed, activation=run.activation, extra_steps=run.extra_steps)
             rec["trainable"] = count_trainable(model)
+            rec["live"] = live_trainable(model)
+            rec["steps"] = getattr(model, "steps", None)
             return train(model, data, cfg, out_dir=run_dir, resume=resume, progress=False, log=None)
 
         # Resume only a checkpoint this very run wrote (same fingerprint): a folder left by a
