@@ -12,7 +12,7 @@ from torch import nn
 import iternn
 
 
-def _close(a: dict, b: dict, tol=1e-10):
+def _assert_close(a: dict, b: dict, tol=1e-10):
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].shape == b[k].shape, k
@@ -39,7 +39,7 @@ def test_unforced_matches_reference(m, steps, hold_mask, trajectory, update, par
         assert all(v.shape[0] == 0 for v in got.values())
         return
     want = reference_iterate(m, full, steps, hold=hold, trajectory=trajectory, update=update)
-    _close(got, want)
+    _assert_close(got, want)
 
 
 @given(
@@ -62,7 +62,7 @@ def test_forced_matches_reference(m, steps, n_forced, inner, trajectory, update,
                          trajectory=trajectory, update=update)
     want = reference_iterate(m, state, steps, hold=hold, force=force, inner=inner,
                              trajectory=trajectory, update=update)
-    _close(got, want)
+    _assert_close(got, want)
 
 
 @settings(max_examples=15)
@@ -126,11 +126,11 @@ def test_acyclic_wavefront_is_fixed_point_after_depth():
     assert iternn.depth(m, ["x"]) == 3
     at_depth = iternn.iterate(m, {"x": x}, 3, hold=["x"])
     for extra in (4, 7):
-        _close(iternn.iterate(m, {"x": x}, extra, hold=["x"]), at_depth, tol=0)
+        _assert_close(iternn.iterate(m, {"x": x}, extra, hold=["x"]), at_depth, tol=0)
     # one more application by hand changes nothing either: a fixed point
     again = m(at_depth)
     again["x"] = x
-    _close(again, at_depth, tol=0)
+    _assert_close(again, at_depth, tol=0)
 
 
 def test_ordered_update_finishes_acyclic_map_in_one_application():
@@ -154,7 +154,7 @@ def test_batch_dims_any_rank():
     got = iternn.iterate(m, {}, 5, force={"x": xs}, trajectory=True)
     want = reference_iterate(m, {"x": xs[0], "h": torch.zeros(2, 4, 3, dtype=torch.float64)},
                              5, force={"x": xs}, trajectory=True)
-    _close(got, want)
+    _assert_close(got, want)
     assert got["h"].shape == (5, 2, 4, 3)
 
 
@@ -282,7 +282,7 @@ def test_identity_fed_recurrence_leaves_caller_and_other_slots_alone(grad, updat
     with torch.set_grad_enabled(grad):
         got = iternn.iterate(m, {}, 5, force={"x": xs}, trajectory=True, update=update)
     assert torch.equal(xs, xs_copy)
-    _close(got, want, tol=1e-6)
+    _assert_close(got, want, tol=1e-6)
 
 
 def test_bias_only_source_feeding_a_recurrence_under_no_grad():
@@ -295,7 +295,7 @@ def test_bias_only_source_feeding_a_recurrence_under_no_grad():
                              update="ordered")
     want = reference_iterate(m, {s: torch.zeros(1, 2) for s in m.slots}, 3,
                              force={"x": torch.zeros(3, 1, 2)}, trajectory=True, update="ordered")
-    _close(got, want, tol=1e-6)
+    _assert_close(got, want, tol=1e-6)
     assert torch.equal(m.bias("u"), torch.tensor([0.5, -0.5]))
 
 
@@ -347,7 +347,7 @@ def test_pruned_linear_block_is_called_with_its_hooks():
     lin = m.connect("h", "h", nn.Linear(3, 3))
     prune.l1_unstructured(lin, "weight", amount=0.4)
     h0 = torch.randn(2, 3)
-    _close(iternn.iterate(m, {"h": h0}, 3), reference_iterate(m, {"h": h0}, 3), tol=1e-6)
+    _assert_close(iternn.iterate(m, {"h": h0}, 3), reference_iterate(m, {"h": h0}, 3), tol=1e-6)
 
 
 def test_steps_zero_with_empty_forced_sequence():
@@ -403,4 +403,4 @@ def test_sparse_blocks_are_batched_over_a_forced_sequence():
     got = iternn.iterate(m, {}, 6, force={"x": xs}, trajectory=True)
     want = reference_iterate(m, {"x": xs[0], "h": torch.zeros(3, 4, dtype=torch.float64)}, 6,
                              force={"x": xs}, trajectory=True)
-    _close(got, want)
+    _assert_close(got, want)
