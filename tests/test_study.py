@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from iternn import count_trainable
+from iternn.cli import main as cli_main
 from iternn.sparse import six_block_counts
-from iternn.study import commands, models
+from iternn.study import commands
 from iternn.study.config import (
     DEFAULT,
     QUICK,
@@ -36,7 +37,7 @@ from iternn.study.models import (
     recurrent_count,
     recurrent_width,
 )
-from iternn.study.report import REPORT_NAME, SECTIONS, compare
+from iternn.study.report import REPORT_NAME, SECTIONS, _band_reading, compare, write_report
 from iternn.study.sweep import (
     expand,
     parse_shard,
@@ -213,6 +214,8 @@ def _cfg(**top) -> dict:
     (_cfg(train={"epochs": 0}), r"^train\.epochs must be an int >= 1, got 0$"),
     (_cfg(train={"optimizer": "adagrad"}), r"^train\.optimizer must be one of"),
     (_cfg(train={"seed": 1}), r"^train\.seed: not allowed"),
+    (_cfg(train={"tensorboard": "yes"}), r"^train\.tensorboard must be true or false, got 'yes'$"),
+    (_cfg(train={"tensorboard": 1}), r"^train\.tensorboard must be true or false, got 1$"),
     (_cfg(seeds=[]), r"^seeds must be a non-empty list"),
     (_cfg(seeds=[0, 0]), r"^seeds must be a list of distinct seeds"),
     (_cfg(jobs=0), r"^jobs must be an int >= 1, got 0$"),
@@ -304,6 +307,14 @@ def test_grid_expansion_and_shards():
     r0 = runs[0]
     assert r0.fingerprint() == dataclasses.replace(r0, threads=4, index=9).fingerprint()
     assert r0.fingerprint() != dataclasses.replace(r0, train={**r0.train, "epochs": 2}).fingerprint()
+    # TensorBoard is logging: switching it, or a train table from before the key existed,
+    # leaves the fingerprint (and so the reuse of finished runs) as it was
+    assert r0.train["tensorboard"] is False
+    assert r0.fingerprint() == dataclasses.replace(r0, train={**r0.train, "tensorboard": True}).fingerprint()
+    old = {k: v for k, v in r0.train.items() if k != "tensorboard"}
+    assert r0.fingerprint() == dataclasses.replace(r0, train=old).fingerprint()
+    assert loads(TINY_TOML.replace("epochs = 1\n", "epochs = 1\ntensorboard = true\n", 1)
+                 ).datasets[0].train["tensorboard"] is True
 
 
 # --------------------------------------------------------------------------- end to end
@@ -458,6 +469,80 @@ def test_compare_evidence_rules():
     assert c["better"] is True and c["t"] is None and c["evidence"] == "weak"
 
 
+# --------------------------------------------------------------------------- claim wording
+
+_BAND_TOML = """
+name = "band"
+seeds = [0, 1, 2]
+[[datasets]]
+name = "digits"
+models = ["dense_map", "sparse_map"]
+densities = [0.05, 0.2, 0.5, 0.75]
+hidden = [32]
+"""
+
+
+def _band_records(config, sparse_acc: dict[float, float], dense_acc: float) -> list[dict]:
+    """Hand-made records of a finished sweep (every run ok; accuracies per density with a
+    small spread over the seeds)."""
+    records = []
+    for run in expand(config):
+        acc = dense_acc if run.family == "dense_map" else sparse_acc[run.density]
+        acc += 0.002 * run.seed
+        records.append({
+            "run_id": run.run_id, "index": run.index, "label": run.label, "dataset": run.dataset,
+            "task": run.task, "family": run.family, "hidden": list(run.hidden),
+            "density": run.density, "extra_steps": 0, "steps": 2, "seed": run.seed,
+            "budget": 1000, "trainable": 1000, "live": 1000, "status": "ok", "epochs_run": 3,
+            "best_epoch": 3, "best_val_loss": 1.0 - acc, "val_acc": acc, "test_loss": 1.0 - acc,
+            "test_acc": acc, "wall_time_s": 1.0, "run_time_s": 1.0, "error": None, "metrics": []})
+    return records
+
+
+def _band_line(tmp_path, sparse_acc: dict[float, float], dense_acc: float) -> str:
+    config = loads(_BAND_TOML)
+    report = write_report(config, tmp_path, records=_band_records(config, sparse_acc, dense_acc),
+                          pictures=False, datasets={})
+    lines = [ln for ln in report.read_text().splitlines() if "densities whose mean beats dense_map" in ln]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_band_wording_tells_the_densest_win_from_an_intermediate_band(tmp_path):
+    # only the densest density tested (0.75, the closest to dense) wins: not a band
+    line = _band_line(tmp_path / "a", {0.05: 0.80, 0.2: 0.82, 0.5: 0.84, 0.75: 0.95}, 0.90)
+    assert "densities whose mean beats dense_map: 0.75 (of 0.05, 0.2, 0.5, 0.75)" in line
+    assert "only the densest density tested (0.75, the one closest to dense) beats dense" in line
+    assert "an intermediate band" not in line and ": no intermediate band" in line
+    # 0.2 and 0.5 win, neither end does: an intermediate band
+    line = _band_line(tmp_path / "b", {0.05: 0.80, 0.2: 0.95, 0.5: 0.96, 0.75: 0.85}, 0.90)
+    assert "densities whose mean beats dense_map: 0.2, 0.5 (of 0.05, 0.2, 0.5, 0.75)" in line
+    assert "→ an intermediate band (0.2, 0.5) beats dense" in line
+    # nothing wins
+    line = _band_line(tmp_path / "c", {0.05: 0.80, 0.2: 0.81, 0.5: 0.82, 0.75: 0.83}, 0.90)
+    assert "beats dense_map: none (of" in line and "no density tested beats dense" in line
+
+
+def test_band_reading_cases():
+    grid = [0.05, 0.2, 0.5, 0.75]
+    assert _band_reading([], grid) == "no density tested beats dense"
+    assert _band_reading([0.05], grid) == "only the sparsest density tested (0.05) beats dense: no intermediate band"
+    assert _band_reading([0.75], grid).startswith("only the densest density tested (0.75, the one closest")
+    assert _band_reading([0.5, 0.2], grid) == "an intermediate band (0.2, 0.5) beats dense"
+    five = [0.05, 0.1, 0.2, 0.5, 0.75]
+    assert _band_reading([0.1, 0.5], five) == ("intermediate densities (0.1, 0.5) beat dense, but not as one "
+                                              "band: 0.2 between them does not")
+    spread = _band_reading([0.05, 0.2], grid)
+    assert "include the sparsest density tested (0.05), so" in spread and "no edge of a band at the sparse end" in spread
+    assert "not an intermediate band" in spread
+    spread = _band_reading([0.5, 0.75], grid)
+    assert "include the densest density tested (0.75), so" in spread and "at the dense end" in spread
+    assert "both the sparsest (0.05) and the densest (0.75) density tested" in _band_reading([0.05, 0.75], grid)
+    assert _band_reading(grid, grid).startswith("every density tested (0.05, 0.2, 0.5, 0.75) beats dense")
+    assert _band_reading([0.1], [0.1]).startswith("the only density tested (0.1) beats dense")
+    assert _band_reading([0.5], [0.1, 0.5]).startswith("only the densest")  # two densities: no interior
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -472,39 +557,39 @@ def test_cli_study_and_train_exit_codes(tmp_path, capsys):
     cfg = tmp_path / "tiny.toml"
     cfg.write_text('name = "cli"\nseeds = [0]\n[train]\nepochs = 1\n[[datasets]]\nname = "digits"\n'
                    'models = ["mlp", "sparse_map"]\ndensities = [0.5]\nhidden = [8]\n')
-    assert commands.main(["study", "--config", str(cfg), "--out", str(tmp_path / "s"),
+    assert cli_main(["study", "--config", str(cfg), "--out", str(tmp_path / "s"),
                           "--no-pictures", "--quiet"]) == 0
     assert f"report written to {tmp_path / 's' / 'report.md'}" in capsys.readouterr().out
-    assert commands.main(["study", "--config", str(tmp_path / "missing.toml")]) == 1
+    assert cli_main(["study", "--config", str(tmp_path / "missing.toml")]) == 1
     assert "missing.toml does not exist" in _err_line(capsys)
     (tmp_path / "bad.toml").write_text('[train]\nlr = -1\n[[datasets]]\nname = "digits"\n')
-    assert commands.main(["study", "--config", str(tmp_path / "bad.toml")]) == 1
+    assert cli_main(["study", "--config", str(tmp_path / "bad.toml")]) == 1
     assert _err_line(capsys).endswith("train.lr must be > 0, got -1")
     (tmp_path / "small.toml").write_text('[[datasets]]\nname = "digits"\nmodels = ["dense_map"]\nhidden = [8]\n')
-    assert commands.main(["study", "--config", str(tmp_path / "small.toml"), "--out", str(tmp_path / "z")]) == 1
+    assert cli_main(["study", "--config", str(tmp_path / "small.toml"), "--out", str(tmp_path / "z")]) == 1
     assert "datasets[0].hidden[0] ([8]): dense_map: budget 610 is below the smallest" in _err_line(capsys)
     with pytest.raises(ConfigError):  # --debug: the exception, not the line
-        commands.main(["--debug", "study", "--config", str(tmp_path / "bad.toml")])
+        cli_main(["--debug", "study", "--config", str(tmp_path / "bad.toml")])
     for argv in (["study", "--shard", "3/2"], ["study", "--quick", "--config", "x"],
                  ["study", "--jobs", "0"], ["train", "--model", "mlp"], ["nope"]):
         with pytest.raises(SystemExit) as exc:
-            commands.main(argv)
+            cli_main(argv)
         assert exc.value.code == 2, argv
     capsys.readouterr()
 
     run_dir = tmp_path / "t"
     argv = ["train", "--dataset", "digits", "--model", "sparse_map", "--density", "0.5", "--hidden", "8",
             "--extra-steps", "1", "--epochs", "2", "--out", str(run_dir), "--quiet"]
-    assert commands.main(argv) == 0
+    assert cli_main(argv) == 0
     out = capsys.readouterr().out
     summary = json.loads(out.splitlines()[0])
     assert summary["status"] == "ok" and summary["epochs_run"] == 2 and summary["trainable"] == 610
     assert (run_dir / "metrics.csv").is_file() and (run_dir / "checkpoint.pt").is_file()
-    assert commands.main(argv + ["--resume"]) == 0  # a finished run: same result
+    assert cli_main(argv + ["--resume"]) == 0  # a finished run: same result
     assert json.loads(capsys.readouterr().out.splitlines()[0])["test_acc"] == summary["test_acc"]
-    assert commands.main(["train", "--dataset", "digits", "--model", "lstm", "--out", str(tmp_path / "x")]) == 1
+    assert cli_main(["train", "--dataset", "digits", "--model", "lstm", "--out", str(tmp_path / "x")]) == 1
     assert "model 'lstm' serves sequence datasets" in _err_line(capsys)
-    assert commands.main(["train", "--dataset", "nope", "--model", "mlp", "--out", str(tmp_path / "y")]) == 1
+    assert cli_main(["train", "--dataset", "nope", "--model", "mlp", "--out", str(tmp_path / "y")]) == 1
     assert "unknown dataset 'nope'" in _err_line(capsys)
 
 
@@ -516,12 +601,12 @@ def test_cli_bench_locates_the_benchmarks(tmp_path, monkeypatch, capsys):
     fake.write_text("import json\ndef main(argv):\n    print('ARGV', json.dumps(argv))\n"
                     "    return 1 if argv == [] else 0\n")
     monkeypatch.setattr(commands, "find_benchmarks", lambda: fake)
-    assert commands.main(["bench", "--quick"]) == 0
+    assert cli_main(["bench", "--quick"]) == 0
     assert 'ARGV ["--quick"]' in capsys.readouterr().out
-    assert commands.main(["bench"]) == 1  # the benchmark reported a failed check
+    assert cli_main(["bench"]) == 1  # the benchmark reported a failed check
     assert "exited with status 1" in _err_line(capsys)
     monkeypatch.setattr(commands, "find_benchmarks", lambda: None)
-    assert commands.main(["bench"]) == 1
+    assert cli_main(["bench"]) == 1
     assert "benchmarks/run.py not found" in _err_line(capsys)
 
 

@@ -5,20 +5,21 @@ subparsers object and :func:`run` for these commands::
 
     iternn study [--config FILE] [--quick] [--jobs N] [--out DIR] [--shard i/n] [--no-pictures]
     iternn train --dataset D --model M [--hidden H] [--density P] [--extra-steps N] [--seed S]
-                 [--epochs E] [--lr LR] [--batch-size B] [--out DIR] [--resume] [--quiet]
+                 [--epochs E] [--lr LR] [--batch-size B] [--out DIR] [--resume] [--tensorboard]
+                 [--quiet]
     iternn bench [--quick]
 
 ``study`` runs the grid of a config (``--quick``: the built-in quick study, what ``make
 demo`` runs; neither: the built-in default study) into ``--out`` (default
 ``./iternn-study-<config name>``) and prints where ``report.md`` is. ``train`` trains one
-model of one family; under ``torchrun --nproc_per_node=N`` it trains data-parallel
-(:mod:`iternn.study.distributed`). ``bench`` runs ``benchmarks/run.py`` of the source
-checkout.
+model of one family (``--tensorboard``: also TensorBoard events in ``OUT/tensorboard``,
+needs ``pip install 'iternn[tensorboard]'``); under ``torchrun --nproc_per_node=N`` it
+trains data-parallel (:mod:`iternn.study.distributed`). ``bench`` runs
+``benchmarks/run.py`` of the source checkout.
 
 :func:`run` returns the exit code: 0 success, 1 failure — one line ``iternn: error: ...``
-on stderr (the traceback instead when ``args.debug`` is set). Bad usage is argparse's
-exit 2. :func:`main` is a stand-alone parser with just these commands (for tests and
-``python -m iternn.study.commands``).
+on stderr (the traceback instead when ``args.debug`` is set), a missing optional package
+included. Bad usage is argparse's exit 2.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COMMANDS", "add_commands", "run", "main", "find_benchmarks"]
+__all__ = ["COMMANDS", "add_commands", "run", "find_benchmarks"]
 
 COMMANDS = ("study", "train", "bench")
 
@@ -145,6 +146,9 @@ def add_commands(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = (
     tr.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     tr.add_argument("--out", metavar="DIR", default=None, help="run folder")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    tr.add_argument("--tensorboard", action="store_true",
+                    help="also write the per-epoch scalars as TensorBoard events into OUT/tensorboard "
+                         "(needs pip install 'iternn[tensorboard]')")
     tr.add_argument("--quiet", action="store_true", help="no per-epoch lines")
 
     be = subparsers.add_parser(
@@ -194,6 +198,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if task is not None and task not in FAMILIES[args.model].tasks:
         raise ValueError(f"model {args.model!r} serves {'/'.join(FAMILIES[args.model].tasks)} datasets; "
                          f"{args.dataset!r} is a {task} dataset")
+    if args.tensorboard:
+        from .train import summary_writer_class
+
+        summary_writer_class()  # a missing package fails here, before the data is loaded
     hidden = args.hidden or (32,)
     cfg = train_config({"optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs,
                         "batch_size": args.batch_size, "patience": args.patience,
@@ -211,11 +219,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from .distributed import train_distributed
 
         result = train_distributed(model, data, cfg, out_dir=out, resume=args.resume, progress=not args.quiet,
-                                   log=log)
+                                   log=log, tensorboard=args.tensorboard)
     else:
         from .train import train
 
-        result = train(model, data, cfg, out_dir=out, resume=args.resume, progress=not args.quiet, log=log)
+        result = train(model, data, cfg, out_dir=out, resume=args.resume, progress=not args.quiet, log=log,
+                       tensorboard=args.tensorboard)
     if rank == 0:
         test = result.test or {}
         acc = test.get("test_acc")
@@ -265,7 +274,7 @@ def one_line(exc: BaseException) -> str:
         text = f"{exc.strerror}: {exc.filename}"
     if not text:
         return type(exc).__name__
-    if isinstance(exc, (ValueError, TypeError, OSError)):
+    if isinstance(exc, (ValueError, TypeError, OSError, ImportError)):
         return text
     return f"{type(exc).__name__}: {text}"
 
@@ -292,20 +301,3 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"iternn: error: {one_line(exc)}", file=sys.stderr)
         return 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """A parser with just ``study``, ``train`` and ``bench`` (plus ``--debug``)."""
-    p = argparse.ArgumentParser(prog="iternn", description="iternn study commands",
-                                epilog="Exit codes: 0 success, 1 failure, 2 bad usage.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show tracebacks on errors")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_commands(sub, parents=[common])
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

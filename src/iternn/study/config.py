@@ -25,6 +25,7 @@ Format (every key optional except ``datasets[].name``)::
     max_grad_norm = 0          # 0 = no clipping
     lr_schedule = "constant"   # constant | cosine
     device = "cpu"             # cpu | cuda | cuda:N | auto
+    tensorboard = false        # also TensorBoard events in runs/<run_id>/tensorboard
 
     [[datasets]]
     name = "digits"            # a name of iternn.study.data.DATASETS (required)
@@ -55,6 +56,12 @@ parameters that at low density hold most of the budget
 
 :data:`QUICK` and :data:`DEFAULT` are the built-in studies (``iternn study --quick`` and
 ``iternn study``); see their docstrings for the expected run time.
+
+``train.tensorboard = true`` writes each run's per-epoch scalars as TensorBoard events
+(:func:`iternn.study.train.train`, ``tensorboard=True``; needs ``pip install
+'iternn[tensorboard]'``: the sweep stops before its first run if the package is
+missing). It is logging, not part of a run's definition: switching it does not rerun
+finished runs (they keep whatever events they have).
 
 TOML is read with :mod:`tomllib` (Python >= 3.11) or the ``tomli`` package (3.10);
 :func:`dumps` writes a config back (what the report folder keeps as ``config.toml``).
@@ -100,8 +107,8 @@ DATASET_TASKS: dict[str, str] = {
     "mnist_idx": "classification",
 }
 
-#: The training options of a study and their defaults (TrainConfig minus ``seed``;
-#: ``patience = 0`` and ``max_grad_norm = 0`` mean "off").
+#: The training options of a study and their defaults (TrainConfig minus ``seed``, plus
+#: ``tensorboard``; ``patience = 0`` and ``max_grad_norm = 0`` mean "off").
 TRAIN_DEFAULTS: dict[str, Any] = {
     "optimizer": "adam",
     "lr": 3e-3,
@@ -114,6 +121,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "max_grad_norm": 0.0,
     "lr_schedule": "constant",
     "device": "cpu",
+    "tensorboard": False,
 }
 
 _TOP_KEYS = ("name", "seeds", "data_seed", "threads", "jobs", "train", "datasets")
@@ -272,6 +280,10 @@ def _check_train(table: Any, path: str, base: dict[str, Any]) -> dict[str, Any]:
             out[key] = _int(v, p, 1)
         elif key == "patience":
             out[key] = _int(v, p, 0)
+        elif key == "tensorboard":
+            if not isinstance(v, bool):
+                raise _err(p, "true or false", v)
+            out[key] = v
         elif key == "device":
             if not isinstance(v, str) or not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", v):
                 raise _err(p, "'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'", v)
@@ -537,10 +549,11 @@ processes. Measured on the 2-core development machine (shared, partly loaded): 8
 the sweep, 92 s for the whole command including the report."""
 
 DEFAULT: StudyConfig = parse_config(_DEFAULT_DICT)
-"""The default study (``iternn study``): MNIST-1D and digits at three budgets each, mlp,
-mlp_map, dense_map and sparse_map at six densities (0.05 ... 0.75), the anomaly task
-(3000 training sequences) with the forced map at densities 0.1, 0.25, 0.5, 1 against
-nn.RNN, nn.GRU and nn.LSTM; 3 seeds; up to 40 epochs (30 for anomaly) with early stopping
-(patience 10). 2 processes, 309 runs. Expected run time on a 2-core machine: about 45
-minutes (extrapolated: an earlier 183-run version of this grid took 1587 s of wall time
-with 2 processes on the shared development machine, about 8.7 s per run)."""
+"""The default study (``iternn study``): MNIST-1D (hidden 32, 64, 128) and digits (hidden
+16, 32, 64) with mlp, mlp_map, dense_map and sparse_map at six densities (0.05 ... 0.75),
+the maps at the default number of applications and one more; the anomaly task (3000
+training sequences) with the forced map at densities 0.1, 0.25, 0.5 and 1 against nn.RNN,
+nn.GRU and nn.LSTM; 3 seeds; up to 100 epochs (60 for anomaly) with early stopping
+(patience 15). 309 runs in 2 processes. Measured on the 2-core development machine
+(shared, partly loaded): 33.4 minutes for the sweep, 34 minutes for the whole command; the
+MNIST-1D sparse maps take about 70 % of the summed run time."""

@@ -121,6 +121,7 @@ def train_distributed(
     progress: bool = True,
     log: Callable[[str], Any] | None = None,
     on_epoch: Callable[[dict[str, Any]], Any] | None = None,
+    tensorboard: bool = False,
     backend: str | None = None,
     init_method: str | None = None,
     rank: int | None = None,
@@ -133,9 +134,10 @@ def train_distributed(
     from ``init_method`` (e.g. ``"file:///tmp/x"``), ``rank`` and ``world_size``.
 
     Args:
-        model, data, config, out_dir, resume, progress, log, on_epoch: as for ``train``;
-            ``config.batch_size`` is the global batch. Only rank 0 writes files, draws
-            bars and calls ``log`` and ``on_epoch``.
+        model, data, config, out_dir, resume, progress, log, on_epoch, tensorboard: as
+            for ``train``; ``config.batch_size`` is the global batch. Only rank 0 writes
+            files (TensorBoard events included), draws bars and calls ``log`` and
+            ``on_epoch``.
         backend: ``"gloo"`` or ``"nccl"``; default ``nccl`` when the device is CUDA.
 
     Returns:
@@ -169,7 +171,8 @@ def train_distributed(
         model.to(device)
         comm.broadcast_module(model)
         result = _fit(model, data, config, out_dir=out_dir, resume=resume, progress=progress,
-                      log=log, on_epoch=on_epoch, comm=comm, device=device)
+                      log=log, on_epoch=on_epoch, comm=comm, device=device,
+                      tensorboard=tensorboard)
         comm.broadcast_module(model)  # buffers (BatchNorm statistics) as rank 0 has them
         diff = comm.max_param_difference(model)
         if diff != 0.0:

@@ -359,6 +359,51 @@ def _verdict(c: dict[str, Any], what: str, a_row: dict, b_row: dict,
     return f"{what}: **{yes}** — {_score_text(a_row)} vs {_score_text(b_row)}{t}; {ev}{tie}{near}"
 
 
+def _band_reading(wins: Sequence[float], tested: Sequence[float]) -> str:
+    """Read the densities whose mean beats the dense map (``wins``, among ``tested``: the
+    densities with completed runs) against the paper's claim that a band of *intermediate*
+    sparsity beats dense.
+
+    An intermediate band is a non-empty set of winning densities that excludes both the
+    sparsest and the densest density tested (so at least three were tested). The cases:
+    no wins; a single density tested (no band can be seen); every density; only the
+    sparsest; only the densest (the one closest to dense); an intermediate band (called
+    one band only when no tested density between its ends loses); wins that include an
+    end of the tested range (the range then shows no edge of a band on that side).
+    """
+    grid = sorted(set(tested) | set(wins))
+    won = sorted(set(wins))
+    fmt = lambda ds: ", ".join(f"{d:g}" for d in ds)  # noqa: E731
+    if not won:
+        return "no density tested beats dense"
+    if len(grid) == 1:
+        return f"the only density tested ({fmt(grid)}) beats dense; one density cannot show a band"
+    lo, hi = grid[0], grid[-1]
+    if won == grid:
+        return (f"every density tested ({fmt(grid)}) beats dense: sparsity helps across the "
+                "whole range, not in an intermediate band")
+    if won == [lo]:
+        return f"only the sparsest density tested ({lo:g}) beats dense: no intermediate band"
+    if won == [hi]:
+        return (f"only the densest density tested ({hi:g}, the one closest to dense) beats dense: "
+                "no intermediate band")
+    if lo not in won and hi not in won:
+        idx = [grid.index(d) for d in won]
+        gaps = [d for d in grid[idx[0]:idx[-1] + 1] if d not in won]
+        if not gaps:
+            return f"an intermediate band ({fmt(won)}) beats dense"
+        return (f"intermediate densities ({fmt(won)}) beat dense, but not as one band: "
+                f"{fmt(gaps)} between them do{'es' if len(gaps) == 1 else ''} not")
+    if lo in won and hi in won:
+        ends, side = f"both the sparsest ({lo:g}) and the densest ({hi:g}) density tested", "at either end"
+    elif lo in won:
+        ends, side = f"the sparsest density tested ({lo:g})", "at the sparse end"
+    else:
+        ends, side = f"the densest density tested ({hi:g})", "at the dense end"
+    return (f"the wins ({fmt(won)}) include {ends}, so the range tested shows no edge of a band "
+            f"{side}: not an intermediate band")
+
+
 def _best_by_val(rows: list[dict], task: str) -> dict | None:
     rows = [r for r in rows if r["n_ok"]]
     if not rows:
@@ -442,14 +487,11 @@ def _claims(config: StudyConfig, stats: list[dict], records: list[dict],
                             cmp(best, dn), f"*Some sparsity beats the dense map at the same budget* (best "
                                            f"density by validation: d={best['density']:g})", best, dn, chance))
                         wins = [r["density"] for r in sp if cmp(r, dn)["better"]]
-                        ds_sorted = sorted(r["density"] for r in sp)
-                        interior = [d for d in wins if d != ds_sorted[0]]
-                        band = ("an intermediate band (" + ", ".join(f"{d:g}" for d in interior)
-                                + ") beats dense" if interior and len(ds_sorted) > 1 else
-                                "no intermediate band beats dense" if not wins else
-                                "only the sparsest density tested beats dense")
+                        tested = [r["density"] for r in sp]
                         lines.append(f"{sub}densities whose mean beats dense_map: "
-                                     f"{', '.join(f'{d:g}' for d in wins) if wins else 'none'} → {band} "
+                                     f"{', '.join(f'{d:g}' for d in sorted(wins)) if wins else 'none'} "
+                                     f"(of {', '.join(f'{d:g}' for d in sorted(tested))}) → "
+                                     f"{_band_reading(wins, tested)} "
                                      "(the paper's direction: a band of intermediate sparsity beats dense)")
                     if dn and mlp and dn["n_ok"] and mlp["n_ok"]:
                         lines.append(pre + _verdict(cmp(dn, mlp),
@@ -668,7 +710,9 @@ def write_report(config: StudyConfig, out_dir: str | Path, *, records: list[dict
         for cap, p in items:
             L += [f"![{heading}: {cap}]({p.name})", ""]
     if pictures:
-        L.append("Spy plots: rows are destination slots, columns source slots (the paper's F); black: "
+        L.append("Training curves: validation accuracy (loss for regression) per epoch at the first "
+                 "budget, the mean over the seeds still running (a run that stopped early drops out). "
+                 "Spy plots: rows are destination slots, columns source slots (the paper's F); black: "
                  "a weight entry. Sparse blocks show their actual random pattern.")
     for n in notes:
         L += ["", f"- note: {n}"]
@@ -688,7 +732,7 @@ def write_report(config: StudyConfig, out_dir: str | Path, *, records: list[dict
     L += ["## Context: published MNIST-1D baselines", ""]
     L.append("Test accuracies reported with MNIST-1D (Greydanus 2020, *Scaling down deep learning*, "
              "arXiv:2011.14439): " + ", ".join(f"{n} ~{100 * a:.0f} %" for n, a in MNIST1D_BASELINES)
-             + ". Those models are larger and trained longer than a quick study's; they are context, "
+             + ". Those models are larger and trained longer than the ones here; they are context, "
              "not a target.")
     m1 = [r for r in stats if r["label"] in {d.label for d in config.datasets if d.name == "mnist1d"}]
     if m1:

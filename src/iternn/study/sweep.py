@@ -18,11 +18,12 @@ take one) x seeds, in that nesting order. :func:`run_sweep` executes them:
   if they kill that too.
 * **Resumable.** A run whose ``result.json`` exists with the same *fingerprint* (a hash
   of everything that defines it: dataset and options, model, budget, density, seed,
-  activation, training options) is skipped — unless its status is ``"failed"`` and
-  ``retry_failed`` is on (the default). A run interrupted mid-training (no
-  ``result.json`` yet) continues from its last checkpoint (``train(resume=True)``) if
-  ``spec.json`` shows the checkpoint is this run's; a checkpoint of another definition
-  (other data options, model, training options) is discarded and the run starts fresh.
+  activation, training options but the logging switch ``tensorboard``) is skipped —
+  unless its status is ``"failed"`` and ``retry_failed`` is on (the default). A run
+  interrupted mid-training (no ``result.json`` yet) continues from its last checkpoint
+  (``train(resume=True)``) if ``spec.json`` shows the checkpoint is this run's; a
+  checkpoint of another definition (other data options, model, training options) is
+  discarded and the run starts fresh.
 * **Results.** :func:`collect` reads the record of every run of the *whole* grid (runs
   without a record are ``"missing"``) and :func:`write_results` writes
   ``OUT/results.json`` (records with per-epoch metrics) and ``OUT/results.csv`` (one row
@@ -126,10 +127,12 @@ class Run:
         return "__".join(parts)
 
     def spec(self) -> dict[str, Any]:
-        """Everything that defines the run's result (no ``index``, no ``threads``)."""
+        """Everything that defines the run's result (no ``index``, no ``threads``, no
+        ``train.tensorboard``: logging only)."""
         d = asdict(self)
         d.pop("index")
         d.pop("threads")
+        d["train"].pop("tensorboard", None)
         if not d["extra_steps"]:
             d.pop("extra_steps")  # fingerprints of runs without extra steps stay as they were
         d["hidden"] = list(self.hidden)
@@ -321,7 +324,8 @@ def run_one(run: Run, study_dir: str | Path, *, log: Callable[[str], Any] | None
             rec["trainable"] = count_trainable(model)
             rec["live"] = live_trainable(model)
             rec["steps"] = getattr(model, "steps", None)
-            return train(model, data, cfg, out_dir=run_dir, resume=resume, progress=False, log=None)
+            return train(model, data, cfg, out_dir=run_dir, resume=resume, progress=False, log=None,
+                         tensorboard=bool(run.train.get("tensorboard", False)))
 
         # Resume only a checkpoint this very run wrote (same fingerprint): a folder left by a
         # run with other data options or model would otherwise "resume" the wrong model.
@@ -428,6 +432,10 @@ def run_sweep(config: StudyConfig, out_dir: str | Path, *, jobs: int | None = No
             skipped += 1
         else:
             todo.append(r)
+    if any(r.train.get("tensorboard") for r in todo):
+        from .train import summary_writer_class
+
+        summary_writer_class()  # TensorBoardMissingError before any run, not one per run
     where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
     emit(f"{len(runs)} runs in the grid{where}: {len(selected)} selected, {skipped} already done, "
          f"{len(todo)} to run with {min(jobs, max(len(todo), 1))} process(es)")

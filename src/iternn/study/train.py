@@ -46,11 +46,27 @@ non-finite numbers are written as ``null``). ``resume=True`` continues from
 would (``time_s`` and ``wall_time_s`` aside); resuming a finished run returns its result.
 A fresh run (``resume=False``) deletes these files first.
 
+**TensorBoard** (optional: ``pip install 'iternn[tensorboard]'``). With
+``tensorboard=True`` (and an ``out_dir``) every completed epoch's scalars are written with
+``torch.utils.tensorboard.SummaryWriter`` into ``out_dir/tensorboard`` (see it with
+``tensorboard --logdir OUT``): the ``metrics.csv`` values under the tags of
+:data:`TENSORBOARD_TAGS` (``loss/train``, ``loss/val``, ``accuracy/val`` (not for
+regression), ``time/epoch_s``) plus ``lr``, the learning rate the epoch trained with;
+the step is the epoch (1-based). The events are flushed after every epoch and the writer
+is closed when the run ends, also on an exception. A resumed run writes from the epoch
+after its checkpoint on, into a new events file of the same folder, and marks a restart
+at that epoch (``purge_step``), so TensorBoard drops any point a killed session wrote
+past its last checkpoint and shows each epoch once; epochs trained before the resume
+keep the points their session wrote (none if that session ran without TensorBoard). A
+fresh run deletes old events files from ``out_dir/tensorboard`` with the other files.
+Without the ``tensorboard`` package, requesting it raises
+:class:`TensorBoardMissingError` before anything is trained or written.
+
 **Progress.** With ``progress=True`` and a TTY on stderr a tqdm bar over epochs (and one
 over the batches of the current epoch) is drawn (tqdm is optional: without it, no bar);
 ``log`` (a ``str -> None`` callable, default: no output) receives one clean line per
 epoch and per event either way; ``on_epoch`` receives each epoch's metrics row (the hook
-for TensorBoard or any other sink).
+for any other sink).
 
 **Data parallel.** :mod:`iternn.study.distributed` runs this same loop in several
 processes; ``config.batch_size`` is then the global batch.
@@ -60,6 +76,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib
 import io
 import json
 import math
@@ -82,6 +99,7 @@ from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 __all__ = [
     "TrainConfig",
     "TrainResult",
+    "TensorBoardMissingError",
     "train",
     "evaluate",
     "TASKS",
@@ -91,6 +109,9 @@ __all__ = [
     "CHECKPOINT_NAME",
     "METRICS_CSV",
     "METRICS_JSON",
+    "TENSORBOARD_DIR",
+    "TENSORBOARD_TAGS",
+    "summary_writer_class",
 ]
 
 TASKS = ("classification", "regression", "sequence")
@@ -102,6 +123,13 @@ METRIC_FIELDS = ("epoch", "train_loss", "val_loss", "val_acc", "time_s")
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_CSV = "metrics.csv"
 METRICS_JSON = "metrics.json"
+#: Folder of the TensorBoard events inside ``out_dir`` (``tensorboard=True``).
+TENSORBOARD_DIR = "tensorboard"
+#: TensorBoard tag of each per-epoch scalar: the :data:`METRIC_FIELDS` columns but
+#: ``epoch`` (the step), and ``lr``, the learning rate the epoch trained with.
+TENSORBOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "val_acc": "accuracy/val",
+                    "time_s": "time/epoch_s", "lr": "lr"}
+_EVENTS_PREFIX = "events.out.tfevents."
 _FORMAT = "iternn.train/1"
 _EVAL_CHUNK = 1024
 # Keys that may differ between the run that wrote a checkpoint and the one resuming it.
@@ -212,6 +240,43 @@ class TrainConfig:
                 f"unknown TrainConfig key {unknown[0]!r} (known: {', '.join(sorted(known))})"
             )
         return cls(**options)
+
+
+class TensorBoardMissingError(ImportError):
+    """TensorBoard logging was requested, and the ``tensorboard`` package is not installed."""
+
+
+def summary_writer_class() -> type:
+    """``torch.utils.tensorboard.SummaryWriter``; :class:`TensorBoardMissingError` when the
+    ``tensorboard`` package (which it needs) cannot be imported."""
+    try:
+        importlib.import_module("tensorboard")  # what torch.utils.tensorboard needs
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise TensorBoardMissingError("TensorBoard logging needs the 'tensorboard' package: "
+                                      "pip install 'iternn[tensorboard]'") from e
+    return SummaryWriter
+
+
+def _remove_events(folder: Path) -> None:
+    """Delete the TensorBoard events files of ``folder`` (and the folder, if left empty)."""
+    if not folder.is_dir():
+        return
+    for f in folder.iterdir():
+        if f.is_file() and f.name.startswith(_EVENTS_PREFIX):
+            f.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # other files in it: not ours to delete
+        pass
+
+
+def _write_scalars(writer: Any, values: dict[str, Any], step: int) -> None:
+    for key, tag in TENSORBOARD_TAGS.items():
+        v = values.get(key)
+        if v is not None:
+            writer.add_scalar(tag, float(v), step)
+    writer.flush()
 
 
 # --------------------------------------------------------------------------- result
@@ -532,6 +597,7 @@ def train(
     progress: bool = True,
     log: Callable[[str], Any] | None = None,
     on_epoch: Callable[[dict[str, Any]], Any] | None = None,
+    tensorboard: bool = False,
 ) -> TrainResult:
     """Train ``model`` on ``data`` (see the module docstring for every rule).
 
@@ -549,22 +615,26 @@ def train(
         log: receives one line per epoch and per event (resume, early stop, divergence,
             end); default: no output.
         on_epoch: called with each completed epoch's metrics row (after the files are
-            written), e.g. to feed TensorBoard::
-
-                w = torch.utils.tensorboard.SummaryWriter(dir)
-                on_epoch = lambda row: [w.add_scalar(k, v, row["epoch"])
-                                        for k, v in row.items() if isinstance(v, float)]
+            written): a hook for any other sink.
+        tensorboard: also write each epoch's scalars (the ``metrics.csv`` values and the
+            learning rate, tags :data:`TENSORBOARD_TAGS`, step = epoch) to TensorBoard
+            events in ``out_dir/tensorboard``; needs ``out_dir`` and the ``tensorboard``
+            package (``pip install 'iternn[tensorboard]'``). A resumed run writes from the
+            epoch after its checkpoint on (see the module docstring).
 
     Raises:
-        ValueError / TypeError: bad data, config, or a checkpoint from another config.
+        ValueError / TypeError: bad data, config, or a checkpoint from another config;
+            ``tensorboard=True`` without ``out_dir``.
+        TensorBoardMissingError: ``tensorboard=True`` without the ``tensorboard``
+            package (an ``ImportError``), raised before training starts.
     """
     return _fit(model, data, config, out_dir=out_dir, resume=resume, progress=progress,
-                log=log, on_epoch=on_epoch, comm=_LocalComm())
+                log=log, on_epoch=on_epoch, comm=_LocalComm(), tensorboard=tensorboard)
 
 
 def _fit(model: nn.Module, data: Any, config: TrainConfig | None, *, out_dir, resume: bool,
          progress: bool, log, comm: Any, device: torch.device | None = None,
-         on_epoch=None) -> TrainResult:
+         on_epoch=None, tensorboard: bool = False) -> TrainResult:
     session_start = time.perf_counter()
     if config is None:
         config = TrainConfig()
@@ -575,6 +645,12 @@ def _fit(model: nn.Module, data: Any, config: TrainConfig | None, *, out_dir, re
     _check_data(data)
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (where the checkpoint is)")
+    if not isinstance(tensorboard, bool):
+        raise TypeError(f"tensorboard must be True or False, got {tensorboard!r}")
+    if tensorboard and out_dir is None:
+        raise ValueError(f"tensorboard=True needs out_dir (the events go to OUT/{TENSORBOARD_DIR})")
+    # on every rank, so that all of them stop before the first collective
+    writer_class = summary_writer_class() if tensorboard else None
     out = Path(out_dir) if out_dir is not None else None
     rank0 = comm.rank == 0
     emit_raw = log if (log is not None and rank0) else None
@@ -627,6 +703,7 @@ def _fit(model: nn.Module, data: Any, config: TrainConfig | None, *, out_dir, re
         elif out is not None and rank0:
             for name in (CHECKPOINT_NAME, METRICS_CSV, METRICS_JSON):
                 (out / name).unlink(missing_ok=True)
+            _remove_events(out / TENSORBOARD_DIR)
         if resume and ckpt is None:
             _emit(emit_raw, f"no checkpoint in {out}: starting a fresh run")
         if ckpt is not None:
@@ -689,7 +766,13 @@ def _fit(model: nn.Module, data: Any, config: TrainConfig | None, *, out_dir, re
         status = "ok"
         diverged_at = None
         warned_all = False
+        tb = None
         try:
+            if writer_class is not None and rank0:
+                # purge_step: TensorBoard hides points a killed session wrote past the
+                # checkpoint (epochs >= epoch + 1), which this session writes again
+                tb = writer_class(log_dir=str(out / TENSORBOARD_DIR),
+                                  purge_step=epoch + 1 if resume else None)
             model.train()
             while True:
                 if epoch >= config.epochs:
@@ -702,6 +785,7 @@ def _fit(model: nn.Module, data: Any, config: TrainConfig | None, *, out_dir, re
                     break
                 epoch += 1
                 t0 = time.perf_counter()
+                lr = opt.param_groups[0]["lr"]  # what this epoch trains with
                 bar.start_epoch(epoch, n_batches)
                 perm = torch.randperm(n_train, generator=shuffle).to(device)
                 loss_total = 0.0
@@ -755,6 +839,8 @@ def _fit(model: nn.Module, data: Any, config: TrainConfig | None, *, out_dir, re
                        "val_acc": val_acc, "time_s": time.perf_counter() - t0}
                 metrics.append(row)
                 bar.end_epoch(row)
+                if tb is not None:
+                    _write_scalars(tb, {**row, "lr": lr}, epoch)
                 if not math.isfinite(val_loss):
                     status = "diverged"
                     diverged_at = {"epoch": epoch, "batch": None, "loss": val_loss}
@@ -787,6 +873,8 @@ def _fit(model: nn.Module, data: Any, config: TrainConfig | None, *, out_dir, re
                     on_epoch(dict(row))
         finally:
             bar.close()
+            if tb is not None:
+                tb.close()
 
         # ---- the end: best weights back, test metrics, final files
         model.load_state_dict(best_state)
