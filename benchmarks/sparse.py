@@ -118,6 +118,19 @@ def _fwd_bwd(module, x, gy):
     return run
 
 
+class TorchKernel(torch.nn.Module):
+    """``src`` (a csr SparseLinear) run through the torch.sparse (MKL) implementation of
+    the CSR backend instead of the native kernels; shares ``src``'s parameters."""
+
+    def __init__(self, src: SparseLinear) -> None:
+        super().__init__()
+        self.src = src
+
+    def forward(self, x):
+        s = self.src
+        return kernels.sparse_linear(x, s.values, s.bias, s.pattern, kernel="torch")
+
+
 class TorchSparseMM(torch.nn.Module):
     """``y = x W^T + b`` with plain torch.sparse.mm autograd on a CSR tensor whose values
     require grad (the tensor is rebuilt each call from the trainable values)."""
@@ -170,14 +183,17 @@ def case_block(quick: bool, reps: int) -> bool:
             auto.bias.copy_(sp.bias)
         masked = _masked_from(sp)
         tsm = TorchSparseMM(sp)
+        tk = TorchKernel(sp)
         # correctness: every implementation against the masked (dense) reference
         ref = None
-        for name, m in (("masked", masked), ("csr", sp), ("auto", auto), ("sparse.mm", tsm)):
+        for name, m in (("masked", masked), ("csr", sp), ("auto", auto), ("csr torch", tk),
+                        ("sparse.mm", tsm)):
             xx = x.detach().clone().requires_grad_()
             y = m(xx)
             y.backward(gy)
-            wg = m.weight.grad[m.mask] if isinstance(m, MaskedLinear) else m.values.grad
-            got = (y.detach(), xx.grad, wg, m.bias.grad)
+            src = m.src if isinstance(m, TorchKernel) else m
+            wg = m.weight.grad[m.mask] if isinstance(m, MaskedLinear) else src.values.grad
+            got = (y.detach(), xx.grad, wg, src.bias.grad)
             if ref is None:
                 ref = got
             else:
@@ -190,6 +206,7 @@ def case_block(quick: bool, reps: int) -> bool:
             "masked (dense)": _fwd_bwd(masked, x, gy),
             "SparseLinear csr": _fwd_bwd(sp, x, gy),
             "SparseLinear auto": _fwd_bwd(auto, x, gy),
+            "csr, torch kernel": _fwd_bwd(tk, x, gy),
             "torch.sparse.mm": _fwd_bwd(tsm, x, gy),
         }
         times = interleaved(impls, reps, target_s=0.05 if quick else 0.15)
@@ -199,6 +216,8 @@ def case_block(quick: bool, reps: int) -> bool:
             # the targets are for the full-size case; --quick is a smoke run
             tgt = targets.get(d) if name == "SparseLinear csr" and not quick else None
             label = name + (f" [{auto.backend}]" if name == "SparseLinear auto" else "")
+            if name == "SparseLinear csr":
+                label += f" [{kernels.csr_kernel_for(x, sp.pattern)}]"
             verdict = "" if tgt is None else ("MEETS" if med >= tgt else "MISSES")
             if name == base:
                 verdict = "(baseline)"
@@ -206,7 +225,7 @@ def case_block(quick: bool, reps: int) -> bool:
             print(f"  {d:>7}  {label:<24} {_ms(times[name]):>12}  {med:7.2f}x  "
                   f"[{lo:6.2f}, {hi:6.2f}]  {times['best'][name] * 1e3:9.2f} ms {best:7.2f}x  "
                   f"{'>=' + str(tgt) + 'x' if tgt else '-':>7}  {verdict}")
-        del sp, auto, masked, tsm
+        del sp, auto, masked, tsm, tk
         gc.collect()
     return ok
 
@@ -361,6 +380,7 @@ def case_mlp(quick: bool, reps: int) -> bool:
 # ============================================================================ crossover
 def case_crossover(quick: bool, reps: int) -> bool:
     shapes = [(1024, 1024, 32), (1024, 1024, 256)] if quick else [
+        (64, 64, 32), (128, 128, 32), (128, 128, 256),
         (256, 256, 32), (256, 256, 256), (1024, 1024, 32), (1024, 1024, 256),
         (4096, 4096, 32), (4096, 4096, 256), (3928, 784, 256)]
     densities = (0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05)
@@ -380,7 +400,9 @@ def case_crossover(quick: bool, reps: int) -> bool:
             best = times["best"]["csr"] / times["best"]["dense"]
             row.append(f"{ratio_stats(times, 'csr', 'dense')[0]:5.2f} [{best:5.2f}]")
         print(f"  {str(out_f) + 'x' + str(in_f):<11} {batch:>5}  " + "  ".join(f"{r:>13}" for r in row))
-    print(f"  current constant: CROSSOVER_DENSITY = {kernels.CROSSOVER_DENSITY}, "
+    print(f"  CSR kernel: {kernels.csr_kernel_for(x, a.pattern)}; crossover in use "
+          f"{kernels.crossover_density()} (CROSSOVER_DENSITY = {kernels.CROSSOVER_DENSITY}, "
+          f"TORCH_CROSSOVER_DENSITY = {kernels.TORCH_CROSSOVER_DENSITY}), "
           f"SMALL_BLOCK = {kernels.SMALL_BLOCK}")
     return True
 

@@ -1,6 +1,9 @@
 """Shared test settings: float64 by default where exactness is claimed, no files left behind."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 from hypothesis import HealthCheck, settings
 
@@ -20,3 +23,10 @@ settings.load_profile("iternn")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+# The native CSR kernels are compiled on first use into ITERNN_CACHE_DIR (by default
+# ~/.cache/iternn): the suite builds them once into a temporary folder of its own, which
+# subprocesses inherit, and removes it at exit.
+_cache = tempfile.mkdtemp(prefix="iternn-test-cache-")
+os.environ["ITERNN_CACHE_DIR"] = _cache
+atexit.register(shutil.rmtree, _cache, ignore_errors=True)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iternn.sparse import kernels, sampling
+from iternn.sparse import kernels, native, sampling
 from iternn.sparse.kernels import (
     csr_pattern,
     dense_weight_from_values,
@@ -22,6 +22,12 @@ from iternn.sparse.kernels import (
     transpose_pattern,
 )
 from iternn.sparse.sampling import random_indices
+
+
+# Both implementations of the CSR backend; "native" is skipped only where no C compiler
+# exists (test_sparse_native checks that it builds wherever one does).
+KERNELS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
+    not native.available(), reason="native CSR kernels unavailable"))]
 
 
 def gen(seed: int) -> torch.Generator:
@@ -203,15 +209,16 @@ def make_case(out_f, in_f, k, batch, seed, dtype=torch.float64):
     return idx, p, values, bias, x
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @given(case=linear_case())
-def test_sparse_linear_matches_dense_reference(case):
+def test_sparse_linear_matches_dense_reference(kernel, case):
     out_f, in_f, k, batch, seed = case
     idx, p, values, bias, x = make_case(out_f, in_f, k, batch, seed)
     gy = torch.randn(*batch, out_f, dtype=torch.float64, generator=gen(seed + 1))
     for b in (bias, None):
         v1, x1 = values.clone().requires_grad_(), x.clone().requires_grad_()
         b1 = None if b is None else b.clone().requires_grad_()
-        y = sparse_linear(x1, v1, b1, p)
+        y = sparse_linear(x1, v1, b1, p, kernel=kernel)
         y.backward(gy)
         # inputs are never modified (B = 1 once made addmm_ write into the bias)
         assert torch.equal(x1, x) and torch.equal(v1, values)
@@ -229,16 +236,17 @@ def test_sparse_linear_matches_dense_reference(case):
             torch.testing.assert_close(b1.grad, b2.grad, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @given(case=linear_case(max_side=8))
 @settings(max_examples=15)
-def test_gradcheck_float64(case):
+def test_gradcheck_float64(kernel, case):
     out_f, in_f, k, batch, seed = case
     _, p, values, bias, x = make_case(out_f, in_f, k, batch or (2,), seed)
     x.requires_grad_()
     values.requires_grad_()
     bias.requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, v, b: sparse_linear(x, v, b, p), (x, values, bias))
-    assert torch.autograd.gradcheck(lambda x, v: sparse_linear(x, v, None, p), (x, values))
+    assert torch.autograd.gradcheck(lambda x, v, b: sparse_linear(x, v, b, p, kernel=kernel), (x, values, bias))
+    assert torch.autograd.gradcheck(lambda x, v: sparse_linear(x, v, None, p, kernel=kernel), (x, values))
 
 
 def test_gradcheck_autograd_function_directly():
@@ -282,7 +290,7 @@ def test_uninitialised_output_buffers_are_fully_written(monkeypatch, dtype):
     idx, p, values, bias, x = make_case(60, 50, 40, (7,), 11, dtype=dtype)  # many empty rows
     assert int((p.crow.diff() == 0).sum()) > 10 and int((p.crow_t.diff() == 0).sum()) > 10
     x.requires_grad_()
-    y = sparse_linear(x, values, None, p)
+    y = sparse_linear(x, values, None, p, kernel="torch")
     y.backward(torch.ones_like(y))
     w = dense_of(idx, values, (60, 50))
     tol = 1e-5 if dtype == torch.float32 else 1e-12
@@ -290,28 +298,29 @@ def test_uninitialised_output_buffers_are_fully_written(monkeypatch, dtype):
     torch.testing.assert_close(x.grad, torch.ones(7, 60, dtype=dtype) @ w, rtol=tol, atol=tol)
 
 
-def test_degenerate_shapes_keep_gradients():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_degenerate_shapes_keep_gradients(kernel):
     # nnz = 0 and an empty batch: zero outputs, zero (not missing) gradients.
     _, p0, v0, b0, x0 = make_case(4, 3, 0, (2,), 0)
     x0.requires_grad_()
     b0.requires_grad_()
-    y = sparse_linear(x0, v0.requires_grad_(), b0, p0)
+    y = sparse_linear(x0, v0.requires_grad_(), b0, p0, kernel=kernel)
     torch.testing.assert_close(y, b0.detach().expand(2, 4))
     y.sum().backward()
     assert torch.equal(x0.grad, torch.zeros_like(x0)) and v0.grad.shape == (0,)
     _, p, v, b, x = make_case(4, 3, 5, (0,), 0)
     v.requires_grad_()
-    y = sparse_linear(x.requires_grad_(), v, b, p)
+    y = sparse_linear(x.requires_grad_(), v, b, p, kernel=kernel)
     assert y.shape == (0, 4)
     y.sum().backward()
     assert torch.equal(v.grad, torch.zeros(5, dtype=v.dtype))
 
 
 def test_output_is_transposed_view_and_chains_without_copy():
-    # The forward returns y as the transpose of a contiguous (out, B) buffer, so a
+    # The torch kernel returns y as the transpose of a contiguous (out, B) buffer, so a
     # following sparse layer reads its x^T without a copy.
     _, p, values, bias, x = make_case(6, 5, 12, (4,), 1)
-    y = sparse_linear(x, values, bias, p)
+    y = sparse_linear(x, values, bias, p, kernel="torch")
     assert y.t().is_contiguous()
     y.relu_()  # in-place on the output is allowed (the view is made outside the Function)
 
@@ -321,7 +330,8 @@ def test_choose_backend():
     assert kernels.choose_backend(8, 8, 1) == "dense"  # small block
     n = 1000
     assert n * n > small
-    c = kernels.CROSSOVER_DENSITY
+    c = kernels.crossover_density()
+    assert c == (kernels.CROSSOVER_DENSITY if native.available() else kernels.TORCH_CROSSOVER_DENSITY)
     assert kernels.choose_backend(n, n, int(c * n * n)) == "csr"
     assert kernels.choose_backend(n, n, int(c * n * n) + 1) == "dense"
     assert kernels.choose_backend(n, n, n * n) == "dense"

@@ -2,6 +2,9 @@
 
 * :mod:`.linear` — ``SparseLinear`` (CSR storage, values the only weight parameter,
   custom autograd kernels) and ``MaskedLinear`` (dense weight, fixed mask).
+* :mod:`.kernels` — the CSR products and their autograd functions; :mod:`.native` — the
+  compiled C/OpenMP kernels they use on CPU (built on first use, ``torch.sparse``
+  otherwise).
 * :mod:`.structured` — diagonal, low-rank and block-diagonal blocks.
 * :mod:`.patterns` — the block pattern grammar (``R=0.1 kaiming``, ``Row=4``, ``D fixed``)
   and ``make_block``.

@@ -5,33 +5,44 @@ vector in the pattern's row-major order; the values (with ``x`` and ``b``) are t
 differentiable tensors. For a batch ``x`` of shape ``(B, in)`` and an upstream gradient
 ``g`` of shape ``(B, out)``:
 
-* forward ``y^T = W x^T + b``: one CSR x dense product (``Tensor.addmm_`` with a CSR
-  ``mat1``: MKL's sparse BLAS on CPU, written straight into the result);
-* input gradient ``dx^T = W^T g^T``: one CSR x dense product with the *precomputed*
-  transpose pattern (CSR of ``W^T``, plus the permutation taking ``W``'s value order to
-  ``W^T``'s);
+* forward ``y = x W^T + b``: one CSR x dense product;
+* input gradient ``dx = g W``: one CSR x dense product with the *precomputed* transpose
+  pattern (CSR of ``W^T``, plus the permutation taking ``W``'s value order to ``W^T``'s);
 * value gradient ``dv_k = sum_b g[b, r_k] x[b, c_k]`` for each stored entry
-  ``(r_k, c_k)``: a sampled dense-dense product over the stored entries only
-  (``torch.sparse.sampled_addmm``; a chunked gather with bounded memory where that is
-  unavailable). No dense ``out x in`` weight or gradient is ever formed;
+  ``(r_k, c_k)``: a sampled dense-dense product over the stored entries only. No dense
+  ``out x in`` weight or gradient is ever formed;
 * bias gradient ``db = sum_b g[b]``.
 
-Both products run with the batch as the *contiguous* dimension (``x^T`` is
-``(in, B)`` row-major): each stored entry then touches a contiguous row of ``B``
-numbers, the layout MKL's CSR kernel and ``sampled_addmm`` are fastest with. The
-forward returns ``y`` as the transpose of a contiguous ``(out, B)`` tensor, so a
-following sparse layer gets its ``x^T`` for free.
+Two implementations of these products (:data:`CSR_KERNELS`, chosen per call by
+:func:`csr_kernel_for`):
+
+* ``"native"`` (:class:`NativeSparseLinearFunction`): the compiled C/OpenMP kernels of
+  :mod:`iternn.sparse.native`, CPU float32/float64. They read ``x`` and ``g`` in the
+  layout they come in and pack one batch tile at a time into a cache-resident buffer, so
+  nothing is transposed; they also have a forward-mode (jvp) formula, which the dynamics
+  tools use. The default wherever they apply and built.
+* ``"torch"`` (:class:`SparseLinearFunction`): ``torch.sparse`` (MKL's sparse BLAS on
+  CPU): ``addmm_`` with a CSR ``mat1`` for both products and
+  ``torch.sparse.sampled_addmm`` for the value gradient, with the batch as the
+  contiguous dimension (``x^T`` row-major), so the forward returns ``y`` as the
+  transpose of a contiguous ``(out, B)`` tensor and a following sparse layer gets its
+  ``x^T`` for free. Used on other devices, when the native kernels are unavailable or
+  off (``ITERNN_NATIVE=0``), and for int64 patterns. Reverse mode only.
+
+Measured on the 2-core development machine (4096 x 4096, batch 256, float32, forward +
+backward, ``benchmarks/sparse.py --case block``), speed-up over a dense masked block:
+native 4.4x at density 0.1 and 29x at 0.01; torch kernel 1.9x and 13x.
 
 The dense backend (:func:`dense_weight_from_values`) instead scatters the values into a
 dense ``W`` and calls ``F.linear``; above the crossover density (see
-:data:`CROSSOVER_DENSITY` and :func:`choose_backend`) that is faster.
+:func:`crossover_density` and :func:`choose_backend`) that is faster.
 
 Support checked on torch 2.13 (CPU build with MKL): CSR x dense ``addmm`` and
 ``torch.sparse.sampled_addmm`` work in float32 and float64 (float16/bfloat16 are
-refused by both); ``sampled_addmm`` is about as fast as one CSR product (4096x4096 at
-10 %, batch 256: ~30-45 ms, where the chunked-gather fallback takes ~3 s), so it is the
-default and the gather is only the fallback for other dtypes. Index tensors are int32
-(MKL's LP64 interface), which spares torch a conversion of the pattern on every call.
+refused by both, as by the native kernels); the chunked-gather fallback of
+:func:`sampled_dense_dense` covers other dtypes. Index tensors are int32 (MKL's LP64
+interface and the native kernels' index type), which spares torch a conversion of the
+pattern on every call.
 """
 
 from __future__ import annotations
@@ -44,6 +55,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import native
+
 __all__ = [
     "CSRPattern",
     "csr_pattern",
@@ -51,11 +64,16 @@ __all__ = [
     "pattern_rows",
     "sampled_dense_dense",
     "SparseLinearFunction",
+    "NativeSparseLinearFunction",
+    "CSR_KERNELS",
+    "csr_kernel_for",
     "sparse_linear",
     "dense_weight_from_values",
     "dense_linear",
     "CSR_DTYPES",
     "CROSSOVER_DENSITY",
+    "TORCH_CROSSOVER_DENSITY",
+    "crossover_density",
     "SMALL_BLOCK",
     "choose_backend",
 ]
@@ -69,47 +87,60 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 CSR_DTYPES = (torch.float32, torch.float64)
 
 # ----------------------------------------------------------------------------- crossover
-#: Density at or below which the CSR backend is chosen ("auto"). Measured on the 2-core
-#: development machine (AMD EPYC VM, AVX2, torch 2.13 CPU with MKL, 2 threads), float32,
-#: forward + backward (value, input and bias gradients), ratio of the time of
-#: SparseLinear(backend="csr") to SparseLinear(backend="dense") (< 1: CSR faster);
-#: median of 5 interleaved repetitions, [ratio of the best calls] (the machine was shared
-#: with other jobs: single entries are noisy, the trend is not). Command:
-#: ``benchmarks/sparse.py --case crossover``.
+#: Density at or below which the CSR backend is chosen ("auto") when the native kernels
+#: are in use. Measured on the 2-core development machine (AMD EPYC VM, AVX2, torch 2.13
+#: CPU, 2 threads), float32, forward + backward (value, input and bias gradients), ratio
+#: of the time of SparseLinear(backend="csr") to SparseLinear(backend="dense") (< 1: CSR
+#: faster); median of 5 interleaved repetitions, [ratio of the best calls]; the machine
+#: was shared with other jobs (load 1.6-1.9), so single entries are noisy, the trend is
+#: not. Command: ``benchmarks/sparse.py --case crossover``.
 #:
-#:   out x in    batch   d=0.5        0.4          0.3          0.2          0.15         0.1          0.05
-#:   256x256       32   0.38 [0.64]  0.96 [1.02]  0.82 [0.95]  0.88 [0.97]  0.93 [0.99]  1.04 [0.95]  0.88 [1.30]
-#:   256x256      256   2.48 [2.47]  2.10 [2.22]  1.73 [1.77]  0.53 [1.23]  1.36 [1.41]  1.16 [0.91]  0.98 [1.12]
-#:   1024x1024     32   0.46 [1.16]  0.41 [0.37]  0.40 [0.36]  0.38 [0.35]  0.38 [----]  0.35 [0.31]  0.38 [----]
-#:   1024x1024    256   1.04 [0.97]  0.91 [2.66]  1.51 [1.70]  0.54 [0.87]  0.52 [0.72]  0.45 [0.57]  0.35 [0.32]
-#:   4096x4096     32   0.53 [0.49]  0.42 [0.42]  0.38 [0.39]  0.42 [0.45]  0.31 [0.36]  0.28 [0.28]  0.14 [0.15]
-#:   4096x4096    256   1.69 [1.63]  1.31 [1.31]  1.14 [1.31]  1.17 [1.03]  0.97 [1.06]  0.68 [0.61]  0.35 [0.34]
-#:   3928x784     256   2.78 [2.82]  2.48 [2.43]  1.69 [1.67]  1.52 [1.67]  1.07 [1.18]  0.80 [0.75]  0.42 [0.40]
-#:   ([----]: a stalled call made the best-call ratio meaningless.)
+#:   out x in  batch  d=0.5        0.4          0.3          0.25         0.2          0.15         0.1          0.05
+#:   64x64       32   1.11 [1.16]  1.08 [1.12]  1.11 [1.15]  1.12 [0.89]  1.12 [1.04]  1.14 [1.14]  1.11 [1.18]  1.26 [1.05]
+#:   128x128     32   0.90 [0.89]  0.97 [0.85]  ---- [1.18]  0.93 [0.93]  0.95 [1.16]  0.95 [0.93]  0.95 [0.95]  0.97 [0.98]
+#:   128x128    256   1.20 [1.18]  0.97 [1.11]  1.07 [1.05]  1.06 [1.07]  0.86 [0.93]  1.04 [0.95]  0.94 [0.93]  0.97 [1.31]
+#:   256x256     32   0.67 [0.66]  0.72 [0.72]  0.69 [0.74]  0.76 [0.72]  0.76 [0.72]  0.75 [0.73]  0.72 [0.74]  0.71 [0.69]
+#:   256x256    256   0.99 [1.15]  1.00 [1.07]  0.90 [0.92]  0.71 [0.87]  0.77 [0.81]  0.71 [0.70]  0.66 [0.63]  0.61 [0.60]
+#:   1024x1024   32   0.67 [0.54]  0.55 [0.41]  0.42 [0.34]  0.40 [0.32]  0.38 [0.35]  0.24 [0.23]  0.21 [0.21]  0.18 [0.14]
+#:   1024x1024  256   1.14 [1.08]  0.91 [0.88]  0.80 [0.74]  0.68 [0.68]  0.56 [0.53]  0.46 [0.42]  0.37 [0.34]  0.32 [0.32]
+#:   4096x4096   32   0.42 [0.47]  0.34 [0.32]  0.33 [0.42]  0.24 [0.24]  0.21 [0.30]  0.21 [0.21]  0.15 [0.12]  0.08 [0.07]
+#:   4096x4096  256   0.76 [0.73]  0.74 [0.69]  0.75 [0.65]  0.48 [0.56]  0.45 [0.46]  0.32 [0.32]  0.20 [0.21]  0.14 [0.12]
+#:   3928x784   256   1.21 [1.20]  1.03 [0.98]  0.75 [0.70]  0.55 [0.54]  0.47 [0.48]  0.38 [0.37]  0.28 [0.27]  0.19 [0.18]
+#:   (----: a stalled call made the median meaningless.)
 #:
-#: With batch 256 the CSR kernels win below ~0.15 (the crossover, where the ratio is 1);
-#: with batch 32 they win at every density up to 0.5 on blocks of 1024x1024 and more,
-#: because the dense backend pays O(out * in) per call to build W (scatter, and the
-#: gather of its gradient) whatever the batch. 0.15 is the safe choice for training
-#: batches of a few hundred; with small batches ``backend="csr"`` is faster still.
-CROSSOVER_DENSITY = 0.15
+#: Above 128 x 128 the CSR kernels win below ~0.4 with batch 256 and at every density up
+#: to 0.5 with batch 32 (the dense backend pays O(out * in) per call to build W and
+#: gather its gradient, whatever the batch). 0.3 leaves a margin for training batches of
+#: a few hundred.
+CROSSOVER_DENSITY = 0.3
+#: The same crossover for the torch.sparse (MKL) kernel, used when the native kernels are
+#: unavailable: measured like the table above before the native kernels existed, CSR /
+#: dense at batch 256 was 0.97 at density 0.15 and 1.17 at 0.2 (4096x4096), 1.07 and
+#: 1.52 (3928x784); with batch 32 the torch kernel won up to 0.5 on blocks of 1024x1024
+#: and more.
+TORCH_CROSSOVER_DENSITY = 0.15
 #: Blocks with at most this many positions (rows * cols) always use the dense backend:
-#: per-call overheads dominate there. Measured like the table above, CSR / dense at
-#: densities 0.3, 0.1 and 0.05 (batch 32 and 256): 32x32 1.37-1.48, 64x64 1.25-1.51,
-#: 128x128 1.19-1.61 (dense ahead everywhere); 256x256 is about even (table above).
+#: per-call overheads dominate there (64x64: dense ahead at every density above;
+#: 128x128: about even).
 SMALL_BLOCK = 128 * 128
+
+
+def crossover_density() -> float:
+    """The crossover of the CSR implementation in use: :data:`CROSSOVER_DENSITY` with
+    the native kernels, :data:`TORCH_CROSSOVER_DENSITY` without them."""
+    return CROSSOVER_DENSITY if native.available() else TORCH_CROSSOVER_DENSITY
 
 
 def choose_backend(out_features: int, in_features: int, nnz: int) -> str:
     """``"csr"`` or ``"dense"`` for a block of this shape and number of stored entries.
 
     CSR when the block has more than :data:`SMALL_BLOCK` positions and its density
-    ``nnz / (out * in)`` is at most :data:`CROSSOVER_DENSITY`; dense otherwise.
+    ``nnz / (out * in)`` is at most :func:`crossover_density`; dense otherwise.
     """
     positions = out_features * in_features
     if positions <= SMALL_BLOCK:
         return "dense"
-    return "csr" if nnz <= CROSSOVER_DENSITY * positions else "dense"
+    return "csr" if nnz <= crossover_density() * positions else "dense"
 
 
 # ----------------------------------------------------------------------------- patterns
@@ -294,28 +325,140 @@ class SparseLinearFunction(torch.autograd.Function):
         return grad_x, grad_values, grad_bias, None
 
 
+class _NativeOp:
+    """The pattern and the loaded library, as one opaque argument: torch.func transforms
+    wrap every tensor they find in a Function's (pytree) arguments, and the kernels need
+    the pattern's real index buffers."""
+
+    __slots__ = ("pattern", "lib")
+
+    def __init__(self, pattern: CSRPattern, lib) -> None:
+        self.pattern = pattern
+        self.lib = lib
+
+
+class NativeSparseLinearFunction(torch.autograd.Function):
+    """``y = x W^T + b`` through the compiled kernels (:mod:`iternn.sparse.native`), for a
+    2-D CPU ``x`` ``(B, in)`` with any strides; returns a contiguous ``(B, out)`` ``y``.
+
+    Differentiable in ``x``, ``values`` and ``bias`` (may be None), in reverse mode
+    (``dx = g W`` with the transposed pattern, ``dv`` sampled at the stored entries,
+    ``db = sum_b g``) and in forward mode (``y' = x' W^T + x W'^T + b'``, with ``W'``
+    the value tangents at the pattern). Nothing is transposed or copied: the kernels read
+    ``x`` and the upstream gradient in their own layouts.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, values: Tensor, bias: Tensor | None, op: _NativeOp) -> Tensor:
+        p = op.pattern
+        return native.spmm(op.lib, p.crow, p.col, values, x, p.shape[0], bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        # a separate setup_context: what torch.func transforms (torch.func.jvp in the
+        # dynamics tools) need from a custom Function
+        x, values, bias, op = inputs
+        ctx.op = op
+        ctx.pattern = op.pattern
+        ctx.lib = op.lib
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, values)
+        ctx.save_for_forward(x, values)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        x, values = ctx.saved_tensors
+        p: CSRPattern = ctx.pattern
+        grad_x = grad_values = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = native.spmm(ctx.lib, p.crow_t, p.col_t, values.index_select(0, p.perm), g, p.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_values = native.sdd(ctx.lib, p.crow, p.col, g, x)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0)
+        return grad_x, grad_values, grad_bias, None
+
+    @staticmethod
+    def jvp(ctx, x_t: Tensor | None, values_t: Tensor | None, bias_t: Tensor | None, _op) -> Tensor:
+        # Through apply (not the kernels directly): under torch.func transforms the saved
+        # tensors and tangents are wrapped, and apply unwraps them level by level.
+        x, values = ctx.saved_tensors
+        op = ctx.op
+        f = NativeSparseLinearFunction.apply
+        y_t = None
+        if x_t is not None:
+            y_t = f(x_t, values, None, op)
+        if values_t is not None:
+            part = f(x, values_t.contiguous(), None, op)
+            y_t = part if y_t is None else y_t + part
+        if bias_t is not None:
+            y_t = bias_t.expand(x.shape[0], -1) if y_t is None else y_t + bias_t
+        if y_t is None:
+            y_t = x.new_zeros(x.shape[0], op.pattern.shape[0])
+        return y_t
+
+
+#: Implementations of the CSR backend: ``"native"`` (compiled kernels, CPU float32/64,
+#: int32 patterns), ``"torch"`` (``torch.sparse`` / MKL, any device torch supports) and
+#: ``"auto"`` (native where it applies and is available, else torch).
+CSR_KERNELS = ("auto", "native", "torch")
+
+
+def csr_kernel_for(x: Tensor, pattern: CSRPattern, kernel: str = "auto") -> str:
+    """``"native"`` or ``"torch"``: the implementation :func:`sparse_linear` uses for this
+    input and pattern. Raises ``ValueError`` for an unknown ``kernel`` and
+    ``RuntimeError`` when ``"native"`` is asked for but does not apply."""
+    if kernel not in CSR_KERNELS:
+        raise ValueError(f"kernel must be one of {CSR_KERNELS}, got {kernel!r}")
+    if kernel == "torch":
+        return "torch"
+    why = None
+    if x.device.type != "cpu":
+        why = f"the input is on {x.device} (the native kernels are CPU only)"
+    elif x.dtype not in CSR_DTYPES:
+        why = f"dtype {x.dtype} is not float32/float64"
+    elif pattern.col.dtype != torch.int32:
+        why = "the pattern's indices are int64 (more than 2**31 - 1 entries or positions)"
+    elif native.library() is None:
+        why = f"they are unavailable: {native.status().reason}"
+    if why is None:
+        return "native"
+    if kernel == "native":
+        raise RuntimeError(f"native CSR kernels requested but {why}")
+    return "torch"
+
+
 def _flatten(x: Tensor, in_features: int) -> tuple[Tensor, tuple[int, ...]]:
     lead = tuple(x.shape[:-1])
     return x.reshape(-1, in_features), lead
 
 
-def sparse_linear(x: Tensor, values: Tensor, bias: Tensor | None, pattern: CSRPattern) -> Tensor:
+def sparse_linear(x: Tensor, values: Tensor, bias: Tensor | None, pattern: CSRPattern,
+                  *, kernel: str = "auto") -> Tensor:
     """``x W^T + b`` through the CSR kernels, for ``x`` of shape ``(*batch, in)``
     (any number of leading dims, including none); returns ``(*batch, out)``.
 
-    Dtypes must agree (:data:`CSR_DTYPES`); the caller checks them.
+    ``kernel``: see :data:`CSR_KERNELS` and :func:`csr_kernel_for`. Dtypes must agree
+    (:data:`CSR_DTYPES`); the caller checks them.
     """
     out_f, in_f = pattern.shape
+    which = csr_kernel_for(x, pattern, kernel)
     x2, lead = _flatten(x, in_f)
     if x2.shape[0] == 0 or pattern.nnz == 0:
         # Degenerate products: a zero result that keeps the graph (zero gradients for x
-        # and values, from sums over empty slices) without calling MKL.
+        # and values, from sums over empty slices) without calling a kernel.
         zero = x2[:, :0].sum() + values[:0].sum()
         y2 = x2.new_zeros(x2.shape[0], out_f) + zero
         if bias is not None:
             y2 = y2 + bias
         return y2.reshape(*lead, out_f)
-    y2 = SparseLinearFunction.apply(x2, values, bias, pattern).t()
+    if which == "native":
+        values = values.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        y2 = NativeSparseLinearFunction.apply(x2, values, bias, _NativeOp(pattern, native.library()))
+    else:
+        y2 = SparseLinearFunction.apply(x2, values, bias, pattern).t()
     return y2.reshape(*lead, out_f)
 
 

@@ -174,10 +174,11 @@ class SparseLinear(_PatternCheck, nn.Module):
     form MKL takes), so ``.double()`` and ``.to(dtype)`` convert only values and bias.
 
     ``backend``: ``"csr"`` (compressed kernels, never a dense weight or gradient; float32
-    and float64 only), ``"dense"`` (values scattered into a dense weight, then
+    and float64 only; on CPU the compiled kernels of :mod:`iternn.sparse.native`, else
+    ``torch.sparse``), ``"dense"`` (values scattered into a dense weight, then
     ``F.linear``) or ``"auto"`` (chosen from the shape and density by
     :func:`iternn.sparse.kernels.choose_backend`: CSR at or below the crossover density
-    measured on the development machine). The resolved choice is the ``backend``
+    measured on the development machine for the CSR implementation in use). The resolved choice is the ``backend``
     attribute; assigning ``"csr"``/``"dense"``/``"auto"`` to it later is allowed.
 
     Same ``generator`` seed -> identical pattern, values and bias.

@@ -1,0 +1,261 @@
+/*
+ * iternn's compiled CSR kernels (see iternn/sparse/native.py, which builds and loads
+ * this file, and iternn/sparse/kernels.py, which calls it).
+ *
+ * A block W (rows x srcs, row = destination index, column = source index) is stored as
+ * CSR: crow (rows + 1), col (nnz) and val (nnz), int32 indices. Two products cover the
+ * forward and backward of y = x W^T + b for a batch x (B x srcs):
+ *
+ *   iternn_spmm_*:  Y[b, i] = bias[i] + sum_k val[k] X[b, col[k]]   (k in row i)
+ *       the forward (W, x -> y) and, with the transposed pattern, the input gradient
+ *       (W^T, g -> dx);
+ *   iternn_sdd_*:   dv[k] = sum_b G[b, row(k)] X[b, col[k]]
+ *       the value gradient: the dense product G^T X sampled at the stored entries only.
+ *
+ * X, Y and G are addressed through (batch, feature) element strides, so row-major,
+ * transposed, sliced or broadcast (stride 0) operands are read and written in place,
+ * without the transposed copies a CSR x dense library call needs.
+ *
+ * Layout. The batch is cut into tiles of TILE columns (4 SIMD vectors: 32 floats or 16
+ * doubles). For each tile the operand X is packed into a (srcs x TILE) buffer, one
+ * aligned row of TILE numbers per source index, so every stored entry reads one
+ * contiguous row of the pack (cache resident: 512 KB for 4096 sources in float32).
+ * Rows are then processed in chunks of CHUNK: four (or eight) vector accumulators per
+ * row, written to a small per-thread buffer and from there to Y with the batch stride.
+ * The value gradient packs G the same way and reduces VL entries of a row at a time
+ * with a transpose-and-add of their VL partial-sum vectors.
+ *
+ * Threads (OpenMP, the count passed by the caller): the pack is split over sources,
+ * the rows over chunks. Every output number is computed by one thread in a fixed order,
+ * so results do not depend on the thread count. Without OpenMP the pragmas are ignored
+ * and the kernels run on one thread.
+ *
+ * Return value: 0, or 1 when a work buffer could not be allocated.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+#define NVEC 4     /* SIMD vectors per batch tile */
+#define CHUNK 64   /* rows (or sources) per unit of work */
+#define PREFETCH 16 /* stored entries ahead to prefetch in the forward product */
+
+/* may_alias: the vectors are read from and written to arrays of their element type */
+typedef float vf32 __attribute__((vector_size(32), may_alias));
+typedef double vf64 __attribute__((vector_size(32), may_alias));
+
+/* r[l] = sum of the lanes of s[l], for the VL vectors s[0..VL-1] */
+static inline vf32 lane_sums_f32(const vf32 *s)
+{
+#if defined(__AVX__)
+    __m256 h01 = _mm256_hadd_ps((__m256)s[0], (__m256)s[1]);
+    __m256 h23 = _mm256_hadd_ps((__m256)s[2], (__m256)s[3]);
+    __m256 h45 = _mm256_hadd_ps((__m256)s[4], (__m256)s[5]);
+    __m256 h67 = _mm256_hadd_ps((__m256)s[6], (__m256)s[7]);
+    __m256 a = _mm256_hadd_ps(h01, h23), b = _mm256_hadd_ps(h45, h67);
+    return (vf32)_mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20),
+                               _mm256_permute2f128_ps(a, b, 0x31));
+#else
+    vf32 r;
+    for (int l = 0; l < 8; l++) {
+        float t = 0;
+        for (int m = 0; m < 8; m++) t += s[l][m];
+        r[l] = t;
+    }
+    return r;
+#endif
+}
+
+static inline vf64 lane_sums_f64(const vf64 *s)
+{
+#if defined(__AVX__)
+    __m256d h01 = _mm256_hadd_pd((__m256d)s[0], (__m256d)s[1]);
+    __m256d h23 = _mm256_hadd_pd((__m256d)s[2], (__m256d)s[3]);
+    return (vf64)_mm256_add_pd(_mm256_permute2f128_pd(h01, h23, 0x20),
+                               _mm256_permute2f128_pd(h01, h23, 0x31));
+#else
+    vf64 r;
+    for (int l = 0; l < 4; l++) {
+        double t = 0;
+        for (int m = 0; m < 4; m++) t += s[l][m];
+        r[l] = t;
+    }
+    return r;
+#endif
+}
+
+static void *work_buffer(size_t bytes)
+{
+    return aligned_alloc(64, (bytes + 63) / 64 * 64);
+}
+
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+
+/* T_: element type, V_: its 32-byte vector type, VL: lanes, S: name suffix */
+#define DEFINE_KERNELS(S, T_, V_, VL)                                                       \
+enum { TILE_##S = NVEC * VL };                                                              \
+                                                                                            \
+/* pack[j][t] = X[b0 + t, j] for j in [j0, j1); zeros past the tile's tb columns */        \
+static void pack_##S(T_ *pack, const T_ *X, int64_t sxb, int64_t sxj,                       \
+                     int64_t b0, int64_t tb, int64_t j0, int64_t j1)                        \
+{                                                                                           \
+    enum { TL = TILE_##S };                                                                 \
+    if (tb < TL)                                                                            \
+        for (int64_t j = j0; j < j1; j++)                                                   \
+            memset(pack + j * TL + tb, 0, (size_t)(TL - tb) * sizeof(T_));                  \
+    if (sxb == 1) {                                                                         \
+        for (int64_t j = j0; j < j1; j++)                                                   \
+            memcpy(pack + j * TL, X + b0 + j * sxj, (size_t)tb * sizeof(T_));               \
+        return;                                                                             \
+    }                                                                                       \
+    for (int64_t t = 0; t < tb; t++) {                                                      \
+        const T_ *x = X + (b0 + t) * sxb;                                                   \
+        for (int64_t j = j0; j < j1; j++) pack[j * TL + t] = x[j * sxj];                    \
+    }                                                                                       \
+}                                                                                           \
+                                                                                            \
+/* rows [i0, i1) of Y[b0 + t, i] = bias[i] + sum_k val[k] pack[col[k]][t] */               \
+static void spmm_rows_##S(T_ *Y, int64_t syb, int64_t syi, const T_ *bias,                  \
+                          const int32_t *crow, const int32_t *col, const T_ *val,           \
+                          const T_ *pack, int64_t b0, int64_t tb, int64_t i0, int64_t i1)   \
+{                                                                                           \
+    enum { TL = TILE_##S };                                                                 \
+    T_ buf[CHUNK * TL] __attribute__((aligned(64)));                                        \
+    for (int64_t i = i0; i < i1; i++) {                                                     \
+        const T_ b_ = bias ? bias[i] : (T_)0;                                               \
+        V_ a0 = (V_){0} + b_, a1 = a0, a2 = a0, a3 = a0;                                    \
+        V_ c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};                                          \
+        int32_t k = crow[i];                                                                \
+        const int32_t e = crow[i + 1];                                                      \
+        /* two entries at a time into two accumulator sets: the FMA latency chains of */    \
+        /* one row overlap */                                                               \
+        for (; k + 1 < e; k += 2) {                                                         \
+            if (k + PREFETCH + 1 < e) {                                                     \
+                const T_ *f = pack + (int64_t)col[k + PREFETCH] * TL;                       \
+                const T_ *h = pack + (int64_t)col[k + PREFETCH + 1] * TL;                   \
+                __builtin_prefetch(f);                                                      \
+                __builtin_prefetch(f + TL / 2);                                             \
+                __builtin_prefetch(h);                                                      \
+                __builtin_prefetch(h + TL / 2);                                             \
+            }                                                                               \
+            const T_ v = val[k], w = val[k + 1];                                            \
+            const V_ *p = (const V_ *)(pack + (int64_t)col[k] * TL);                        \
+            const V_ *q = (const V_ *)(pack + (int64_t)col[k + 1] * TL);                    \
+            a0 += v * p[0]; a1 += v * p[1]; a2 += v * p[2]; a3 += v * p[3];                 \
+            c0 += w * q[0]; c1 += w * q[1]; c2 += w * q[2]; c3 += w * q[3];                 \
+        }                                                                                   \
+        if (k < e) {                                                                        \
+            const T_ v = val[k];                                                            \
+            const V_ *p = (const V_ *)(pack + (int64_t)col[k] * TL);                        \
+            a0 += v * p[0]; a1 += v * p[1]; a2 += v * p[2]; a3 += v * p[3];                 \
+        }                                                                                   \
+        V_ *o = (V_ *)(buf + (i - i0) * TL);                                                \
+        o[0] = a0 + c0; o[1] = a1 + c1; o[2] = a2 + c2; o[3] = a3 + c3;                     \
+    }                                                                                       \
+    if (syb == 1) {                                                                         \
+        for (int64_t i = i0; i < i1; i++)                                                   \
+            memcpy(Y + b0 + i * syi, buf + (i - i0) * TL, (size_t)tb * sizeof(T_));         \
+        return;                                                                             \
+    }                                                                                       \
+    for (int64_t t = 0; t < tb; t++) {                                                      \
+        T_ *y = Y + (b0 + t) * syb;                                                         \
+        for (int64_t i = i0; i < i1; i++) y[i * syi] = buf[(i - i0) * TL + t];              \
+    }                                                                                       \
+}                                                                                           \
+                                                                                            \
+int iternn_spmm_##S(int64_t rows, int64_t srcs, int64_t B,                                  \
+                    const int32_t *crow, const int32_t *col, const T_ *val,                 \
+                    const T_ *X, int64_t sxb, int64_t sxj,                                  \
+                    T_ *Y, int64_t syb, int64_t syi, const T_ *bias, int threads)           \
+{                                                                                           \
+    enum { TL = TILE_##S };                                                                 \
+    T_ *pack = (T_ *)work_buffer((size_t)srcs * TL * sizeof(T_));                           \
+    if (!pack) return 1;                                                                    \
+    _Pragma("omp parallel num_threads(threads)")                                            \
+    for (int64_t b0 = 0; b0 < B; b0 += TL) {                                                \
+        const int64_t tb = MIN(B - b0, (int64_t)TL);                                        \
+        _Pragma("omp for schedule(static)")                                                 \
+        for (int64_t j0 = 0; j0 < srcs; j0 += CHUNK)                                        \
+            pack_##S(pack, X, sxb, sxj, b0, tb, j0, MIN(j0 + CHUNK, srcs));                 \
+        _Pragma("omp for schedule(dynamic, 1)")                                             \
+        for (int64_t i0 = 0; i0 < rows; i0 += CHUNK)                                        \
+            spmm_rows_##S(Y, syb, syi, bias, crow, col, val, pack, b0, tb, i0,              \
+                          MIN(i0 + CHUNK, rows));                                           \
+    }                                                                                       \
+    free(pack);                                                                             \
+    return 0;                                                                               \
+}                                                                                           \
+                                                                                            \
+/* dv[k] (first tile: =, later tiles: +=) sum_t gpack[row][t] xpack[col[k]][t] */          \
+static void sdd_rows_##S(T_ *dv, const int32_t *crow, const int32_t *col,                   \
+                         const T_ *gpack, const T_ *xpack, int first, int64_t i0, int64_t i1) \
+{                                                                                           \
+    enum { TL = TILE_##S };                                                                 \
+    for (int64_t i = i0; i < i1; i++) {                                                     \
+        const V_ *g = (const V_ *)(gpack + i * TL);                                         \
+        const V_ g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3];                                \
+        int32_t k = crow[i];                                                                \
+        const int32_t e = crow[i + 1];                                                      \
+        for (; k + VL <= e; k += VL) {                                                      \
+            V_ s[VL];                                                                       \
+            for (int l = 0; l < VL; l++) {                                                  \
+                const V_ *p = (const V_ *)(xpack + (int64_t)col[k + l] * TL);               \
+                s[l] = (g0 * p[0] + g1 * p[1]) + (g2 * p[2] + g3 * p[3]);                   \
+            }                                                                               \
+            V_ r = lane_sums_##S(s);                                                        \
+            if (!first) {                                                                   \
+                V_ old;                                                                     \
+                memcpy(&old, dv + k, sizeof old);                                           \
+                r += old;                                                                   \
+            }                                                                               \
+            memcpy(dv + k, &r, sizeof r);                                                   \
+        }                                                                                   \
+        for (; k < e; k++) {                                                                \
+            const V_ *p = (const V_ *)(xpack + (int64_t)col[k] * TL);                       \
+            const V_ s = (g0 * p[0] + g1 * p[1]) + (g2 * p[2] + g3 * p[3]);                 \
+            T_ r = 0;                                                                       \
+            for (int l = 0; l < VL; l++) r += s[l];                                         \
+            dv[k] = first ? r : dv[k] + r;                                                  \
+        }                                                                                   \
+    }                                                                                       \
+}                                                                                           \
+                                                                                            \
+int iternn_sdd_##S(int64_t rows, int64_t srcs, int64_t B,                                   \
+                   const int32_t *crow, const int32_t *col, T_ *dv,                         \
+                   const T_ *G, int64_t sgb, int64_t sgi,                                   \
+                   const T_ *X, int64_t sxb, int64_t sxj, int threads)                      \
+{                                                                                           \
+    enum { TL = TILE_##S };                                                                 \
+    T_ *xpack = (T_ *)work_buffer((size_t)srcs * TL * sizeof(T_));                          \
+    T_ *gpack = (T_ *)work_buffer((size_t)rows * TL * sizeof(T_));                          \
+    if (!xpack || !gpack) {                                                                 \
+        free(xpack);                                                                        \
+        free(gpack);                                                                        \
+        return 1;                                                                           \
+    }                                                                                       \
+    _Pragma("omp parallel num_threads(threads)")                                            \
+    for (int64_t b0 = 0; b0 < B; b0 += TL) {                                                \
+        const int64_t tb = MIN(B - b0, (int64_t)TL);                                        \
+        _Pragma("omp for schedule(static) nowait")                                          \
+        for (int64_t j0 = 0; j0 < srcs; j0 += CHUNK)                                        \
+            pack_##S(xpack, X, sxb, sxj, b0, tb, j0, MIN(j0 + CHUNK, srcs));                \
+        _Pragma("omp for schedule(static)")                                                 \
+        for (int64_t i0 = 0; i0 < rows; i0 += CHUNK)                                        \
+            pack_##S(gpack, G, sgb, sgi, b0, tb, i0, MIN(i0 + CHUNK, rows));                \
+        _Pragma("omp for schedule(dynamic, 1)")                                             \
+        for (int64_t i0 = 0; i0 < rows; i0 += CHUNK)                                        \
+            sdd_rows_##S(dv, crow, col, gpack, xpack, b0 == 0, i0, MIN(i0 + CHUNK, rows));  \
+    }                                                                                       \
+    free(xpack);                                                                            \
+    free(gpack);                                                                            \
+    return 0;                                                                               \
+}
+
+DEFINE_KERNELS(f32, float, vf32, 8)
+DEFINE_KERNELS(f64, double, vf64, 4)
+
+/* the interface version native.py checks after loading */
+int iternn_kernels_abi(void) { return 1; }

@@ -1,0 +1,299 @@
+"""The compiled CSR kernels (sparse.native): build, cache, fallback, and equivalence with
+a dense reference over batch tiles, operand layouts, thread counts and forward mode."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from iternn.sparse import kernels, native
+from iternn.sparse.kernels import NativeSparseLinearFunction, csr_kernel_for, csr_pattern, sparse_linear
+from iternn.sparse.linear import SparseLinear
+from iternn.sparse.sampling import random_indices
+
+needs_native = pytest.mark.skipif(not native.available(), reason="native CSR kernels unavailable")
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """A native module that re-reads the environment (and an empty cache folder); the
+    process-wide state is restored afterwards."""
+    saved = dict(native._state)
+    native._reset()
+    monkeypatch.setenv("ITERNN_CACHE_DIR", str(tmp_path / "cache"))
+    yield native
+    native._reset()
+    native._state.update(saved)
+
+
+# ============================================================================ build
+def test_native_kernels_build_where_a_compiler_exists():
+    if not any(shutil.which(c) for c in ("cc", "gcc", "clang")) and not os.environ.get("CC"):
+        pytest.skip("no C compiler on this machine")
+    st_ = native.status()
+    assert st_.available, st_.reason
+    assert st_.path is not None and st_.path.exists()
+    assert st_.path.parent == native.cache_dir()
+
+
+def test_build_is_cached_and_keyed_by_cpu(fresh_native, monkeypatch):
+    if not native.available():
+        pytest.skip("native CSR kernels unavailable")
+    first = fresh_native.build()
+    stamp = first.stat().st_mtime_ns
+    assert fresh_native.build() == first and first.stat().st_mtime_ns == stamp  # reused
+    # another CPU (as seen by -march=native) gets its own build, never this one
+    monkeypatch.setattr(fresh_native, "_cpu_signature", lambda: "x86_64\nflags: something else")
+    other = fresh_native.build()
+    assert other != first and other.exists()
+    assert not any(p.suffix == ".tmp" for p in first.parent.iterdir())  # atomic writes
+
+
+def test_disabled_by_environment(fresh_native, monkeypatch):
+    monkeypatch.setenv("ITERNN_NATIVE", "0")
+    assert fresh_native.library() is None
+    st_ = fresh_native.status()
+    assert not st_.available and "ITERNN_NATIVE=0" in st_.reason
+    p = csr_pattern(torch.tensor([[0, 1], [1, 0]]), (2, 2))
+    x = torch.randn(3, 2)
+    assert csr_kernel_for(x, p) == "torch"
+    with pytest.raises(RuntimeError, match="ITERNN_NATIVE=0"):
+        csr_kernel_for(x, p, "native")
+    # and the layer still works, through torch.sparse
+    sp = SparseLinear(2, 2, indices=torch.tensor([[0, 1], [1, 0]]), backend="csr")
+    torch.testing.assert_close(sp(x), F.linear(x, sp.dense_weight(), sp.bias))
+
+
+def test_failed_build_warns_and_falls_back(fresh_native, monkeypatch):
+    monkeypatch.delenv("ITERNN_NATIVE", raising=False)
+    monkeypatch.setenv("CC", "/bin/false")
+    with pytest.warns(RuntimeWarning, match="native CSR kernels are unavailable"):
+        assert fresh_native.library() is None
+    st_ = fresh_native.status()
+    assert not st_.available and "/bin/false" in st_.reason
+    with pytest.raises(native.NativeBuildError, match="failed"):
+        fresh_native.build()
+    assert not any(fresh_native.cache_dir().glob("*"))  # nothing half-written left behind
+
+
+def test_missing_compiler_is_named(fresh_native, monkeypatch):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(native.NativeBuildError, match="no C compiler"):
+        fresh_native.build()
+
+
+def test_unknown_kernel_name():
+    p = csr_pattern(torch.tensor([[0], [0]]), (1, 1))
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        sparse_linear(torch.randn(2, 1), torch.ones(1), None, p, kernel="mkl")
+
+
+def test_native_refuses_what_it_cannot_run():
+    p = csr_pattern(torch.tensor([[0], [0]]), (1, 1))
+    with pytest.raises(RuntimeError, match="float32/float64"):
+        csr_kernel_for(torch.randn(2, 1, dtype=torch.float16), p, "native")
+    big = p._replace(col=p.col.long())
+    with pytest.raises(RuntimeError, match="int64"):
+        csr_kernel_for(torch.randn(2, 1), big, "native")
+    assert csr_kernel_for(torch.randn(2, 1), big) == "torch"
+
+
+# ============================================================================ equivalence
+LAYOUTS = ["contiguous", "transposed", "sliced", "broadcast"]
+
+
+def operand(batch: int, features: int, layout: str, dtype, g: torch.Generator) -> torch.Tensor:
+    """A (batch, features) tensor with the given memory layout (same values either way)."""
+    if layout == "contiguous":
+        return torch.randn(batch, features, dtype=dtype, generator=g)
+    if layout == "transposed":
+        return torch.randn(features, batch, dtype=dtype, generator=g).t()
+    if layout == "sliced":  # every other row and column of a bigger tensor
+        return torch.randn(2 * batch, 2 * features + 1, dtype=dtype, generator=g)[::2, 1::2]
+    return torch.randn(1, features, dtype=dtype, generator=g).expand(batch, features)
+
+
+@st.composite
+def native_case(draw):
+    out_f = draw(st.integers(1, 70))
+    in_f = draw(st.integers(1, 70))
+    k = draw(st.integers(0, out_f * in_f))
+    # batches around the tile widths (16 doubles, 32 floats) and their multiples
+    batch = draw(st.sampled_from([1, 2, 15, 16, 17, 31, 32, 33, 64, 70]))
+    return out_f, in_f, k, batch, draw(st.sampled_from(LAYOUTS)), draw(st.sampled_from(LAYOUTS)), \
+        draw(st.integers(0, 2**31))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@given(case=native_case())
+@settings(max_examples=40)
+def test_native_matches_dense_reference(dtype, case):
+    out_f, in_f, k, batch, x_layout, g_layout, seed = case
+    g = gen(seed)
+    idx = random_indices(out_f, in_f, k, generator=g)
+    p = csr_pattern(idx, (out_f, in_f))
+    values = torch.randn(k, dtype=dtype, generator=g).requires_grad_()
+    bias = torch.randn(out_f, dtype=dtype, generator=g).requires_grad_()
+    x = operand(batch, in_f, x_layout, dtype, g).requires_grad_()
+    gy = operand(batch, out_f, g_layout, dtype, g)
+    y = sparse_linear(x, values, bias, p, kernel="native")
+    assert y.is_contiguous() and y.shape == (batch, out_f)
+    dx, dv, db = torch.autograd.grad(y, (x, values, bias), gy)
+
+    w = torch.zeros(out_f, in_f, dtype=torch.float64)
+    w[idx[0], idx[1]] = values.detach().double()
+    xd = x.detach().double()
+    gd = gy.double()
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(y.detach().double(), xd @ w.t() + bias.detach().double(), **tol)
+    torch.testing.assert_close(dx.double(), gd @ w, **tol)
+    torch.testing.assert_close(dv.double(), (gd.t() @ xd)[idx[0], idx[1]], **tol)
+    torch.testing.assert_close(db.double(), gd.sum(0), **tol)
+
+
+@needs_native
+def test_native_rows_and_columns_without_entries():
+    # Many empty rows and columns (and an all-empty tile of rows): every output entry
+    # is written, none is left from the uninitialised buffer.
+    idx = torch.tensor([[3, 3, 200], [0, 150, 7]])
+    p = csr_pattern(idx, (260, 170))
+    values = torch.tensor([1.5, -2.0, 0.25], dtype=torch.float64, requires_grad=True)
+    x = torch.randn(40, 170, dtype=torch.float64, requires_grad=True)
+    y = sparse_linear(x, values, None, p, kernel="native")
+    w = torch.zeros(260, 170, dtype=torch.float64)
+    w[idx[0], idx[1]] = values.detach()
+    assert torch.equal(y[:, 4:200], torch.zeros(40, 196, dtype=torch.float64))
+    torch.testing.assert_close(y, x.detach() @ w.t(), rtol=0, atol=1e-14)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, torch.ones(40, 260, dtype=torch.float64) @ w, rtol=0, atol=1e-14)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_results_do_not_depend_on_threads(dtype):
+    sp = SparseLinear(300, 280, density=0.1, backend="csr", generator=gen(0), dtype=dtype)
+    x = torch.randn(100, 300, dtype=dtype, generator=gen(1)).requires_grad_()
+    gy = torch.randn(100, 280, dtype=dtype, generator=gen(2))
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            y = sp(x)
+            results.append((y.detach(), *torch.autograd.grad(y, (x, sp.values, sp.bias), gy)))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@needs_native
+def test_native_gradcheck_reverse_and_forward_mode():
+    p = csr_pattern(random_indices(11, 13, 40, generator=gen(3)), (11, 13))
+    op = kernels._NativeOp(p, native.library())
+    x = torch.randn(20, 13, dtype=torch.float64, generator=gen(4), requires_grad=True)
+    v = torch.randn(40, dtype=torch.float64, generator=gen(5), requires_grad=True)
+    b = torch.randn(11, dtype=torch.float64, generator=gen(6), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, v, b: NativeSparseLinearFunction.apply(x, v, b, op),
+                                    (x, v, b), check_forward_ad=True)
+    assert torch.autograd.gradcheck(lambda x, v: NativeSparseLinearFunction.apply(x, v, None, op),
+                                    (x, v), check_forward_ad=True)
+
+
+@needs_native
+def test_native_torch_func_jvp_matches_dense():
+    # torch.func.jvp (what the dynamics tools use) through a csr block
+    sp = SparseLinear(30, 25, density=0.2, backend="csr", generator=gen(7), dtype=torch.float64)
+    x = torch.randn(5, 30, dtype=torch.float64, generator=gen(8))
+    t = torch.randn(5, 30, dtype=torch.float64, generator=gen(9))
+    y, y_t = torch.func.jvp(sp, (x,), (t,))
+    w = sp.dense_weight().detach()
+    torch.testing.assert_close(y, x @ w.t() + sp.bias.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y_t, t @ w.t(), rtol=1e-12, atol=1e-12)
+
+
+@needs_native
+def test_native_and_torch_kernels_train_alike():
+    # Same block, same data: five Adam steps through each kernel give the same values.
+    ref = SparseLinear(90, 80, density=0.1, backend="csr", generator=gen(10), dtype=torch.float64)
+    x = torch.randn(48, 90, dtype=torch.float64, generator=gen(11))
+    target = torch.randn(48, 80, dtype=torch.float64, generator=gen(12))
+    finals = {}
+    for kernel in ("torch", "native"):
+        values = ref.values.detach().clone().requires_grad_()
+        bias = ref.bias.detach().clone().requires_grad_()
+        opt = torch.optim.Adam([values, bias], lr=1e-2)
+        for _ in range(5):
+            opt.zero_grad()
+            y = sparse_linear(x, values, bias, ref.pattern, kernel=kernel)
+            F.mse_loss(torch.tanh(y), target).backward()
+            opt.step()
+        finals[kernel] = (values.detach(), bias.detach())
+    for a, b in zip(finals["torch"], finals["native"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@needs_native
+def test_exact_impulse_response_through_csr_blocks():
+    # Forward mode through the native kernels: the dynamics tools' exact linear impulse
+    # response runs on a map of csr blocks (the torch kernel has no forward formula) and
+    # vanishes exactly past the chain's structural length.
+    import iternn
+    from iternn.dynamics import impulse_response
+
+    m = iternn.BlockMap({"x": 40, "h1": 50, "h2": 30})
+    m.connect("h1", "x", SparseLinear(40, 50, density=0.1, backend="csr", generator=gen(13),
+                                      dtype=torch.float64))
+    m.connect("h2", "h1", SparseLinear(50, 30, density=0.1, backend="csr", generator=gen(14),
+                                       dtype=torch.float64))
+    state = {s: torch.randn(3, n, dtype=torch.float64, generator=gen(15)) for s, n in
+             (("x", 40), ("h1", 50), ("h2", 30))}
+    res = impulse_response(m, state, steps=6)
+    assert res.last_nonzero == res.structural_length == 2
+
+
+@needs_native
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_native_kernels_work_in_a_forked_child():
+    # OpenMP's pool does not survive fork(): a child forked after the kernels ran must
+    # still compute (on one thread) instead of hanging, and get the parent's numbers.
+    # (torch's own multi-threaded ops hang there too, hence the child's
+    # set_num_threads(1) before comparing.)
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os, sys, time, torch
+        torch.set_num_threads(2)
+        from iternn.sparse.linear import SparseLinear
+        sp = SparseLinear(600, 500, density=0.05, backend="csr", generator=torch.Generator().manual_seed(0))
+        x = torch.randn(100, 600, generator=torch.Generator().manual_seed(1))
+        y = sp(x).detach()
+        pid = os.fork()
+        if pid == 0:
+            y2 = sp(x).detach()  # torch's thread setting is still 2 here
+            torch.set_num_threads(1)  # torch's own pool does not survive fork() either
+            os._exit(0 if torch.equal(y2, y) else 3)
+        for _ in range(200):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                sys.exit(os.waitstatus_to_exitcode(status))
+            time.sleep(0.05)
+        os.kill(pid, 9)
+        sys.exit(4)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, (out.returncode, out.stderr)
