@@ -596,15 +596,25 @@ def test_cli_study_and_train_exit_codes(tmp_path, capsys):
 def test_cli_bench_locates_the_benchmarks(tmp_path, monkeypatch, capsys):
     found = commands.find_benchmarks()
     assert found is not None and found.name == "run.py" and found.parent.name == "benchmarks"
+    assert (found.parent / "sparse.py").is_file()
     fake = tmp_path / "benchmarks" / "run.py"
     fake.parent.mkdir()
-    fake.write_text("import json\ndef main(argv):\n    print('ARGV', json.dumps(argv))\n"
-                    "    return 1 if argv == [] else 0\n")
+    for name in ("run", "sparse"):
+        (fake.parent / f"{name}.py").write_text(
+            f"import json\ndef main(argv):\n    print('{name.upper()}', json.dumps(argv))\n"
+            "    return 1 if argv == [] else 0\n")
     monkeypatch.setattr(commands, "find_benchmarks", lambda: fake)
     assert cli_main(["bench", "--quick"]) == 0
-    assert 'ARGV ["--quick"]' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.index('RUN ["--quick"]') < out.index('SPARSE ["--quick"]')  # both, in order
+    assert cli_main(["bench", "--quick", "--which", "sparse"]) == 0
+    out = capsys.readouterr().out
+    assert 'SPARSE ["--quick"]' in out and "RUN" not in out
     assert cli_main(["bench"]) == 1  # the benchmark reported a failed check
-    assert "exited with status 1" in _err_line(capsys)
+    assert "benchmarks/run.py exited with status 1" in _err_line(capsys)
+    (fake.parent / "sparse.py").unlink()
+    assert cli_main(["bench", "--quick", "--which", "sparse"]) == 1
+    assert "benchmarks/sparse.py not found" in _err_line(capsys)
     monkeypatch.setattr(commands, "find_benchmarks", lambda: None)
     assert cli_main(["bench"]) == 1
     assert "benchmarks/run.py not found" in _err_line(capsys)

@@ -2,7 +2,7 @@
 
     iternn study [--config FILE] [--quick] [--jobs N] [--out DIR] [--shard I/N]
     iternn train --dataset D --model M [...]
-    iternn bench [--quick]
+    iternn bench [--quick] [--which all|core|sparse]
     iternn analyze MAP [--out DIR] [--seed N] [--steps N] [--quick] [--no-pictures]
     iternn demo [--seed N] [--reps N]
 

@@ -7,7 +7,7 @@ subparsers object and :func:`run` for these commands::
     iternn train --dataset D --model M [--hidden H] [--density P] [--extra-steps N] [--seed S]
                  [--epochs E] [--lr LR] [--batch-size B] [--out DIR] [--resume] [--tensorboard]
                  [--quiet]
-    iternn bench [--quick]
+    iternn bench [--quick] [--which all|core|sparse]
 
 ``study`` runs the grid of a config (``--quick``: the built-in quick study, what ``make
 demo`` runs; neither: the built-in default study) into ``--out`` (default
@@ -15,7 +15,7 @@ demo`` runs; neither: the built-in default study) into ``--out`` (default
 model of one family (``--tensorboard``: also TensorBoard events in ``OUT/tensorboard``,
 needs ``pip install 'iternn[tensorboard]'``); under ``torchrun --nproc_per_node=N`` it
 trains data-parallel (:mod:`iternn.study.distributed`). ``bench`` runs
-``benchmarks/run.py`` of the source checkout.
+``benchmarks/run.py`` and ``benchmarks/sparse.py`` of the source checkout.
 
 :func:`run` returns the exit code: 0 success, 1 failure — one line ``iternn: error: ...``
 on stderr (the traceback instead when ``args.debug`` is set), a missing optional package
@@ -35,6 +35,8 @@ from typing import Any
 __all__ = ["COMMANDS", "add_commands", "run", "find_benchmarks"]
 
 COMMANDS = ("study", "train", "bench")
+#: The benchmark scripts ``iternn bench --which`` runs, in order.
+_BENCH_SCRIPTS = {"all": ("run.py", "sparse.py"), "core": ("run.py",), "sparse": ("sparse.py",)}
 
 
 def positive_int(text: str) -> int:
@@ -152,9 +154,13 @@ def add_commands(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = (
     tr.add_argument("--quiet", action="store_true", help="no per-epoch lines")
 
     be = subparsers.add_parser(
-        "bench", parents=parents, help="run the benchmarks (benchmarks/run.py of the checkout)",
-        description="Run benchmarks/run.py from the source checkout: block maps vs torch modules.")
-    be.add_argument("--quick", action="store_true", help="smoke sizes (< 30 s)")
+        "bench", parents=parents, help="run the benchmarks of the source checkout (like make bench)",
+        description="Run the benchmarks from the source checkout and print their ratios: "
+                    "benchmarks/run.py (block maps vs torch modules) and benchmarks/sparse.py "
+                    "(sparse kernels vs a dense masked block).")
+    be.add_argument("--quick", action="store_true", help="smoke sizes (< 30 s each)")
+    be.add_argument("--which", choices=tuple(_BENCH_SCRIPTS), default="all",
+                    help="core: benchmarks/run.py; sparse: benchmarks/sparse.py; all: both (default)")
 
 
 # --------------------------------------------------------------------------- commands
@@ -247,21 +253,30 @@ def find_benchmarks() -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
+def _run_script(path: Path, argv: list[str]) -> int:
+    """``main(argv)`` of a benchmark script, loaded from its file."""
+    spec = importlib.util.spec_from_file_location(f"_iternn_benchmarks_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        return module.main(argv)
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     path = find_benchmarks()
     if path is None:
         raise FileNotFoundError("benchmarks/run.py not found: the benchmarks ship with the source "
                                 "checkout, not the installed package (run from the repository)")
-    spec = importlib.util.spec_from_file_location("_iternn_benchmarks_run", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        code = module.main(["--quick"] if args.quick else [])
-    finally:
-        sys.modules.pop(spec.name, None)
-    if code:
-        raise RuntimeError(f"benchmarks/run.py exited with status {code} (a correctness check failed)")
+    for name in _BENCH_SCRIPTS[args.which]:
+        script = path.parent / name
+        if not script.is_file():
+            raise FileNotFoundError(f"benchmarks/{name} not found next to {path}")
+        code = _run_script(script, ["--quick"] if args.quick else [])
+        if code:
+            raise RuntimeError(f"benchmarks/{name} exited with status {code} (a correctness check failed)")
     return 0
 
 
