@@ -120,7 +120,9 @@ def _check_input(module: nn.Module, x: object, param_name: str, param: Tensor) -
 
 
 class _PatternCheck:
-    """``_load_from_state_dict`` guard: pattern buffers must match the module's exactly.
+    """What the two pattern-carrying blocks share: their trainable count (only the
+    pattern's entries) and a ``_load_from_state_dict`` guard: pattern buffers must match
+    the module's exactly.
 
     A module built by ``_for_loading`` (a placeholder whose pattern is unknown until the
     state_dict arrives, as in a file loader) instead adopts the pattern of the first
@@ -129,6 +131,21 @@ class _PatternCheck:
 
     _pattern_buffers: tuple[str, ...] = ()
     _adopt_on_load = False
+    _weight_name = "weight"  # the parameter holding the pattern's entries
+
+    def _trainable_counts(self) -> dict[str, int]:
+        """Entries training can change, per own parameter: the weight parameter -> nnz
+        (stored or masked entries only), ``bias`` -> out_features."""
+        counts = {self._weight_name: self.nnz}
+        if self.bias is not None:
+            counts["bias"] = self.out_features
+        return counts
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        self._check_loaded_pattern(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _check_loaded_pattern(self, state_dict, prefix: str) -> None:
         if self._adopt_on_load and all(prefix + n in state_dict for n in self._pattern_buffers):
@@ -187,6 +204,7 @@ class SparseLinear(_PatternCheck, nn.Module):
     rowwise = True  # acts on the last dim only: callable on a whole sequence
 
     _pattern_buffers = ("crow_indices", "col_indices")
+    _weight_name = "values"
 
     def __init__(
         self,
@@ -285,19 +303,6 @@ class SparseLinear(_PatternCheck, nn.Module):
         """The dense ``(out_features, in_features)`` weight (differentiable in ``values``);
         for tests and inspection, it materialises the whole matrix."""
         return kernels.dense_weight_from_values(self.values, self.pattern)
-
-    def _trainable_counts(self) -> dict[str, int]:
-        """Entries training can change, per own parameter: ``values`` -> nnz, ``bias`` -> out."""
-        counts = {"values": self.nnz}
-        if self.bias is not None:
-            counts["bias"] = self.out_features
-        return counts
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:
-        self._check_loaded_pattern(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
 
     @classmethod
     def _for_loading(cls, in_features: int, out_features: int, nnz: int, *, bias: bool = True,
@@ -433,18 +438,6 @@ class MaskedLinear(_PatternCheck, nn.Module):
     def dense_weight(self) -> Tensor:
         """``weight * mask`` (differentiable in ``weight``)."""
         return self.weight * self.mask
-
-    def _trainable_counts(self) -> dict[str, int]:
-        counts = {"weight": self.nnz}
-        if self.bias is not None:
-            counts["bias"] = self.out_features
-        return counts
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:
-        self._check_loaded_pattern(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
 
     @classmethod
     def _for_loading(cls, in_features: int, out_features: int, *, bias: bool = True,

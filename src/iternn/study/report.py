@@ -373,7 +373,10 @@ def _band_reading(wins: Sequence[float], tested: Sequence[float]) -> str:
     """
     grid = sorted(set(tested) | set(wins))
     won = sorted(set(wins))
-    fmt = lambda ds: ", ".join(f"{d:g}" for d in ds)  # noqa: E731
+
+    def fmt(ds: Sequence[float]) -> str:
+        return ", ".join(f"{d:g}" for d in ds)
+
     if not won:
         return "no density tested beats dense"
     if len(grid) == 1:
