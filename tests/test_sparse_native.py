@@ -297,3 +297,25 @@ def test_native_kernels_work_in_a_forked_child():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, (out.returncode, out.stderr)
+
+
+@needs_native
+@pytest.mark.parametrize("flags", [("-O3",), ("-O3", "-march=native")])
+def test_portable_builds_compute_the_same(tmp_path, flags):
+    # The fallbacks of build(): plain -O3 (no AVX: the generic vector code and lane sums)
+    # and no OpenMP (one thread). Both must match the dense reference.
+    cc = native._compiler()
+    target = tmp_path / "k.so"
+    native._compile(cc, flags, target)
+    lib = native._Library(target, flags)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        sp = SparseLinear(70, 60, density=0.2, backend="csr", generator=gen(20), dtype=dtype)
+        x = torch.randn(45, 70, dtype=dtype, generator=gen(21))
+        g = torch.randn(45, 60, dtype=dtype, generator=gen(22))
+        p = sp.pattern
+        w = sp.dense_weight().detach()
+        idx = sp.indices()
+        y = native.spmm(lib, p.crow, p.col, sp.values.detach(), x, 60, sp.bias.detach())
+        dv = native.sdd(lib, p.crow, p.col, g, x)
+        torch.testing.assert_close(y, x @ w.t() + sp.bias.detach(), rtol=tol, atol=tol)
+        torch.testing.assert_close(dv, (g.t() @ x)[idx[0], idx[1]], rtol=tol, atol=tol)

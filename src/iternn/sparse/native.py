@@ -9,7 +9,7 @@ development machine (4096 x 4096 block, batch 256, float32, forward + backward, 
 
 The library is compiled on first use (about a second) with ``$CC`` (else ``cc``,
 ``gcc`` or ``clang`` from ``PATH``), ``-O3 -march=native`` and OpenMP where the
-compiler has it, into the cache folder: ``$ITERNN_CACHE_DIR``, else
+compiler has them, into the cache folder: ``$ITERNN_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/iternn``, else ``~/.cache/iternn``. The file name carries a hash of
 the source, the compiler, its flags and this CPU's model and features, so a cache shared
 between different machines never loads a build made for another CPU. Writes are
@@ -59,7 +59,7 @@ SOURCE = Path(__file__).with_name("csr_kernels.c")
 _ABI = 1  # iternn_kernels_abi() of the source this module was written for
 _FLAG_SETS = (
     ("-O3", "-march=native", "-fopenmp"),
-    ("-O3", "-fopenmp"),
+    ("-O3", "-march=native"),  # a compiler without OpenMP (Apple's clang): one thread
     ("-O3",),
 )
 _COMMON_FLAGS = ("-std=c11", "-shared", "-fPIC")
@@ -179,7 +179,7 @@ def _build(force: bool) -> tuple[Path, tuple[str, ...]]:
 def build(*, force: bool = False) -> Path:
     """Compile the kernels (unless a build for this source, compiler and CPU is cached,
     or ``force``) and return the library's path. Tries ``-march=native`` with OpenMP,
-    then OpenMP alone, then neither. Raises :class:`NativeBuildError`."""
+    then without OpenMP, then plain ``-O3``. Raises :class:`NativeBuildError`."""
     return _build(force)[0]
 
 
