@@ -5,9 +5,26 @@ import os
 import shutil
 import tempfile
 
-from hypothesis import HealthCheck, settings
+# Everything the suite's tools would otherwise keep in the home or project folder goes
+# into one temporary folder of this session, which subprocesses inherit (through the
+# environment) and which is removed at exit:
+# - the native CSR kernels, compiled on first use into ITERNN_CACHE_DIR (default
+#   ~/.cache/iternn);
+# - matplotlib's font cache (MPLCONFIGDIR, default ~/.cache/matplotlib);
+# - hypothesis's storage (default ./.hypothesis, which it writes even without an example
+#   database).
+_scratch = tempfile.mkdtemp(prefix="iternn-tests-")
+atexit.register(shutil.rmtree, _scratch, ignore_errors=True)
+for _var, _sub in (("ITERNN_CACHE_DIR", "iternn"), ("MPLCONFIGDIR", "matplotlib"),
+                   ("HYPOTHESIS_STORAGE_DIRECTORY", "hypothesis")):
+    os.environ[_var] = os.path.join(_scratch, _sub)
 
-# No example database: the suite leaves no files outside temporary folders.
+from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
+
+set_hypothesis_home_dir(os.environ["HYPOTHESIS_STORAGE_DIRECTORY"])
+
+# No example database: the same examples on every run, nothing stored.
 settings.register_profile(
     "iternn",
     database=None,
@@ -23,10 +40,3 @@ settings.load_profile("iternn")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
-
-# The native CSR kernels are compiled on first use into ITERNN_CACHE_DIR (by default
-# ~/.cache/iternn): the suite builds them once into a temporary folder of its own, which
-# subprocesses inherit, and removes it at exit.
-_cache = tempfile.mkdtemp(prefix="iternn-test-cache-")
-os.environ["ITERNN_CACHE_DIR"] = _cache
-atexit.register(shutil.rmtree, _cache, ignore_errors=True)
