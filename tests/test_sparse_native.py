@@ -319,3 +319,25 @@ def test_portable_builds_compute_the_same(tmp_path, flags):
         dv = native.sdd(lib, p.crow, p.col, g, x)
         torch.testing.assert_close(y, x @ w.t() + sp.bias.detach(), rtol=tol, atol=tol)
         torch.testing.assert_close(dv, (g.t() @ x)[idx[0], idx[1]], rtol=tol, atol=tol)
+
+
+@needs_native
+def test_native_calls_refuse_operands_they_would_misread():
+    lib = native.library()
+    p = csr_pattern(torch.tensor([[0, 1], [1, 0]]), (2, 2))
+    x = torch.randn(3, 2)
+    v = torch.ones(2)
+    with pytest.raises(TypeError, match="'values' must be a contiguous torch.float32"):
+        native.spmm(lib, p.crow, p.col, v.double(), x, 2)
+    with pytest.raises(TypeError, match="'crow' must be a contiguous int32"):
+        native.spmm(lib, p.crow.long(), p.col, v, x, 2)
+    with pytest.raises(TypeError, match="'x' must be a 2-D"):
+        native.spmm(lib, p.crow, p.col, v, x[0], 2)
+    with pytest.raises(TypeError, match="float32/float64"):
+        native.spmm(lib, p.crow, p.col, v.half(), x.half(), 2)
+    with pytest.raises(ValueError, match="need crow of 4"):
+        native.spmm(lib, p.crow, p.col, v, x, 3)
+    with pytest.raises(TypeError, match="'x' must be a 2-D torch.float64"):  # g's dtype rules
+        native.sdd(lib, p.crow, p.col, x.double(), x)
+    with pytest.raises(ValueError, match="same batch"):
+        native.sdd(lib, p.crow, p.col, x[:2], x)

@@ -278,6 +278,26 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _check(what: str, crow: Tensor, col: Tensor, dense: dict[str, Tensor],
+           vectors: dict[str, Tensor | None]) -> None:
+    """The C kernels trust their pointers: refuse anything they would misread."""
+    for name, t in (("crow", crow), ("col", col)):
+        if t.dtype != torch.int32 or t.device.type != "cpu" or not t.is_contiguous():
+            raise TypeError(f"{what}: '{name}' must be a contiguous int32 CPU tensor, "
+                            f"got {t.dtype} on {t.device}")
+    dtype = next(iter(dense.values())).dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{what}: dtype {dtype} is not float32/float64")
+    for name, t in dense.items():
+        if t.dim() != 2 or t.device.type != "cpu" or t.dtype != dtype or min(t.stride(), default=0) < 0:
+            raise TypeError(f"{what}: '{name}' must be a 2-D {dtype} CPU tensor, got shape "
+                            f"{tuple(t.shape)}, {t.dtype} on {t.device}")
+    for name, t in vectors.items():
+        if t is not None and (t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous()):
+            raise TypeError(f"{what}: '{name}' must be a contiguous {dtype} CPU tensor, "
+                            f"got {t.dtype} on {t.device}")
+
+
 def spmm(lib: _Library, crow: Tensor, col: Tensor, values: Tensor, x: Tensor, rows: int,
          bias: Tensor | None = None) -> Tensor:
     """``Y[b, i] = bias[i] + sum_k values[k] x[b, col[k]]`` over row ``i``'s entries.
@@ -286,6 +306,10 @@ def spmm(lib: _Library, crow: Tensor, col: Tensor, values: Tensor, x: Tensor, ro
     ``crow`` (rows + 1), ``col`` int32 contiguous; ``values``, ``bias`` contiguous, of
     ``x``'s dtype. Returns a new contiguous ``(B, rows)`` tensor.
     """
+    _check("native spmm", crow, col, {"x": x}, {"values": values, "bias": bias})
+    if crow.numel() != rows + 1 or values.numel() != col.numel() or (bias is not None and bias.numel() != rows):
+        raise ValueError(f"native spmm: {rows} rows need crow of {rows + 1}, values of {col.numel()} "
+                         f"and bias of {rows} entries")
     batch, srcs = x.shape
     y = x.new_empty(batch, rows)
     rc = lib.spmm[x.dtype](rows, srcs, batch, crow.data_ptr(), col.data_ptr(), values.data_ptr(),
@@ -300,6 +324,10 @@ def sdd(lib: _Library, crow: Tensor, col: Tensor, g: Tensor, x: Tensor) -> Tenso
     """``dv[k] = sum_b g[b, r_k] x[b, c_k]`` for each stored entry ``(r_k, c_k)``: the
     product ``g^T x`` sampled at the pattern, in its row-major order. ``g`` ``(B, rows)``
     and ``x`` ``(B, srcs)`` with any non-negative strides; returns ``(nnz,)``."""
+    _check("native sdd", crow, col, {"g": g, "x": x}, {})
+    if g.shape[0] != x.shape[0] or crow.numel() != g.shape[1] + 1:
+        raise ValueError(f"native sdd: g {tuple(g.shape)} and x {tuple(x.shape)} need the same batch "
+                         f"and crow of g.shape[1] + 1 entries")
     batch, rows = g.shape
     srcs = x.shape[1]
     dv = x.new_empty(col.numel())
