@@ -341,3 +341,21 @@ def test_native_calls_refuse_operands_they_would_misread():
         native.sdd(lib, p.crow, p.col, x.double(), x)
     with pytest.raises(ValueError, match="same batch"):
         native.sdd(lib, p.crow, p.col, x[:2], x)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 2, 3])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_native_small_batches_every_layout(batch, layout):
+    # Batches of one or two take the untiled path; three the tiled one: same answers.
+    g = gen(batch)
+    sp = SparseLinear(90, 70, density=0.15, backend="csr", generator=g, dtype=torch.float64)
+    x = operand(batch, 90, layout, torch.float64, g).requires_grad_()
+    gy = operand(batch, 70, layout, torch.float64, g)
+    y = sp(x)
+    dx, dv = torch.autograd.grad(y, (x, sp.values), gy)
+    w = sp.dense_weight().detach()
+    idx = sp.indices()
+    torch.testing.assert_close(y, x.detach() @ w.t() + sp.bias.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx, gy @ w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dv, (gy.t() @ x.detach())[idx[0], idx[1]], rtol=1e-12, atol=1e-12)
