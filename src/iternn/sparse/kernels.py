@@ -30,8 +30,9 @@ Two implementations of these products (:data:`CSR_KERNELS`, chosen per call by
   off (``ITERNN_NATIVE=0``), and for int64 patterns. Reverse mode only.
 
 Measured on the 2-core development machine (4096 x 4096, batch 256, float32, forward +
-backward, ``benchmarks/sparse.py --case block``), speed-up over a dense masked block:
-native 4.4x at density 0.1 and 29x at 0.01; torch kernel 1.9x and 13x.
+backward, ``benchmarks/sparse.py --case block``, two runs), speed-up over a dense masked
+block: native 4.4-5.6x at density 0.1 and 24-29x at 0.01; torch kernel 1.9-2.4x and
+12-13x.
 
 The dense backend (:func:`dense_weight_from_values`) instead scatters the values into a
 dense ``W`` and calls ``F.linear``; above the crossover density (see
