@@ -5,7 +5,7 @@ kernels when they are available, and through ``torch.sparse`` (MKL) otherwise; t
 results agree to float rounding (tested). They are faster because they read and write
 the batch in whatever layout it comes (no transposed copies) and keep each batch tile of
 the operand cache-resident (``csr_kernels.c`` explains the layout;
-``benchmarks/README.md`` has the measurements: 2-2.4x the torch.sparse path on a 4096 x
+``benchmarks/README.md`` has the measurements: 1.9-2.7x the torch.sparse path on a 4096 x
 4096 block, batch 256, forward + backward).
 
 The library is compiled on first use (about a second) with ``$CC`` (else ``cc``,
