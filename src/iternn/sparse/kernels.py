@@ -371,8 +371,6 @@ class NativeSparseLinearFunction(torch.autograd.Function):
         # dynamics tools) need from a custom Function
         x, values, bias, op = inputs
         ctx.op = op
-        ctx.pattern = op.pattern
-        ctx.lib = op.lib
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, values)
         ctx.save_for_forward(x, values)
@@ -381,12 +379,12 @@ class NativeSparseLinearFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g: Tensor):
         x, values = ctx.saved_tensors
-        p: CSRPattern = ctx.pattern
+        lib, p = ctx.op.lib, ctx.op.pattern
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = native.spmm(ctx.lib, p.crow_t, p.col_t, values.index_select(0, p.perm), g, p.shape[1])
+            grad_x = native.spmm(lib, p.crow_t, p.col_t, values.index_select(0, p.perm), g, p.shape[1])
         if ctx.needs_input_grad[1]:
-            grad_values = native.sdd(ctx.lib, p.crow, p.col, g, x)
+            grad_values = native.sdd(lib, p.crow, p.col, g, x)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         return grad_x, grad_values, grad_bias, None
