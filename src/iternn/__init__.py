@@ -5,6 +5,24 @@ MLPs, RNNs and transformer stacks are one object, a block map
 pattern, weight tying, iteration count, initial vector and forcing (arXiv 2404.00880).
 """
 
+from .errors import (
+    ConfigError,
+    ConversionError,
+    ConvergenceError,
+    DataError,
+    DynamicsError,
+    FolderLockedError,
+    FormatError,
+    IterNNError,
+    MapError,
+    MapTypeError,
+    NativeBuildError,
+    PatternError,
+    ResumeError,
+    SizeError,
+    StudyError,
+    TensorBoardMissingError,
+)
 from .core import BlockGraph, BlockMap, Summary, block_key, count_trainable
 from .convert import (
     EncoderLayerBlock,
@@ -51,5 +69,21 @@ __all__ = [
     "SparseLinear",
     "MaskedLinear",
     "matched_map",
+    "IterNNError",
+    "MapError",
+    "MapTypeError",
+    "ConversionError",
+    "SizeError",
+    "PatternError",
+    "FormatError",
+    "DynamicsError",
+    "ConvergenceError",
+    "ConfigError",
+    "ResumeError",
+    "DataError",
+    "StudyError",
+    "FolderLockedError",
+    "NativeBuildError",
+    "TensorBoardMissingError",
     "__version__",
 ]

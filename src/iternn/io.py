@@ -99,6 +99,7 @@ from .sparse.linear import (
     encode_sparse_linear,
 )
 from .sparse.structured import BlockDiagonalLinear, DiagonalLinear, LowRankLinear
+from .errors import FormatError
 
 __all__ = [
     "save",
@@ -121,10 +122,6 @@ FORMAT_VERSION = 1
 #: The safetensors metadata key that holds the JSON structure.
 METADATA_KEY = "iternn"
 _FORMAT_NAME = "iternn"
-
-
-class FormatError(ValueError):
-    """The file is not an iternn file, or its structure does not match its tensors."""
 
 
 # ---------------------------------------------------------------------------- registry

@@ -16,12 +16,9 @@ from torch import Tensor
 from ..core.block_map import BlockMap
 from ..core.state import check_state
 from ..engine.iterate import UPDATES, _plan
+from ..errors import DynamicsError
 
 __all__ = ["MapFunction", "DynamicsError", "as_block_map"]
-
-
-class DynamicsError(ValueError):
-    """Bad input to a dynamics tool (the message names the slot, solver or option)."""
 
 
 def as_block_map(m: object) -> BlockMap:

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from .functional import DynamicsError
+from ..errors import ConvergenceError
 
 __all__ = [
     "solve",
@@ -68,18 +69,6 @@ __all__ = [
 ]
 
 STOP_MODES = ("abs", "rel")
-
-
-class ConvergenceError(RuntimeError):
-    """A solve did not converge and the caller asked for an error (``raise_on_failure``).
-
-    A :class:`RuntimeError`, not a :class:`DynamicsError`: the input was valid, the
-    computation failed. ``.info`` is the :class:`SolverInfo` of the failed solve.
-    """
-
-    def __init__(self, message: str, info: SolverInfo) -> None:
-        super().__init__(message)
-        self.info = info
 
 
 @dataclass

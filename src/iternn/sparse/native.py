@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from ..errors import NativeBuildError
 
 __all__ = [
     "NativeBuildError",
@@ -64,11 +65,6 @@ _FLAG_SETS = (
     ("-O3",),
 )
 _COMMON_FLAGS = ("-std=c11", "-shared", "-fPIC")
-
-
-class NativeBuildError(RuntimeError):
-    """The native kernels could not be built or loaded (the message has the compiler's
-    output or the loader's error)."""
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,7 @@ from .structured import (
     _orthogonal,
     _uniform,
 )
+from ..errors import PatternError
 
 __all__ = ["BlockSpec", "PatternError", "parse_spec", "make_block", "PATTERNS", "INITS"]
 
@@ -114,16 +115,6 @@ _NO_PARAMS = frozenset({"0", "I"})
 _INT_RE = re.compile(r"[0-9]+\Z")
 _FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
 _SEP_RE = re.compile(r"[\s;]+")
-
-
-class PatternError(ValueError):
-    """A bad block spec. ``token`` is the offending token, quoted in the message."""
-
-    def __init__(self, token: str, message: str, spec: str | None = None) -> None:
-        where = f" in spec {spec!r}" if spec is not None and spec != token else ""
-        super().__init__(f"bad token {token!r}{where}: {message}")
-        self.token = token
-        self.spec = spec
 
 
 # --------------------------------------------------------------------------- numbers

@@ -78,6 +78,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from ..errors import ConfigError
 
 __all__ = [
     "ConfigError",
@@ -92,10 +93,6 @@ __all__ = [
     "loads",
     "parse_config",
 ]
-
-
-class ConfigError(ValueError):
-    """A bad study configuration; the message starts with the offending key's path."""
 
 
 #: Task of each dataset of :data:`iternn.study.data.DATASETS` (known without loading it).

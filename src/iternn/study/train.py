@@ -95,6 +95,7 @@ from ..core.summary import count_trainable
 from ..engine.iterate import iterate
 from ..engine.map_module import MapModule
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from ..errors import TensorBoardMissingError
 
 __all__ = [
     "TrainConfig",
@@ -240,10 +241,6 @@ class TrainConfig:
                 f"unknown TrainConfig key {unknown[0]!r} (known: {', '.join(sorted(known))})"
             )
         return cls(**options)
-
-
-class TensorBoardMissingError(ImportError):
-    """TensorBoard logging was requested, and the ``tensorboard`` package is not installed."""
 
 
 def summary_writer_class() -> type:
