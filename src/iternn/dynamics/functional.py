@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..core.block_map import BlockMap
 from ..core.state import check_state
-from ..engine.iterate import UPDATES, _plan
+from ..engine.iterate import UPDATES, step_plan
 from ..errors import DynamicsError
 
 __all__ = ["MapFunction", "DynamicsError", "as_block_map"]
@@ -115,6 +115,6 @@ class MapFunction:
     def __call__(self, z: Tensor) -> Tensor:
         state = self.unpack(z)
         # One application through the engine's step plan (checked once, in __init__).
-        step = _plan(self.map, "step", self._frozen, self.update)
+        step = step_plan(self.map, frozen=self._frozen, update=self.update)
         out = step(state, self.block_kwargs, z, tuple(z.shape[:-1]))
         return torch.cat([out[s] for s in self.free], dim=-1)

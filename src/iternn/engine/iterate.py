@@ -12,7 +12,7 @@ from ..core.block_map import BlockMap
 from ..core.state import check_state, check_tensor
 from .plan import SequencePlan, StepPlan, Wavefront
 
-__all__ = ["iterate", "UPDATES"]
+__all__ = ["iterate", "UPDATES", "wavefront_plan", "sequence_plan", "step_plan"]
 
 UPDATES = ("jacobi", "ordered")
 
@@ -37,6 +37,28 @@ def _plan(m: BlockMap, kind: str, frozen: frozenset[str], update: str):
             plan = StepPlan(m, frozen, update)
         m._plans[key] = plan
     return plan
+
+
+def wavefront_plan(m: BlockMap, *, frozen: frozenset[str] = frozenset(),
+                   update: str = "jacobi") -> Wavefront | None:
+    """The map's cached :class:`~iternn.engine.plan.Wavefront` with the slots ``frozen``
+    held: each block runs once, at the level of its destination row. ``None`` when the
+    graph left after freezing has a cycle (no wavefront exists)."""
+    return _plan(m, "wave", frozenset(frozen), update) or None
+
+
+def sequence_plan(m: BlockMap, *, frozen: frozenset[str] = frozenset(),
+                  update: str = "jacobi") -> SequencePlan:
+    """The map's cached :class:`~iternn.engine.plan.SequencePlan`: the plan of a forced
+    iteration (row-wise blocks outside a cycle batched over the whole sequence)."""
+    return _plan(m, "seq", frozenset(frozen), update)
+
+
+def step_plan(m: BlockMap, *, frozen: frozenset[str] = frozenset(),
+              update: str = "jacobi") -> StepPlan:
+    """The map's cached :class:`~iternn.engine.plan.StepPlan`: one application of the map
+    (Jacobi, or ordered over strongly connected components) with ``frozen`` slots held."""
+    return _plan(m, "step", frozenset(frozen), update)
 
 
 def _check_slots(m: BlockMap, names: object, role: str) -> frozenset[str]:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..core.block_map import BlockMap
 from ..core.state import check_state
-from .iterate import _plan, depth, iterate
+from .iterate import depth, iterate, wavefront_plan
 
 __all__ = ["MapModule"]
 
@@ -62,7 +62,7 @@ class MapModule(nn.Module):
                 f"input slot {self.input!r} needs shape (*batch, {self.in_features}), got {shape}"
             )
         frozen = self._held
-        wave = _plan(m, "wave", frozen, "jacobi")
+        wave = wavefront_plan(m, frozen=frozen)
         if not (wave and self.steps >= wave.depth and x.is_floating_point()):
             return iterate(m, {self.input: x}, self.steps, hold=frozen)[self.output]
         if (wave.dtype is not None and x.dtype != wave.dtype) or (
