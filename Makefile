@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # pull a multi-GB CUDA build, so setup pins the CPU wheel before installing the package.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo tour test bench clean
+.PHONY: setup demo tour lint test bench clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,11 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m iternn study --quick --out study-report
 
-test: setup
+# ruff's settings are in pyproject.toml ([tool.ruff]); it lints, it does not reformat.
+lint: setup
+	$(VENV)/bin/ruff check --no-cache src tests benchmarks
+
+test: lint
 	PYTHONDONTWRITEBYTECODE=1 $(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup

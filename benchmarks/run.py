@@ -69,7 +69,8 @@ class DenseReference(nn.Module):
             for dst, src in m.edges:
                 blk = m.block(dst, src)
                 if type(blk) is not nn.Linear:
-                    raise TypeError(f"DenseReference supports nn.Linear blocks only, got {type(blk)}")
+                    raise iternn.MapTypeError(f"block {dst!r} <- {src!r} is {type(blk).__name__}: "
+                                              "DenseReference supports nn.Linear blocks only")
                 r, c = offsets[dst], offsets[src]
                 W[r : r + m.slots[dst], c : c + m.slots[src]] = blk.weight
                 if blk.bias is not None:
@@ -114,7 +115,8 @@ class DenseReference(nn.Module):
         return parts[self.names.index(output)]
 
     def run_forced(self, xs: Tensor, h0: Tensor, input: str = "x", hidden: str = "h") -> Tensor:
-        """RNN use: ``input`` overwritten with ``xs[t]`` before application ``t``; trajectory of ``hidden``."""
+        """RNN use: ``input`` overwritten with ``xs[t]`` before application ``t``; returns the
+        trajectory of ``hidden``."""
         parts = self.init({hidden: h0}, tuple(h0.shape[:-1]), h0)
         i = self.names.index(hidden)
         outs = []
@@ -286,55 +288,8 @@ def mlp_case(name: str, sizes: list[int], batch: int, seed: int = 0):
     return impls, checks
 
 
-def _rnn_map_by_hand(rnn: nn.RNN) -> iternn.BlockMap:
-    n_in, H = rnn.input_size, rnn.hidden_size
-    m = iternn.BlockMap({"x": n_in, "h": H})
-    wx = m.connect("h", "x", nn.Linear(n_in, H))
-    wh = m.connect("h", "h", nn.Linear(H, H))
-    m.set_activation("h", nn.Tanh())
-    with torch.no_grad():
-        wx.weight.copy_(rnn.weight_ih_l0)
-        wx.bias.copy_(rnn.bias_ih_l0)
-        wh.weight.copy_(rnn.weight_hh_l0)
-        wh.bias.copy_(rnn.bias_hh_l0)
-    return m
-
-
-def _rnn_map_impl(rnn: nn.RNN, xs: Tensor, h0: Tensor, want: Tensor):
-    """The map's forward call: ``iternn.from_rnn`` when it exists and agrees, else by hand.
-
-    Returns (label, call, module_for_grads, note).
-    """
-    note = ""
-    if hasattr(iternn, "from_rnn"):
-        try:
-            obj = iternn.from_rnn(rnn)
-            if isinstance(obj, iternn.BlockMap):
-                m = obj
-                xname = "x" if "x" in m.slots else list(m.slots)[0]
-                hname = "h" if "h" in m.slots else list(m.slots)[1]
-                call = lambda: iternn.iterate(m, {hname: h0}, xs.shape[0], force={xname: xs},
-                                              trajectory=True)[hname]
-                mod = m
-            else:
-                def call(obj=obj):
-                    out = obj(xs, h0.unsqueeze(0))
-                    return out[0] if isinstance(out, tuple) else out
-                mod = obj
-            with torch.no_grad():
-                got = call()
-            if got.shape == want.shape and (got - want).abs().max().item() <= 1e-5:
-                return "iternn.from_rnn", call, mod, ""
-            note = "iternn.from_rnn exists but its output does not match nn.RNN here; using the hand-built map"
-        except Exception as exc:  # another engineer's work in progress: fall back, say so
-            note = f"iternn.from_rnn exists but failed ({type(exc).__name__}: {exc}); using the hand-built map"
-    m = _rnn_map_by_hand(rnn)
-    call = lambda: iternn.iterate(m, {"h": h0}, xs.shape[0], force={"x": xs}, trajectory=True)["h"]
-    return "hand-built BlockMap", call, m, note
-
-
 def rnn_case(name: str, n_in: int, H: int, batch: int, T: int, seed: int = 0):
-    """nn.RNN(tanh) vs the forced (x, h) block map vs the dense reference."""
+    """nn.RNN(tanh) vs iternn.from_rnn (the forced (x, h1) block map) vs the dense reference."""
     torch.manual_seed(seed)
     rnn = nn.RNN(n_in, H, nonlinearity="tanh")  # time first, like iterate's force
     xs = torch.randn(T, batch, n_in)
@@ -342,24 +297,29 @@ def rnn_case(name: str, n_in: int, H: int, batch: int, T: int, seed: int = 0):
     h0_rnn = h0.unsqueeze(0)
     with torch.no_grad():
         want = rnn(xs, h0_rnn)[0]
-    label, map_call, map_mod, note = _rnn_map_impl(rnn, xs, h0, want)
-    print(f"  {name}: map built by {label}" + (f" -- {note}" if note else ""))
-    dense = DenseReference(_rnn_map_by_hand(rnn))
+    net = iternn.from_rnn(rnn)  # a converter that fails or disagrees fails the benchmark
+    (hidden,) = net.layer_slots
+
+    def map_call() -> Tensor:
+        return net(xs, h0_rnn)[0]
+
+    dense = DenseReference(net.map)
     with torch.no_grad():
         checks = [
-            _check(f"{name}: map ({label}) vs nn.RNN", map_call(), want, 1e-5),
-            _check(f"{name}: dense reference vs nn.RNN", dense.run_forced(xs, h0), want, 1e-4),
+            _check(f"{name}: map (iternn.from_rnn) vs nn.RNN", map_call(), want, 1e-5),
+            _check(f"{name}: dense reference vs nn.RNN",
+                   dense.run_forced(xs, h0, hidden=hidden), want, 1e-4),
         ]
     impls = {
         "fwd": [
             Impl("torch", _fwd(lambda: rnn(xs, h0_rnn)[0])),
             Impl("iternn", _fwd(map_call)),
-            Impl("naive-W", _fwd(lambda: dense.run_forced(xs, h0))),
+            Impl("naive-W", _fwd(lambda: dense.run_forced(xs, h0, hidden=hidden))),
         ],
         "fwdbwd": [
             Impl("torch", _fwdbwd(lambda: rnn(xs, h0_rnn)[0], rnn)),
-            Impl("iternn", _fwdbwd(map_call, map_mod)),
-            Impl("naive-W", _fwdbwd(lambda: dense.run_forced(xs, h0), dense)),
+            Impl("iternn", _fwdbwd(map_call, net)),
+            Impl("naive-W", _fwdbwd(lambda: dense.run_forced(xs, h0, hidden=hidden), dense)),
         ],
     }
     return impls, checks
@@ -538,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  " + s)
     bad = [c for c in all_checks if not c[2]]
     load1 = _load()
-    print(f"correctness checks: {len(all_checks) - len(bad)}/{len(all_checks)} OK; total time {elapsed:.1f} s; "
+    print(f"correctness checks: {len(all_checks) - len(bad)}/{len(all_checks)} OK; "
+          f"total time {elapsed:.1f} s; "
           f"load average at end: {load1}" + _load_warning(load1))
 
     payload = {
@@ -558,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         ],
     }
     print("BENCH_JSON " + json.dumps({k: v for k, v in payload.items()} | {
-        "results": [{k: v for k, v in d.items() if k not in ("times_s", "ratios")} for d in payload["results"]]
+        "results": [{k: v for k, v in d.items() if k not in ("times_s", "ratios")}
+                    for d in payload["results"]]
     }, separators=(",", ":")))
     if args.json:
         with open(args.json, "w") as f:

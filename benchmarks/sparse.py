@@ -1,4 +1,4 @@
-"""Sparse-kernel benchmarks (issue 3): SparseLinear vs a dense masked block, as ratios.
+"""Sparse-kernel benchmarks: SparseLinear vs a dense masked block, as ratios.
 
 Run ``.venv/bin/python benchmarks/sparse.py`` (about 3-4 minutes; ``--quick``: smaller
 sizes, < 30 s). Options:
@@ -24,7 +24,7 @@ Cases:
   and makes the input. Target: sparse < 10 % of masked.
 * ``mlp``: a training step (forward, backward, SGD step) of an MLP 784-1024-1024-10 and
   of ``iternn.sparse.builders.matched_map(mlp, density=0.1, seed=0)`` (same trainable
-  count), batch 256; skipped when the builders are not available.
+  count), batch 256.
 * ``crossover``: SparseLinear csr / SparseLinear dense backend for several block sizes,
   batches 32 and 256, densities 0.5 ... 0.01 (the table in kernels.py).
 
@@ -53,7 +53,9 @@ try:
     import iternn  # noqa: F401
 except ImportError:  # running from a checkout without an installed package
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+from iternn import count_trainable
 from iternn.sparse import kernels
+from iternn.sparse.builders import matched_map
 from iternn.sparse.linear import MaskedLinear, SparseLinear
 from iternn.sparse.sampling import random_indices
 
@@ -342,20 +344,11 @@ def case_mlp(quick: bool, reps: int) -> bool:
     batch = 64 if quick else 256
     print("\n== mlp: training step (forward, backward, SGD step) of an MLP 784-1024-1024-10 "
           f"vs matched_map(mlp, density=0.1, seed=0), batch {batch} ==")
-    try:
-        from iternn.sparse.builders import matched_map
-    except ImportError:
-        print("  skipped (builders not available)")
-        return True
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(784, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
                               torch.nn.ReLU(), torch.nn.Linear(1024, 10))
     smap = matched_map(mlp, density=0.1, seed=0)
-    try:
-        from iternn.sparse.counting import count_trainable
-        print(f"  trainable: MLP {count_trainable(mlp):,}, matched map {count_trainable(smap):,}")
-    except ImportError:
-        pass
+    print(f"  trainable: MLP {count_trainable(mlp):,}, matched map {count_trainable(smap):,}")
     backends = sorted({getattr(m, "backend", None) for m in smap.modules() if isinstance(m, SparseLinear)})
     print(f"  SparseLinear backends in the map: {backends or 'none'}")
     x = torch.randn(batch, 784)

@@ -1,6 +1,7 @@
 """``iternn.dynamics.report.analyze`` and the ``iternn analyze`` command."""
 
 import re
+import sys
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from torch import nn
 
 import iternn
 from iternn.cli import main
-from iternn.dynamics import fixed_point, spectral_radius
+from iternn.dynamics import DynamicsError, fixed_point, spectral_radius
+from iternn.dynamics import report as report_mod
 from iternn.dynamics.report import PICTURES, REPORT_NAME, analyze
 from iternn.io import FormatError
 
@@ -177,13 +179,62 @@ def test_bad_input_is_an_error(tmp_path):
     assert not (tmp_path / "r").exists()  # nothing written on bad input
 
 
+def test_non_finite_weights_are_an_error_naming_the_block(tmp_path):
+    m = cyclic_map()
+    with torch.no_grad():
+        m.block("h", "h").weight[2, 0] = float("nan")
+    with pytest.raises(DynamicsError, match=r"block 'h' <- 'h' holds NaN in 'weight'"):
+        analyze(m, tmp_path / "r", quick=True, pictures=False)
+    assert not (tmp_path / "r").exists()  # refused before anything is written
+    iternn.save(m, tmp_path / "nan.safetensors")  # the command line: exit 1, one line
+    assert main(["analyze", str(tmp_path / "nan.safetensors"), "--out",
+                 str(tmp_path / "r"), "--quick"]) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_ctrl_c_stops_the_analysis(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_mod, "impulse_response", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # not recorded as "not available"
+        analyze(cyclic_map(), tmp_path / "r", quick=True, pictures=False)
+    assert not (tmp_path / "r" / REPORT_NAME).exists()
+
+
+def test_progress_is_one_step_per_section_on_stderr(tmp_path, capsys):
+    m = iternn.BlockMap({"x": 1, "h": 2})  # small: the sections are quick
+    m.connect("h", "x", nn.Linear(1, 2))
+    m.connect("h", "h", nn.Linear(2, 2))
+    analyze(m, tmp_path / "quiet", quick=True, pictures=False, steps=8)
+    assert capsys.readouterr().err == ""  # progress=False: nothing
+    analyze(m, tmp_path / "loud", quick=True, pictures=False, steps=8, progress=True)
+    err = capsys.readouterr().err
+    total = len(report_mod._Analysis.SECTIONS)
+    assert f"{total}/{total}" in err and "analyze" in err, err
+    assert (tmp_path / "loud" / REPORT_NAME).read_text() == (
+        tmp_path / "quiet" / REPORT_NAME).read_text().replace("quiet", "loud")
+
+
+def test_progress_without_tqdm_is_one_line_per_section(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+    with report_mod._Progress("m", 2, enabled=True) as progress:
+        for section in ("first", "second"):
+            progress.start(section)
+            progress.done()
+    assert capsys.readouterr().err.splitlines() == ["analyze m: first (1/2)",
+                                                    "analyze m: second (2/2)"]
+
+
 # ---------------------------------------------------------------------------- CLI
 def test_cli_analyze_writes_the_folder_and_prints_it(cyclic_report, tmp_path, capsys):
     root, _, text = cyclic_report
     out = tmp_path / "cli-report"
     assert main(["analyze", str(root / "cyc.safetensors"), "--out", str(out), "--quick"]) == 0
     printed = capsys.readouterr()
-    assert str(out) in printed.out and printed.err == ""
+    total = len(report_mod._Analysis.SECTIONS)
+    assert str(out) in printed.out and f"{total}/{total}" in printed.err  # progress
+    assert "error" not in printed.err
     # Deterministic: the same map and seed give the same report, byte for byte.
     assert (out / REPORT_NAME).read_text() == text
 
@@ -200,14 +251,14 @@ def test_cli_analyze_default_folder_is_in_the_current_directory(cyclic_report, t
     assert "Seed: 1;" in other and other != text  # the seed sets the state
 
 
-def test_cli_analyze_failures_are_one_line_and_exit_1(tmp_path, capsys):
+def test_cli_analyze_bad_files_are_one_line_and_exit_2(tmp_path, capsys):
     missing = tmp_path / "missing.safetensors"
-    assert main(["analyze", str(missing), "--out", str(tmp_path / "r")]) == 1
+    assert main(["analyze", str(missing), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("iternn: error:") and err.count("\n") == 1 and "missing" in err
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"junk")
-    assert main(["analyze", str(junk), "--out", str(tmp_path / "r")]) == 1
+    assert main(["analyze", str(junk), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("iternn: error:") and err.count("\n") == 1
     with pytest.raises(FileNotFoundError):  # --debug: the exception itself

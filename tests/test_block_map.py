@@ -170,50 +170,155 @@ def test_disconnect_and_reconnect_changes_the_result():
 
 # ---------------------------------------------------------------- bad input, one per case
 def test_bad_slot_name():
-    with pytest.raises(ValueError, match="'my-slot'"):
+    with pytest.raises(iternn.MapError, match="'my-slot'"):
         iternn.BlockMap({"my-slot": 2})
 
 
 def test_reserved_slot_name():
-    with pytest.raises(ValueError, match="'training'"):
+    with pytest.raises(iternn.MapError, match="'training'"):
         iternn.BlockMap({"training": 2})
 
 
-def test_bad_slot_size():
-    with pytest.raises(ValueError, match="'h'"):
-        iternn.BlockMap({"x": 2, "h": 0})
-    with pytest.raises(TypeError, match="'h'"):
-        iternn.BlockMap({"x": 2, "h": 2.0})
+@pytest.mark.parametrize(
+    "size, error",
+    [(0, iternn.MapError), (-3, iternn.MapError), (2.0, iternn.MapTypeError),
+     (True, iternn.MapTypeError), ("3", iternn.MapTypeError), (None, iternn.MapTypeError)],
+)
+def test_bad_slot_size(size, error):
+    with pytest.raises(error, match="size of slot 'h'"):
+        iternn.BlockMap({"x": 2, "h": size})
+
+
+def test_probe_of_a_huge_source_slot_is_refused_before_allocating():
+    # An opaque block is probed on zeros (2, n_src): 8 TB here, refused by name, not
+    # attempted (the allocator's error would have been wrapped as "module failed").
+    m = iternn.BlockMap({"x": 10**12, "y": 2})
+    with pytest.raises(iternn.SizeError, match="block 'y' <- 'x'.*probe input .2, 1000000000000."):
+        m.connect("y", "x", nn.Sequential(nn.Tanh()))
+    assert m.edges == ()
+
+
+def test_zero_bias_of_a_huge_slot_is_refused_before_allocating():
+    m = iternn.BlockMap({"x": 10**13})
+    with pytest.raises(iternn.SizeError, match="bias of slot 'x'"):
+        m.set_bias("x", True)
+    assert m.bias("x") is None
+
+
+def test_the_same_mistake_raises_the_same_error_everywhere():
+    m = iternn.BlockMap({"x": 2, "y": 2})
+    m.connect("y", "x", nn.Linear(2, 2))
+    z = {"x": torch.ones(1, 2)}
+    unknown = [
+        lambda: m.bias("q"),
+        lambda: m.connect("q", "x", nn.Linear(2, 2)),
+        lambda: m.forward({"q": torch.ones(1, 2), **z}),
+        lambda: iternn.iterate(m, z, 1, hold=["q"]),
+        lambda: iternn.iterate(m, z, 1, force={"q": torch.ones(1, 1, 2)}),
+        lambda: iternn.MapModule(m, input="q"),
+        lambda: iternn.to_mlp(m, input="q"),
+    ]
+    for call in unknown:
+        with pytest.raises(iternn.MapError, match="'q'"):
+            call()
+    not_a_name = [lambda: m.bias(1), lambda: iternn.iterate(m, z, 1, hold=[1])]
+    for call in not_a_name:
+        with pytest.raises(iternn.MapTypeError, match="int"):
+            call()
+    for steps, error in ((1.5, iternn.MapTypeError), (-1, iternn.MapError)):
+        with pytest.raises(error, match="steps"):
+            iternn.iterate(m, z, steps)
+        with pytest.raises(error, match="steps"):
+            iternn.MapModule(m, steps=steps)
+    with pytest.raises(iternn.MapTypeError, match="inner"):
+        iternn.iterate(m, z, 1, inner=2.0, force={"x": torch.ones(1, 1, 2)})
+
+
+# ---------------------------------------------------------------- protocols of a block
+class _Counted(nn.Module):
+    """A block whose weight is half fixed by construction: it says so through the
+    public ``trainable_counts`` hook."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n, n))
+        self.in_features = self.out_features = n
+
+    def trainable_counts(self) -> dict[str, int]:
+        return {"weight": self.weight.numel() // 2}
+
+    def forward(self, z):
+        return z @ self.weight.t()
+
+
+class _PrivatelyCounted(_Counted):
+    trainable_counts = None  # only the old private name: not the protocol
+
+    def _trainable_counts(self) -> dict[str, int]:
+        return {"weight": 1}
+
+
+def test_summary_reads_the_public_trainable_counts_protocol():
+    from iternn.core import CountsTrainable
+
+    assert isinstance(_Counted(4), CountsTrainable)
+    assert not isinstance(nn.Linear(4, 4), CountsTrainable)
+    m = iternn.BlockMap({"x": 4, "y": 4})
+    m.connect("y", "x", _Counted(4))
+    row = m.summary().block("y", "x")
+    assert (row.trainable, row.stored, row.density) == (8, 16, 0.5)
+    assert iternn.count_trainable(m) == 8
+    m.disconnect("y", "x")
+    m.connect("y", "x", _PrivatelyCounted(4))
+    assert iternn.count_trainable(m) == 16  # a private hook is not read
+
+
+def test_rowwise_protocol_decides_whether_a_block_is_called_once_per_sequence():
+    from iternn.core import RowwiseBlock
+    from iternn.core.rowwise import is_rowwise
+
+    class Row(nn.Module):
+        rowwise = True
+
+        def forward(self, z):
+            return 2 * z
+
+    class NotRow(Row):
+        rowwise = False
+
+    assert isinstance(Row(), RowwiseBlock) and is_rowwise(Row())
+    assert isinstance(NotRow(), RowwiseBlock) and not is_rowwise(NotRow())
+    assert not isinstance(nn.Tanh(), RowwiseBlock) and is_rowwise(nn.Tanh())
 
 
 def test_unknown_slot_in_connect():
     m = iternn.BlockMap({"x": 2})
-    with pytest.raises(ValueError, match="'z'"):
+    with pytest.raises(iternn.MapError, match="'z'"):
         m.connect("z", "x", nn.Linear(2, 2))
 
 
 def test_duplicate_block():
     m = iternn.BlockMap({"x": 2, "y": 2})
     m.connect("y", "x", nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="'y' <- 'x' already exists"):
+    with pytest.raises(iternn.MapError, match="'y' <- 'x' already exists"):
         m.connect("y", "x", nn.Linear(2, 2))
 
 
 def test_block_in_features_mismatch():
     m = iternn.BlockMap({"x": 2, "y": 3})
-    with pytest.raises(ValueError, match="in_features=3.*source slot 'x'"):
+    with pytest.raises(iternn.MapError, match="in_features=3.*source slot 'x'"):
         m.connect("y", "x", nn.Linear(3, 3))
 
 
 def test_block_out_features_mismatch():
     m = iternn.BlockMap({"x": 2, "y": 3})
-    with pytest.raises(ValueError, match="out_features=2.*destination slot 'y'"):
+    with pytest.raises(iternn.MapError, match="out_features=2.*destination slot 'y'"):
         m.connect("y", "x", nn.Linear(2, 2))
 
 
 def test_probed_block_shape_mismatch():
     m = iternn.BlockMap({"x": 2, "y": 3})
-    with pytest.raises(ValueError, match="block 'y' <- 'x'"):
+    with pytest.raises(iternn.MapError, match="block 'y' <- 'x'"):
         m.connect("y", "x", nn.Sequential(nn.Linear(2, 4), nn.Tanh()))
 
 
@@ -229,142 +334,142 @@ def test_probe_keeps_rng_and_mode():
 
 def test_block_not_a_module():
     m = iternn.BlockMap({"x": 2, "y": 2})
-    with pytest.raises(TypeError, match="'y' <- 'x'"):
+    with pytest.raises(iternn.MapTypeError, match="'y' <- 'x'"):
         m.connect("y", "x", lambda z: z)
 
 
 def test_state_wrong_slot_size():
     m = iternn.BlockMap({"x": 2, "y": 2})
-    with pytest.raises(ValueError, match="'x'"):
+    with pytest.raises(iternn.MapError, match="'x'"):
         iternn.iterate(m, {"x": torch.ones(1, 3)}, 1)
 
 
 def test_state_unknown_slot():
     m = iternn.BlockMap({"x": 2})
-    with pytest.raises(ValueError, match="'q'"):
+    with pytest.raises(iternn.MapError, match="'q'"):
         iternn.iterate(m, {"q": torch.ones(1, 2)}, 1)
 
 
 def test_state_batch_mismatch():
     m = iternn.BlockMap({"x": 2, "y": 2})
-    with pytest.raises(ValueError, match="'y'"):
+    with pytest.raises(iternn.MapError, match="'y'"):
         iternn.iterate(m, {"x": torch.ones(1, 2), "y": torch.ones(2, 2)}, 1)
 
 
 def test_state_dtype_mismatch_with_map():
     m = iternn.BlockMap({"x": 2, "y": 2})
     m.connect("y", "x", nn.Linear(2, 2))
-    with pytest.raises(TypeError, match="float64.*float32"):
+    with pytest.raises(iternn.MapTypeError, match="float64.*float32"):
         iternn.iterate(m, {"x": torch.ones(1, 2, dtype=torch.float64)}, 1)
 
 
 def test_state_dtype_mismatch_between_slots():
     m = iternn.BlockMap({"x": 2, "y": 2})
-    with pytest.raises(TypeError, match="'y'"):
+    with pytest.raises(iternn.MapTypeError, match="'y'"):
         iternn.iterate(m, {"x": torch.ones(1, 2), "y": torch.ones(1, 2, dtype=torch.float64)}, 1)
 
 
 def test_state_integer_tensor():
     m = iternn.BlockMap({"x": 2})
-    with pytest.raises(TypeError, match="'x'"):
+    with pytest.raises(iternn.MapTypeError, match="'x'"):
         iternn.iterate(m, {"x": torch.ones(1, 2, dtype=torch.long)}, 1)
 
 
 def test_state_device_mismatch_with_map():
     m = iternn.BlockMap({"x": 2, "y": 2})
     m.connect("y", "x", nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="meta"):
+    with pytest.raises(iternn.MapError, match="meta"):
         iternn.iterate(m, {"x": torch.ones(1, 2, device="meta")}, 1)
 
 
 def test_state_not_a_tensor():
     m = iternn.BlockMap({"x": 2})
-    with pytest.raises(TypeError, match="'x'"):
+    with pytest.raises(iternn.MapTypeError, match="'x'"):
         iternn.iterate(m, {"x": [[1.0, 2.0]]}, 1)
 
 
 def test_state_empty():
     m = iternn.BlockMap({"x": 2})
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(iternn.MapError, match="empty"):
         iternn.iterate(m, {}, 1)
 
 
 def test_forward_needs_full_state():
     m = iternn.BlockMap({"x": 2, "y": 1})
-    with pytest.raises(ValueError, match="'y'"):
+    with pytest.raises(iternn.MapError, match="'y'"):
         m({"x": torch.ones(1, 2)})
 
 
 def test_unpack_wrong_size():
     m = iternn.BlockMap({"x": 2, "y": 1})
-    with pytest.raises(ValueError, match="last dim 3"):
+    with pytest.raises(iternn.MapError, match="last dim 3"):
         m.unpack(torch.ones(1, 4))
 
 
 def test_forced_sequence_wrong_length():
     m = iternn.BlockMap({"x": 2, "h": 2})
-    with pytest.raises(ValueError, match="'x'.*\\(3, \\*batch, 2\\)"):
+    with pytest.raises(iternn.MapError, match="'x'.*\\(3, \\*batch, 2\\)"):
         iternn.iterate(m, {}, 3, force={"x": torch.ones(2, 1, 2)})
 
 
 def test_forced_sequence_wrong_batch():
     m = iternn.BlockMap({"x": 2, "h": 2})
-    with pytest.raises(ValueError, match="'x'"):
+    with pytest.raises(iternn.MapError, match="'x'"):
         iternn.iterate(m, {"h": torch.ones(4, 2)}, 3, force={"x": torch.ones(3, 1, 2)})
 
 
 def test_forced_sequence_wrong_features():
     m = iternn.BlockMap({"x": 2, "h": 2})
-    with pytest.raises(ValueError, match="'x'"):
+    with pytest.raises(iternn.MapError, match="'x'"):
         iternn.iterate(m, {}, 3, force={"x": torch.ones(3, 1, 5)})
 
 
 def test_held_and_forced_same_slot():
     m = iternn.BlockMap({"x": 2})
-    with pytest.raises(ValueError, match="'x'"):
+    with pytest.raises(iternn.MapError, match="'x'"):
         iternn.iterate(m, {}, 1, hold=["x"], force={"x": torch.ones(1, 1, 2)})
 
 
 def test_unknown_held_slot():
     m = iternn.BlockMap({"x": 2})
-    with pytest.raises(ValueError, match="'nope'"):
+    with pytest.raises(iternn.MapError, match="'nope'"):
         iternn.iterate(m, {"x": torch.ones(1, 2)}, 1, hold=["nope"])
 
 
 def test_bad_steps_inner_update():
     m = iternn.BlockMap({"x": 2})
     s = {"x": torch.ones(1, 2)}
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(iternn.MapError, match="steps"):
         iternn.iterate(m, s, -1)
-    with pytest.raises(TypeError, match="steps"):
+    with pytest.raises(iternn.MapTypeError, match="steps"):
         iternn.iterate(m, s, 1.5)
-    with pytest.raises(ValueError, match="inner"):
+    with pytest.raises(iternn.MapError, match="inner"):
         iternn.iterate(m, s, 1, inner=2)
-    with pytest.raises(ValueError, match="update"):
+    with pytest.raises(iternn.MapError, match="update"):
         iternn.iterate(m, s, 1, update="gauss")
 
 
 def test_unknown_block_kwargs_key():
     m = iternn.BlockMap({"x": 2})
-    with pytest.raises(ValueError, match="x<-y"):
+    with pytest.raises(iternn.MapError, match="x<-y"):
         iternn.iterate(m, {"x": torch.ones(1, 2)}, 1, block_kwargs={"x<-y": {}})
 
 
 def test_bias_wrong_shape():
     m = iternn.BlockMap({"x": 2})
-    with pytest.raises(ValueError, match="'x'"):
+    with pytest.raises(iternn.MapError, match="'x'"):
         m.set_bias("x", torch.zeros(3))
 
 
 def test_activation_not_a_module():
     m = iternn.BlockMap({"x": 2})
-    with pytest.raises(TypeError, match="'x'"):
+    with pytest.raises(iternn.MapTypeError, match="'x'"):
         m.set_activation("x", torch.tanh)
 
 
 def test_missing_block_lookup():
     m = iternn.BlockMap({"x": 2, "y": 2})
-    with pytest.raises(ValueError, match="no block 'y' <- 'x'"):
+    with pytest.raises(iternn.MapError, match="no block 'y' <- 'x'"):
         m.block("y", "x")
 
 
@@ -382,7 +487,7 @@ def test_plans_see_parameters_replaced_by_assign():
 def test_bias_of_another_dtype_is_refused():
     m = iternn.BlockMap({"x": 2, "h": 2})
     m.connect("h", "x", nn.Linear(2, 2))
-    with pytest.raises(TypeError, match="'h'.*float64"):
+    with pytest.raises(iternn.MapTypeError, match="'h'.*float64"):
         m.set_bias("h", torch.zeros(2, dtype=torch.float64))
 
 
@@ -390,7 +495,7 @@ def test_mixed_parameter_dtypes_are_refused_at_iterate():
     m = iternn.BlockMap({"x": 2, "h": 2})
     m.connect("h", "x", nn.Linear(2, 2))
     m.connect("h", "h", nn.Linear(2, 2).double())
-    with pytest.raises(TypeError, match="mixed dtypes"):
+    with pytest.raises(iternn.MapTypeError, match="mixed dtypes"):
         iternn.iterate(m, {"x": torch.ones(1, 2)}, 1)
 
 
@@ -404,7 +509,7 @@ def test_probe_restores_every_submodule_mode():
 
 def test_activation_must_keep_the_slot_shape():
     m = iternn.BlockMap({"y": 2})
-    with pytest.raises(ValueError, match="activation of slot 'y'"):
+    with pytest.raises(iternn.MapError, match="activation of slot 'y'"):
         m.set_activation("y", nn.Linear(2, 5))
 
 
@@ -420,7 +525,7 @@ def test_partly_declared_block_is_probed():
             return self.lin(z)
 
     m = iternn.BlockMap({"x": 3, "h": 4})
-    with pytest.raises(ValueError, match="'h' <- 'x'"):
+    with pytest.raises(iternn.MapError, match="'h' <- 'x'"):
         m.connect("h", "x", Half())
 
 
@@ -432,3 +537,18 @@ def test_summary_density_is_for_weight_matrices_only():
     assert s.block("h", "h").density == 1.0
     assert s.block("h", "x").density is None
     assert "-" in str(s)
+
+
+def test_core_engine_and_converters_raise_only_the_error_family():
+    # Every error raised on purpose is an IterNNError (each also the built-in type);
+    # a plain `raise ValueError(...)` here would escape `except iternn.IterNNError`.
+    import pathlib
+    import re
+
+    root = pathlib.Path(iternn.__file__).parent
+    plain = re.compile(r"raise (ValueError|TypeError|RuntimeError|KeyError|MemoryError)\(|^\s*assert ",
+                       re.M)
+    found = [f"{p.relative_to(root)}: {hit.group(0).strip()}"
+             for sub in ("core", "engine", "convert") for p in (root / sub).glob("*.py")
+             for hit in plain.finditer(p.read_text())]
+    assert found == []

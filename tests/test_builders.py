@@ -11,6 +11,7 @@ from iternn.sparse.builders import (
     SIX_BLOCKS,
     matched_map,
     random_map,
+    reachable_units,
     six_block_counts,
     six_block_map,
     solve_hidden_width,
@@ -158,3 +159,75 @@ def test_entry_counts_match_the_blocks_built():
     s = m.summary()
     for b in SIX_BLOCKS:
         assert s.block(b[0], b[1]).trainable == counts[b]
+
+
+# ------------------------------------------------------------------- degenerate maps
+def _small_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4))  # 404 trainable
+
+
+def test_matched_map_without_a_path_is_refused_with_the_smallest_working_density():
+    import re
+
+    from iternn.errors import MapError
+    from iternn.sparse.builders import _matched_plan, _path_has_entries
+
+    mlp = _small_mlp()
+    with pytest.raises(MapError, match="does not depend on the input x within 2 application") as info:
+        matched_map(mlp, density=1e-12, seed=0)  # used to return a map with no weight entry at all
+    text = str(info.value)
+    assert "'hx' has 0" in text and "'yh' has 0" in text and "'yx' has 0" in text
+    found = float(re.search(r"a density of at least about ([0-9.e+-]+)", text).group(1))
+
+    def has_path(p):
+        d = {b: p for b in SIX_BLOCKS}
+        return _path_has_entries(_matched_plan(404, 20, 4, d)[2], 2)
+
+    # the number is the threshold (to its 3 printed digits): above it every block of a
+    # path has an entry, below it none does
+    assert has_path(found * 1.01) and not has_path(found * 0.99)
+
+
+def test_matched_map_whose_drawn_entries_do_not_connect_is_refused():
+    from iternn.errors import MapError
+
+    # at 4e-4 'hx' gets 3 entries and 'yh' 1, in a hidden slot of 347 units: they miss
+    # each other (the output would be a constant)
+    with pytest.raises(MapError, match="drawn entries do not connect"):
+        matched_map(_small_mlp(), density=4e-4, seed=0)
+
+
+def test_matched_map_counts_paths_within_its_applications():
+    from iternn.errors import MapError
+
+    # one Linear layer: one application, so x -> h -> y (two) cannot carry the input
+    with pytest.raises(MapError, match=r"within 1 application\(s\) \(blocks without entries: 'yx' has 0\)"):
+        matched_map(nn.Sequential(nn.Linear(20, 5)), density={"hx": 0.5, "yh": 0.5}, seed=0)
+
+
+def test_six_block_map_names_the_empty_block_and_its_one_entry_density():
+    from iternn.errors import MapError
+
+    with pytest.raises(MapError, match=r"'hx' has 0.*'hx' \(8 x 10\) needs p > 0.00625"):
+        six_block_map(10, 8, 3, {"hx": 0.001, "yh": 0.5, "hh": 0.3})
+    with pytest.raises(MapError, match="steps"):
+        six_block_map(10, 8, 3, 0.5, steps=0)
+    m = six_block_map(10, 8, 3, 0.5, steps=2)
+    assert 0 < reachable_units(m, "x", "y", steps=2) <= 3
+
+
+def test_reachable_units_follows_the_stored_entries():
+    from iternn import BlockMap
+    from iternn.sparse import SparseLinear
+
+    def chain(y_reads):
+        m = BlockMap({"x": 3, "h": 2, "y": 2})
+        m.connect("h", "x", SparseLinear(3, 2, indices=torch.tensor([[0], [1]])))  # h0 <- x1
+        m.connect("y", "h", SparseLinear(2, 2, indices=torch.tensor([[1], [y_reads]])))  # y1 <- h?
+        return m
+
+    assert reachable_units(chain(1), "x", "y") == 0  # y1 reads h1, which nothing writes
+    assert reachable_units(chain(0), "x", "y") == 1
+    assert reachable_units(chain(0), "x", "y", steps=1) == 0
+    assert reachable_units(chain(0), "x", "h", steps=1) == 1

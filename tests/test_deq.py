@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 import iternn
-from iternn.dynamics.deq import DEQ, ImplicitFixedPoint
+from iternn.dynamics.deq import DEQ, Implicit, ImplicitFixedPoint, Phantom
 from iternn.dynamics.fixed_points import fixed_point
 from iternn.dynamics.functional import DynamicsError
-from iternn.dynamics.solvers import ConvergenceError, SolverInfo
+from iternn.dynamics.solvers import Anderson, ConvergenceError, Picard, SolverInfo
 
 F64 = torch.float64
 
@@ -110,21 +110,20 @@ def test_phantom_gradients_approximate_implicit():
     scale = max(float(g.abs().max()) for g in exact)
     errors = {}
     for k in (1, 3, 10, 25):
-        deq = DEQ(m, tol=1e-12, backward="phantom", phantom_steps=k)
+        deq = DEQ(m, tol=1e-12, backward=Phantom(steps=k))
         got = _grads(m, x, deq(x))
         errors[k] = max(float((a - b).abs().max()) for a, b in zip(got, exact)) / scale
     assert errors[1] > errors[3] > errors[10] > errors[25]
     assert errors[1] > 1e-3 and errors[10] < 1e-3 and errors[25] < 1e-6, errors
     # Damped phantom steps converge more slowly but still approximate.
-    damped = _grads(m, x, DEQ(m, tol=1e-12, backward="phantom", phantom_steps=25,
-                              phantom_damping=0.7)(x))
+    damped = _grads(m, x, DEQ(m, tol=1e-12, backward=Phantom(steps=25, damping=0.7))(x))
     err_d = max(float((a - b).abs().max()) for a, b in zip(damped, exact)) / scale
     assert errors[25] < err_d < 1e-2
 
 
 def test_gradcheck_implicit_function():
     m = contractive_map(n_x=2, n_h=3, n_y=1, radius=0.3, seed=4)
-    deq = DEQ(m, solver="anderson", tol=1e-13, max_steps=200)
+    deq = DEQ(m, solver=Anderson(m=3), tol=1e-13, max_steps=200)
     params = list(m.parameters())
     x = torch.randn(2, 2, dtype=F64, generator=torch.Generator().manual_seed(6), requires_grad=True)
 
@@ -160,7 +159,7 @@ def test_memory_does_not_grow_with_solver_steps():
         deq = DEQ(m, solver="picard", tol=1e-300, max_steps=max_steps)
         out = {}
 
-        def run():
+        def run(deq=deq, out=out):
             out["y"] = deq(x)
             _loss(out["y"]).backward()
 
@@ -173,9 +172,9 @@ def test_memory_does_not_grow_with_solver_steps():
     unrolled = [_count_saved(lambda k=k: _loss(iternn.iterate(m, {"x": x}, k, hold=["x"])["y"])
                              .backward()) for k in (5, 60)]
     assert unrolled[1] > unrolled[0] + 50 > saved[1]
-    # Phantom gradients: memory set by phantom_steps, not max_steps.
+    # Phantom gradients: memory set by Phantom(steps=...), not max_steps.
     ph = [_count_saved(lambda k=k: _loss(DEQ(m, solver="picard", tol=1e-300, max_steps=k,
-                                             backward="phantom", phantom_steps=3)(x)).backward())
+                                             backward=Phantom(steps=3))(x)).backward())
           for k in (5, 60)]
     assert ph[0] == ph[1]
 
@@ -196,8 +195,8 @@ def test_unknown_solver_is_named():
     m = contractive_map()
     with pytest.raises(DynamicsError, match=r"unknown solver 'fast'.*broyden"):
         DEQ(m, solver="fast")
-    with pytest.raises(DynamicsError, match=r"unknown solver 'fast'"):
-        DEQ(m, backward_solver="fast")
+    with pytest.raises(DynamicsError, match=r"unknown Implicit solver 'fast'"):
+        DEQ(m, backward=Implicit(solver="fast"))
 
 
 def test_nan_input_is_named():
@@ -216,15 +215,48 @@ def test_nothing_free_to_solve():
 
 @pytest.mark.parametrize("option", [{"tol": 0.0}, {"tol": -1.0}, {"tol": float("nan")},
                                     {"max_steps": -1}, {"backward": "adjoint"},
-                                    {"phantom_steps": 0}, {"phantom_damping": 0.0},
-                                    {"backward_tol": float("inf")}, {"update": "gauss"},
-                                    {"solver_options": {"memory": 3}}])
+                                    {"update": "gauss"}, {"stop_mode": "max"},
+                                    {"solver": Picard}])
 def test_bad_options_are_named(option):
     m = contractive_map()
     name = next(iter(option))
-    name = "memory" if name == "solver_options" else name
     with pytest.raises(DynamicsError, match=name):
         DEQ(m, **option)
+
+
+@pytest.mark.parametrize(("make", "name"), [
+    (lambda: Phantom(steps=0), "Phantom steps"),
+    (lambda: Phantom(damping=0.0), "Phantom damping"),
+    (lambda: Implicit(tol=float("inf")), "Implicit tol"),
+    (lambda: Implicit(max_steps=-2), "Implicit max_steps"),
+])
+def test_bad_backward_options_are_named_when_made(make, name):
+    with pytest.raises(DynamicsError, match=name):
+        make()
+
+
+def test_backward_objects_are_frozen_and_map_is_positional():
+    with pytest.raises(AttributeError):
+        Phantom().steps = 3  # type: ignore[misc]
+    m = contractive_map()
+    with pytest.raises(TypeError):
+        DEQ(m=m)  # type: ignore[call-arg]
+    deq = DEQ(m, backward=Phantom(steps=2, damping=0.5))
+    assert "Phantom(steps=2, damping=0.5)" in repr(deq)
+
+
+def test_implicit_backward_uses_its_own_solver_settings():
+    m = contractive_map(radius=0.9)
+    x = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(9), requires_grad=True)
+    deq = DEQ(m, solver=Anderson(m=4), tol=1e-12, max_steps=100,
+              backward=Implicit(solver=Picard(damping=0.9), tol=1e-300, max_steps=7))
+    _loss(deq(x)).backward()
+    assert deq.info.solver == "anderson" and deq.info.converged
+    assert deq.backward_info.solver == "picard" and deq.backward_info.steps == 7
+    # Default: the adjoint is solved like the forward (same solver, tol, max_steps).
+    same = DEQ(m, solver=Picard(), tol=1e-300, max_steps=9)
+    _loss(same(x)).backward()
+    assert same.backward_info.solver == "picard" and same.backward_info.steps == 9
 
 
 def test_bad_slots_and_shapes_are_named():

@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from train_worker import build_distributed
 
 from iternn.study.checkpoint import load_checkpoint
+from iternn.study.data import DATASETS
 from iternn.study.distributed import main, train_distributed
+from iternn.study.resume import RUN_JSON
 from iternn.study.train import CHECKPOINT_NAME, METRICS_JSON, train
-from train_worker import build_distributed
 
 WORKER = Path(__file__).with_name("train_worker.py")
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -57,13 +59,13 @@ def _check_against_single_process(out: Path, stdout: str, stderr: str, single) -
     # rank 0 alone prints the result and writes the files
     printed = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert len(printed) == 1 and printed[0]["world_size"] == 2
-    assert sorted(p.name for p in out.iterdir()) == [CHECKPOINT_NAME, "metrics.csv",
-                                                     METRICS_JSON]
+    assert sorted(p.name for p in out.iterdir()) == sorted([CHECKPOINT_NAME, "metrics.csv",
+                                                            METRICS_JSON, RUN_JSON])
     assert "epoch 3/3" in stderr
     ckpt = load_checkpoint(out / CHECKPOINT_NAME)
     assert ckpt["finished"] and ckpt["world_size"] == 2
     for name, p in model.state_dict().items():
-        q = ckpt["model"][name]
+        q = ckpt["best_model"][name]
         assert q.dtype == torch.float64
         torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
     result = ckpt["result"]
@@ -160,21 +162,42 @@ def test_main_usage_errors_exit_2(tmp_path, capsys):
     assert "MODULE:FUNCTION" in capsys.readouterr().err
     assert main(["--build", f"{WORKER}:no_such_function"]) == 2
     assert "no callable 'no_such_function'" in capsys.readouterr().err
-    assert main(["--build", f"{WORKER}:build_distributed", "--lr", "-1"]) == 2
-    assert "TrainConfig.lr" in capsys.readouterr().err
+    assert main(["--build", "no_such_package_xyz:build"]) == 2
+    assert "--build: no module 'no_such_package_xyz'" in capsys.readouterr().err
+    # a value the parser lets through and TrainConfig refuses: named by its flag
+    assert main(["--build", f"{WORKER}:build_distributed", "--momentum", "1.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("iternn: error: --momentum: ")
     assert main(["--build", f"{WORKER}:build_distributed", "--resume"]) == 2
-    with pytest.raises(SystemExit) as exc:
-        main([])  # neither --build nor --dataset
-    assert exc.value.code == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+    assert main(["--build", f"{WORKER}:build_distributed", "--device", "cuda:99"]) == 2
+    assert "--device cuda:99: " in capsys.readouterr().err
+    for argv in ([], ["--build", f"{WORKER}:build_distributed", "--lr", "-1"],
+                 ["--dataset", "digits", "--device", "gpu"], ["--dataset", "digits", "--epochs", "0"]):
+        with pytest.raises(SystemExit) as exc:  # argparse: neither --build nor --dataset, bad values
+            main(argv)
+        assert exc.value.code == 2, argv
 
 
 def test_main_builds_an_mlp_for_a_named_dataset(tmp_path, monkeypatch, capsys):
-    data_module = pytest.importorskip("iternn.study.data")
-    if "regression" not in getattr(data_module, "DATASETS", {}):
-        pytest.skip("the data module has no 'regression' dataset")
+    assert "regression" in DATASETS
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = tmp_path / "run"
     code = main(["--dataset", "regression", "--hidden", "8", "--epochs", "1", "--quiet",
-                 "--no-progress"])
+                 "--no-progress", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     printed = json.loads(capsys.readouterr().out)
     assert printed["status"] == "ok" and printed["test"]["test_acc"] is None
+    # resuming it as another model is refused (ResumeError, exit 2), naming the option
+    assert main(["--dataset", "regression", "--hidden", "16", "--epochs", "1", "--quiet",
+                 "--out", str(out), "--resume"]) == 2
+    assert "hidden" in capsys.readouterr().err
+    # a run that diverges prints its result and exits 1 with one line saying so
+    code = main(["--dataset", "regression", "--hidden", "8", "--epochs", "1", "--lr", "1e30",
+                 "--quiet", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 1 and json.loads(captured.out)["status"] == "diverged"
+    assert captured.err.startswith("iternn: error: training diverged at epoch 1")
+    # widths no machine holds: refused before anything is allocated
+    assert main(["--dataset", "regression", "--hidden", "100000000000", "--quiet"]) == 2
+    assert "--hidden 100000000000 (" in capsys.readouterr().err

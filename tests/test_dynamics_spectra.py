@@ -1,6 +1,8 @@
 """Jacobians, spectra and Lyapunov exponents of block maps, on known answers."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,9 @@ import iternn
 from iternn.dynamics.functional import DynamicsError
 from iternn.dynamics.jacobian import eigenvalues, jacobian, singular_values, spectral_radius
 from iternn.dynamics.lyapunov import largest_lyapunov, lyapunov_spectrum
+from iternn.dynamics.validate import check_matrix_finite
+from iternn.sparse import linear as linear_mod
+from iternn.sparse import structured
 
 F64 = torch.float64
 
@@ -316,7 +321,6 @@ def test_structured_method_refuses_non_affine_blocks():
 
 
 def test_sparse_jacobian_keeps_the_block_pattern():
-    structured = pytest.importorskip("iternn.sparse.structured")
     m = iternn.BlockMap({"a": 4, "b": 4})
     diag = structured.DiagonalLinear(4, dtype=F64)
     with torch.no_grad():
@@ -334,7 +338,6 @@ def test_sparse_jacobian_keeps_the_block_pattern():
 
 @pytest.mark.parametrize("cls", ["SparseLinear", "MaskedLinear"])
 def test_sparse_jacobian_of_sparse_blocks(cls):
-    linear_mod = pytest.importorskip("iternn.sparse.linear")
     g = torch.Generator().manual_seed(7)
     if cls == "SparseLinear":
         block = linear_mod.SparseLinear(6, 6, density=0.25, bias=False, generator=g, dtype=F64)
@@ -557,3 +560,62 @@ def test_bad_options_are_named():
         jacobian(_rnn(), {"h": GOOD["h"]}, hold="x")
     with pytest.raises(DynamicsError, match="dtype"):
         jacobian(_rnn(), {"h": torch.zeros(3)})  # float32 state, float64 map
+
+
+# ----------------------------------------------------------------------------- non-finite maps
+
+
+def _nan_rnn(dtype=F64):
+    m = _rnn().to(dtype)
+    with torch.no_grad():
+        m.block("h", "h").weight[1, 2] = float("nan")
+    return m
+
+
+@pytest.mark.parametrize("fn", [
+    lambda m, st: jacobian(m, st, hold="x"),
+    lambda m, st: eigenvalues(m, st, hold="x"),
+    lambda m, st: singular_values(m, st, hold="x"),
+    lambda m, st: spectral_radius(m, st, hold="x"),
+    lambda m, st: lyapunov_spectrum(m, st, steps=3, hold="x"),
+])
+def test_non_finite_weights_are_named_by_block(fn):
+    with pytest.raises(DynamicsError, match=r"block 'h' <- 'h' holds NaN in 'weight'"):
+        fn(_nan_rnn(), GOOD)
+    m = _rnn()
+    with torch.no_grad():
+        m.block("h", "x").bias[0] = float("inf")
+    with pytest.raises(DynamicsError, match=r"block 'h' <- 'x' holds inf in 'bias'"):
+        fn(m, GOOD)
+
+
+def test_nan_float32_eigenvalues_raise_and_the_process_survives():
+    # torch.linalg.eigvals on a NaN float32 matrix crashes the process on some builds:
+    # run it in a child so that a regression fails this test instead of killing pytest.
+    code = (
+        "import torch, iternn\n"
+        "from torch import nn\n"
+        "from iternn.dynamics import eigenvalues, DynamicsError\n"
+        "m = iternn.BlockMap({'x': 2, 'h': 8})\n"
+        "m.connect('h', 'x', nn.Linear(2, 8))\n"
+        "m.connect('h', 'h', nn.Linear(8, 8))\n"
+        "m.set_activation('h', nn.Tanh())\n"
+        "with torch.no_grad():\n"
+        "    m.block('h', 'h').weight.fill_(float('nan'))\n"
+        "try:\n"
+        "    eigenvalues(m, {'x': torch.ones(2), 'h': torch.ones(8)}, hold='x')\n"
+        "except DynamicsError as e:\n"
+        "    print('named:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert "named: block 'h' <- 'h' holds NaN in 'weight'" in out.stdout
+
+
+def test_non_finite_jacobian_is_named_by_its_block():
+    jac = torch.zeros(2, 5, 5, dtype=F64)
+    check_matrix_finite(jac, "J", ("a", "b"), (2, 3))  # finite: nothing raised
+    jac[1, 3, 1] = float("inf")  # row 3 is in b (rows 2..4), column 1 in a
+    with pytest.raises(DynamicsError, match=r"J holds inf \(first at the block 'b' <- 'a'\)"):
+        check_matrix_finite(jac, "J", ("a", "b"), (2, 3))

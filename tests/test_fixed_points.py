@@ -1,5 +1,6 @@
 """Fixed points: the solver registry, fixed_point on block maps, find_fixed_points."""
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,18 @@ from torch import nn
 import iternn
 from iternn.dynamics.fixed_points import FixedPoints, find_fixed_points, fixed_point
 from iternn.dynamics.functional import DynamicsError
-from iternn.dynamics.solvers import SOLVERS, ConvergenceError, SolverInfo, register_solver, solve
+from iternn.dynamics.linalg import verified_solve
+from iternn.dynamics.solvers import (
+    SOLVERS,
+    Anderson,
+    Broyden,
+    ConvergenceError,
+    Picard,
+    SolverInfo,
+    StopReason,
+    register_solver,
+    solve,
+)
 
 F64 = torch.float64
 
@@ -45,7 +57,7 @@ def scipy_fixed_point(w, u, b, x):
     for xi in x.numpy():
         import numpy as np
 
-        def fun(h):
+        def fun(h, xi=xi):
             return h - np.tanh(np_w @ h + np_u @ xi + np_b)
 
         sol = sp.root(fun, np.zeros(np_w.shape[0]), method="hybr", tol=1e-13)
@@ -91,8 +103,8 @@ def test_anderson_needs_fewer_steps_than_picard(contractive):
 def test_damped_picard_converges(contractive):
     m, *_, x, want = contractive
     star, full = fixed_point(m, {"x": x}, hold=["x"], solver="picard", tol=1e-11, max_steps=3000)
-    star_d, damped = fixed_point(m, {"x": x}, hold=["x"], solver="picard", tol=1e-11,
-                                 max_steps=3000, beta=0.5)
+    star_d, damped = fixed_point(m, {"x": x}, hold=["x"], solver=Picard(damping=0.5),
+                                 tol=1e-11, max_steps=3000)
     # W has eigenvalues all round the circle |λ| = 0.95: damping changes the path.
     assert damped.converged and full.converged and damped.steps != full.steps
     assert torch.allclose(star_d["h"], want, atol=1e-9, rtol=0)
@@ -153,27 +165,91 @@ def test_non_finite_iterates_stop_without_crash(solver):
     assert info.reason == "non-finite" and torch.isfinite(z).all()
 
 
+@dataclasses.dataclass(frozen=True)
+class Halving:
+    """A user-defined solver: options in the object, the built-in solvers' call shape."""
+
+    scale: float = 0.5
+
+    def __call__(self, f, z0, *, tol, max_steps, stop_mode):
+        z = z0
+        for _ in range(max_steps):
+            z = (1 - self.scale) * z + self.scale * f(z)
+        r = (f(z) - z).norm(dim=-1)
+        return z, SolverInfo("halving", bool((r <= tol).all()), r <= tol, max_steps,
+                             r.max()[None], r, tol, stop_mode, StopReason.MAX_STEPS)
+
+
 def test_registry_custom_solver():
     assert {"picard", "anderson", "broyden"} <= set(SOLVERS)
-
-    def halving(f, z0, *, tol, max_steps, stop_mode, scale=0.5):
-        z = z0
-        for k in range(max_steps):
-            z = (1 - scale) * z + scale * f(z)
-        r = (f(z) - z).norm(dim=-1)
-        return z, SolverInfo("", bool((r <= tol).all()), r <= tol, max_steps,
-                             r.max()[None], r, tol, stop_mode, "max_steps")
-
-    register_solver("test-halving", halving)
+    assert SOLVERS["anderson"] == Anderson() and SOLVERS["picard"] == Picard()
+    register_solver("test-halving", Halving(scale=0.25))
     try:
         z, info = solve(lambda z: 0.5 * z + 1, torch.zeros(4, 2, dtype=F64),
-                        solver="test-halving", max_steps=100, scale=0.5)
+                        solver="test-halving", max_steps=300)
         assert info.solver == "test-halving" and info.converged
         assert torch.allclose(z, torch.full((4, 2), 2.0, dtype=F64), atol=1e-10)
-        with pytest.raises(DynamicsError, match="no option"):
-            solve(lambda z: z, torch.zeros(1, 1), solver="test-halving", m=3)
+        # The same object passed directly: one call shape for every solver.
+        _, direct = solve(lambda z: 0.5 * z + 1, torch.zeros(4, 2, dtype=F64),
+                          solver=Halving(scale=0.25), max_steps=300)
+        assert direct.converged and torch.equal(direct.residual, info.residual)
+        # Options no longer pass through solve (they live in the object).
+        with pytest.raises(TypeError, match="scale"):
+            solve(lambda z: z, torch.zeros(1, 1), solver="test-halving", scale=3)
     finally:
         del SOLVERS["test-halving"]
+
+
+def test_fixed_point_takes_solver_objects(contractive):
+    # The map argument is positional-only: Anderson's memory m cannot clash with it.
+    m, w, u, b, x, want = contractive
+    for solver in (Anderson(m=2), Anderson(m=8, lam=1e-6, beta=0.9), Broyden(memory=4),
+                   Picard(damping=0.8)):
+        star, info = fixed_point(m, {"x": x}, hold=["x"], solver=solver, tol=1e-12,
+                                 max_steps=3000)
+        assert info.converged and info.solver == solver.name, solver
+        assert torch.allclose(star["h"], want, atol=1e-9, rtol=0), solver
+    _, short = fixed_point(m, {"x": x}, hold=["x"], solver=Anderson(m=1), tol=1e-12)
+    _, long = fixed_point(m, {"x": x}, hold=["x"], solver=Anderson(m=6), tol=1e-12)
+    assert short.steps != long.steps  # the option reached the solver
+    with pytest.raises(TypeError):
+        fixed_point(m=m, state={"x": x})  # type: ignore[call-arg]
+
+
+def test_solver_info_is_frozen_and_reasons_carry_messages(contractive):
+    m, *_, x, _ = contractive
+    _, info = fixed_point(m, {"x": x}, hold=["x"], max_steps=2, tol=1e-12)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.converged = True  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.residual = torch.zeros(5, dtype=F64)  # type: ignore[misc]
+    assert info.reason is StopReason.MAX_STEPS and info.reason == "max_steps"
+    assert "max_steps" in info.reason.message and f"{info.reason}" == "max_steps"
+    assert {r.value for r in StopReason} == {"converged", "max_steps", "non-finite"}
+    assert all(r.message for r in StopReason)
+    with pytest.raises(ConvergenceError, match=StopReason.MAX_STEPS.message):
+        fixed_point(m, {"x": x}, hold=["x"], max_steps=2, tol=1e-12, raise_on_failure=True)
+
+
+@pytest.mark.parametrize(("make", "name"), [
+    (lambda: Picard(damping=1.5), "Picard damping"),
+    (lambda: Picard(damping=0), "Picard damping"),
+    (lambda: Anderson(m=0), "Anderson m"),
+    (lambda: Anderson(m=2.0), "Anderson m"),
+    (lambda: Anderson(lam=-1.0), "Anderson lam"),
+    (lambda: Anderson(beta=float("nan")), "Anderson beta"),
+    (lambda: Broyden(memory=0), "Broyden memory"),
+])
+def test_bad_solver_options_are_named_when_made(make, name):
+    with pytest.raises(DynamicsError, match=name):
+        make()
+
+
+def test_solver_objects_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Anderson().m = 3  # type: ignore[misc]
+    with pytest.raises(DynamicsError, match="solver must be a solver object"):
+        solve(lambda z: z, torch.zeros(1, 2), solver=Anderson)  # the class, not an object
 
 
 # ------------------------------------------------------------------ MLP map
@@ -343,12 +419,95 @@ def test_bad_max_steps_is_named(max_steps):
         solve(lambda z: z, torch.zeros(1, 2), max_steps=max_steps)
 
 
-def test_bad_solver_options_are_named():
-    with pytest.raises(DynamicsError, match="no option.*'memory'"):
-        solve(lambda z: z, torch.zeros(1, 2), solver="picard", memory=3)
-    with pytest.raises(DynamicsError, match="beta"):
-        solve(lambda z: z, torch.zeros(1, 2), solver="picard", beta=1.5)
-    with pytest.raises(DynamicsError, match="Anderson memory"):
-        solve(lambda z: z, torch.zeros(1, 2), solver="anderson", m=0)
+def test_bad_solve_arguments_are_named():
+    with pytest.raises(DynamicsError, match="stop_mode"):
+        solve(lambda z: z, torch.zeros(1, 2), stop_mode="max")
     with pytest.raises(DynamicsError, match="same shape"):
         solve(lambda z: z[..., :1], torch.zeros(1, 2))
+
+
+# ------------------------------------------------------------------ verified linear solves
+@pytest.fixture
+def two_threads():
+    """torch.set_num_threads(2) explicitly (the setting under which some builds' batched
+    float64 LU solve fails from ~192 unknowns on), restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_verified_solve_large_batched_float64(two_threads):
+    g = torch.Generator().manual_seed(5)
+    n = 256
+    a = torch.randn(3, n, n, generator=g, dtype=F64) + 16 * torch.eye(n, dtype=F64)
+    b = torch.randn(3, n, 2, generator=g, dtype=F64)
+    x, ok = verified_solve(a, b, what="test")
+    assert ok.shape == (3,) and bool(ok.all())
+    want = torch.stack([torch.linalg.solve(a[i], b[i]) for i in range(3)])
+    assert torch.allclose(x, want, atol=1e-12, rtol=0)
+    assert float((a @ x - b).abs().max()) < 1e-11
+
+
+def test_verified_solve_catches_a_wrong_answer_with_info_zero(monkeypatch):
+    # The failure mode that raises nothing: a batched LU solve that returns garbage with
+    # info == 0. The residual check must catch it and solve those systems again.
+    real = torch.linalg.solve_ex
+
+    def wrong_when_batched(a, b):
+        x, info = real(a, b)
+        return (x + 1.0, info) if a.dim() == 3 else (x, info)
+
+    monkeypatch.setattr(torch.linalg, "solve_ex", wrong_when_batched)
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(4, 5, 5, generator=g, dtype=F64) + 5 * torch.eye(5, dtype=F64)
+    b = torch.randn(4, 5, 1, generator=g, dtype=F64)
+    x, ok = verified_solve(a, b, what="test")
+    assert bool(ok.all())
+    assert float((a @ x - b).abs().max()) < 1e-13
+
+
+def test_verified_solve_reports_singular_systems():
+    a = torch.eye(3, dtype=F64).repeat(2, 1, 1)
+    a[1, 2, 2] = 0.0  # singular, right-hand side outside its range
+    b = torch.ones(2, 3, 1, dtype=F64)
+    x, ok = verified_solve(a, b, what="test", allow_failure=True)
+    assert ok.tolist() == [True, False]
+    assert torch.equal(x[0], b[0]) and torch.equal(x[1], torch.zeros(3, 1, dtype=F64))
+    a_nan = a.clone()
+    a_nan[0, 0, 1] = float("nan")  # never handed to LAPACK: it fails
+    _, ok = verified_solve(a_nan, b, what="test", allow_failure=True)
+    assert ok.tolist() == [False, False]
+    with pytest.raises(ConvergenceError, match=r"Newton step: .*element\(s\) \[1\]"):
+        verified_solve(a, b, what="Newton step")
+
+
+def test_find_fixed_points_newton_polish_on_256_dims(two_threads):
+    # A batch of 256-dimensional Newton systems: the batched float64 LU solve of this
+    # size fails on some builds after set_num_threads(2); the polish must still converge.
+    m, _ = tanh_map(n_x=2, n_h=256, radius=0.5, seed=4)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, generator=g, dtype=F64)
+    starts = 0.3 * torch.randn(2, 256, generator=g, dtype=F64)
+    res = find_fixed_points(m, {"x": x, "h": starts}, hold=["x"], opt_steps=0,
+                            polish_steps=4, polish_radius=100.0)
+    assert len(res) == 1 and res.kind == ("fixed",) and res.n_discarded == 0
+    assert float(res.q[0]) < 1e-20
+    star, info = fixed_point(m, {"x": x}, hold=["x"], tol=1e-13)
+    assert info.converged
+    assert torch.allclose(res.states["h"][0], star["h"], atol=1e-10, rtol=0)
+
+
+def test_a_custom_solver_must_report_a_known_reason():
+    def lazy(f, z0, *, tol, max_steps, stop_mode):
+        r = (f(z0) - z0).norm(dim=-1)
+        return z0, SolverInfo("lazy", False, r <= tol, 0, r.max()[None], r, tol, stop_mode, why)
+
+    why = "max_steps"  # a plain string that names a reason becomes the StopReason
+    _, info = solve(lambda z: z + 1, torch.zeros(2, 1, dtype=F64), solver=lazy)
+    assert info.reason is StopReason.MAX_STEPS and info.solver == "lazy"
+    why = "tired"
+    with pytest.raises(DynamicsError, match="solver 'lazy' returned reason 'tired'"):
+        solve(lambda z: z + 1, torch.zeros(2, 1, dtype=F64), solver=lazy)

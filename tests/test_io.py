@@ -842,3 +842,275 @@ def test_sparse_and_structured_blocks_round_trip(tmp_path):
     assert all(torch.equal(a[s], b[s]) for s in a)
     assert torch.equal(back.block("h", "x").indices(), m.block("h", "x").indices())
     assert iternn.count_trainable(back) == iternn.count_trainable(m)
+
+
+# ---------------------------------------------------------------------------- hostile files
+# Loading trusts nothing in the file: every case below is refused with a FormatError whose
+# message starts with the path and names the key or tensor at fault, before any memory of
+# the declared sizes is touched.
+import resource  # noqa: E402
+import struct  # noqa: E402
+
+from iternn.sparse import LowRankLinear, MaskedLinear  # noqa: E402
+
+
+def write_raw(path, header, data=b"", *, length=None):
+    """A safetensors-shaped file from a header dict (or raw bytes) and a data buffer."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    n = len(raw) if length is None else length
+    path.write_bytes(struct.pack("<Q", n) + raw + data)
+
+
+def peak_rss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KB
+
+
+def refused(path, *patterns):
+    """The FormatError ``load(path)`` raises; its message names the path and ``patterns``."""
+    with pytest.raises(FormatError) as info:
+        load(path)
+    text = str(info.value)
+    assert text.startswith(f"{path}: "), text
+    for p in patterns:
+        assert p in text, (p, text)
+    return text
+
+
+def test_declared_sizes_beyond_the_stored_tensors_allocate_nothing(tmp_path, good):
+    # A 30000 x 30000 float32 Linear declared (3.6 GB), a 4 x 3 tensor stored.
+    tensors, doc, meta = good
+    doc["modules"][1]["config"]["slots"] = [["x", 30000], ["h1", 30000], ["y", 2]]
+    doc["modules"][2]["config"].update(in_features=30000, out_features=30000, dtype="float32")
+    doc["modules"][3]["config"]["in_features"] = 30000
+    path = tmp_path / "huge.safetensors"
+    write_bad(path, tensors, doc, meta)
+    before = peak_rss_bytes()
+    refused(path, "'map.blocks.h1<-x.weight' has shape [4, 3], the structure needs [30000, 30000]")
+    assert peak_rss_bytes() - before < 200e6
+
+
+@pytest.mark.parametrize("block, key, want", [
+    (lambda: iternn.SparseLinear(6, 4, density=0.5, generator=torch.Generator().manual_seed(0)),
+     "crow_indices", {"in_features": 10**9, "out_features": 10**9, "nnz": 10**12}),
+    (lambda: MaskedLinear(6, 4, mask=torch.ones(4, 6, dtype=torch.bool)),
+     "mask", {"in_features": 10**6, "out_features": 10**6}),
+    (lambda: LowRankLinear(6, 4, rank=2), "u", {"in_features": 10**6, "out_features": 10**6,
+                                                "rank": 10**6}),
+])
+def test_sparse_and_structured_blocks_check_sizes_before_building(tmp_path, block, key, want):
+    m = nn.Sequential(block())
+    path = tmp_path / "m.safetensors"
+    save(m, path)
+    tensors, doc, meta = tensors_and_doc(path)
+    doc["modules"][1]["config"].update(want)
+    write_bad(path, tensors, doc, meta)
+    before = peak_rss_bytes()
+    refused(path, f"'0.{key}'")
+    assert peak_rss_bytes() - before < 200e6
+
+
+def test_deeply_nested_json_is_a_format_error(tmp_path, good):
+    tensors, doc, meta = good
+    deep = "[" * 10000 + "]" * 10000
+    path = tmp_path / "deep.safetensors"
+    write_bad(path, tensors, deep, meta)
+    refused(path, "nested deeper than 64")
+    doc["modules"][2]["config"]["extra"] = json.loads("[" * 70 + "]" * 70)
+    write_bad(path, tensors, doc, meta)
+    refused(path, "'iternn' metadata is nested deeper than 64")
+    write_raw(path, ("{\"a\":" * 10000 + "1" + "}" * 10000).encode())
+    refused(path, "not a safetensors file", "nested deeper")
+
+
+def test_modules_nested_too_deep_are_a_format_error(tmp_path):
+    m = nn.Identity()
+    for _ in range(io.MAX_MODULE_DEPTH + 1):
+        m = nn.Sequential(m)
+    with pytest.raises(ValueError, match=f"nested deeper than {io.MAX_MODULE_DEPTH}"):
+        save(m, tmp_path / "m.safetensors")
+    assert not os.listdir(tmp_path)
+
+
+def test_what_is_not_a_file_is_a_format_error(tmp_path):
+    folder = tmp_path / "folder.safetensors"
+    folder.mkdir()
+    refused(folder, "is a folder")
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    refused(fifo, "not a regular file")  # and does not block waiting for a writer
+    with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
+        load(tmp_path / "nothing.safetensors")
+
+
+def test_truncated_and_malformed_files(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save(small_net(), path)
+    whole = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(whole[:-5])
+    refused(cut, "'map.blocks.y<-h1.weight' has data_offsets [144, 208]", "203 bytes of data")
+    cut.write_bytes(whole[:100])
+    refused(cut, "not a safetensors file", "header declares")
+    cut.write_bytes(whole[:5])
+    refused(cut, "not a safetensors file", "too short")
+    write_raw(cut, b"{}", length=2**62)
+    refused(cut, f"more than the {io.MAX_HEADER_BYTES} read")
+    cut.write_text("just some text, long enough to have a length field\n")
+    refused(cut, "not a safetensors file")
+
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("entry, data, patterns", [
+    ({"dtype": "X99", "shape": [2], "data_offsets": [0, 16]}, 16, ["'t'", "dtype 'X99'"]),
+    ({"dtype": "F64", "shape": [-2], "data_offsets": [0, 16]}, 16, ["'t'", "shape [-2]"]),
+    ({"dtype": "F64", "shape": [2.0], "data_offsets": [0, 16]}, 16, ["'t'", "shape [2.0]"]),
+    ({"dtype": "F64", "shape": [2], "data_offsets": [0, 17]}, 16, ["'t'", "data_offsets"]),
+    ({"dtype": "F64", "shape": [10**9, 10**9], "data_offsets": [0, 16]}, 16, ["'t'", "stores 16 bytes"]),
+    ({"dtype": "F64", "shape": [2]}, 16, ["'t'", "exactly"]),
+    ({"dtype": "F64", "shape": [2], "data_offsets": [0, 16]}, 24, ["cover 16 bytes", "holds 24"]),
+])
+def test_bad_header_entries(tmp_path, entry, data, patterns):
+    path = tmp_path / "m.safetensors"
+    write_raw(path, {"t": entry}, bytes(data))
+    refused(path, *patterns)
+
+
+def test_overlapping_tensors_and_repeated_keys(tmp_path):
+    path = tmp_path / "m.safetensors"
+    a = {"dtype": "F64", "shape": [2], "data_offsets": [0, 16]}
+    b = {"dtype": "F64", "shape": [1], "data_offsets": [8, 16]}
+    write_raw(path, {"a": a, "b": b}, bytes(16))
+    refused(path, "'b' starts at byte 8", "expected 16")
+    write_raw(path, b'{"a": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}, "a": '
+                    b'{"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}}', bytes(8))
+    refused(path, "key 'a' appears twice")
+
+
+BAD_CONFIGS = [
+    (2, "in_features", -3, "'in_features' must be an int >= 0"),
+    (2, "in_features", 3.5, "'in_features' must be an int"),
+    (2, "in_features", "3", "'in_features' must be an int"),
+    (2, "in_features", True, "'in_features' must be an int"),
+    (2, "bias", "no", "'bias' must be true or false"),
+    (2, "dtype", "int64", "'dtype' must name a floating-point dtype"),
+    (2, "dtype", "os.system", "'dtype' must name a floating-point dtype"),
+    (2, "surprise", 1, "unexpected ['surprise']"),
+    (1, "slots", {"x": 3}, "'slots' must be a list of 2-element lists"),
+    (1, "blocks", [["h1", "x", "2"], ["y", "h1", 3]], "bad module reference '2'"),
+    (1, "blocks", [["h1", "x", 99], ["y", "h1", 3]], "bad module reference 99"),
+    (1, "blocks", [["h1", "x", 1], ["y", "h1", 3]], "module 1 contains itself"),
+    (1, "activations", [[4, 4]], "'activations': [4, 4] does not start with a name"),
+    (0, "steps", -1, "steps"),
+]
+
+
+@pytest.mark.parametrize("index, field, value, pattern", BAD_CONFIGS)
+def test_wrong_config_values_name_module_and_field(tmp_path, good, index, field, value, pattern):
+    tensors, doc, meta = good
+    doc["modules"][index]["config"][field] = value
+    path = tmp_path / "bad.safetensors"
+    write_bad(path, tensors, doc, meta)
+    refused(path, pattern, show_path(doc["modules"][index]["path"]))
+
+
+def show_path(p):
+    return p if p else "<root>"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("modules", {"0": 1}), ("root", "0"), ("aliases", {"a": 1}), ("frozen", [1]),
+    ("training", 1), ("mode_flips", "map"),
+])
+def test_wrong_document_field_types(tmp_path, good, field, value):
+    tensors, doc, meta = good
+    doc[field] = value
+    path = tmp_path / "bad.safetensors"
+    write_bad(path, tensors, doc, meta)
+    refused(path, field)
+
+
+def test_nan_in_metadata_is_refused(tmp_path, good):
+    tensors, doc, meta = good
+    path = tmp_path / "bad.safetensors"
+    write_bad(path, tensors, json.dumps(doc).replace('"steps":2', '"steps":NaN')
+              .replace('"steps": 2', '"steps": NaN'), meta)
+    refused(path, "NaN is not a JSON number")
+
+
+def sparse_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    m = nn.Sequential(iternn.SparseLinear(6, 4, indices=torch.tensor([[0, 0, 1, 3], [1, 4, 2, 5]]),
+                                          generator=g, dtype=F64))
+    path = tmp_path / "sparse.safetensors"
+    save(m, path)
+    return path, *tensors_and_doc(path)
+
+
+@pytest.mark.parametrize("name, values, pattern", [
+    ("col_indices", [1, 4, 2, 10**6], "col_indices[3] = 1000000 is outside [0, 6)"),
+    ("col_indices", [4, 1, 2, 5], "col_indices[1] = 1 is less than col_indices[0] = 4"),
+    ("col_indices", [1, 1, 2, 5], "repeats"),
+    ("crow_indices", [0, 2, 1, 3, 4], "row pointers must not decrease"),
+    ("crow_indices", [1, 2, 3, 3, 4], "crow_indices[0] = 1, must be 0"),
+])
+def test_bad_sparsity_pattern_in_a_file(tmp_path, name, values, pattern):
+    path, tensors, doc, meta = sparse_file(tmp_path)
+    tensors[f"0.{name}"] = torch.tensor(values, dtype=tensors[f"0.{name}"].dtype)
+    write_bad(path, tensors, doc, meta)
+    refused(path, f"0.{name}", pattern)
+
+
+def test_sparse_pattern_of_the_wrong_dtype_or_length(tmp_path):
+    path, tensors, doc, meta = sparse_file(tmp_path)
+    good_col = tensors["0.col_indices"]
+    tensors["0.col_indices"] = good_col.double()
+    write_bad(path, tensors, doc, meta)
+    refused(path, "'0.col_indices' has dtype float64, expected int32, int64")
+    tensors["0.col_indices"] = torch.cat([good_col, good_col[:1]])
+    write_bad(path, tensors, doc, meta)
+    refused(path, "'0.col_indices' has shape [5], the structure needs [4]")
+
+
+def test_bool_tensor_bytes_other_than_0_and_1(tmp_path):
+    m = nn.Sequential(MaskedLinear(3, 2, mask=torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.bool)))
+    path = tmp_path / "masked.safetensors"
+    save(m, path)
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    begin = 8 + n + json.loads(raw[8:8 + n])["0.mask"]["data_offsets"][0]
+    raw[begin] = 7
+    path.write_bytes(bytes(raw))
+    refused(path, "'0.mask' (bool) holds bytes other than 0 and 1")
+
+
+def test_load_reads_each_tensor_once_into_the_parameter(tmp_path, monkeypatch):
+    # No random initialisation is materialised (the tree is built on the meta device) and
+    # the parameters are the tensors read from the file, not copies of them.
+    from iternn.io import format as fmt
+
+    model = small_net()
+    path = tmp_path / "m.safetensors"
+    save(model, path)
+    inits, reads = [], []
+    real_init, real_read = nn.init.kaiming_uniform_, fmt.Header.read
+
+    def init(*args, **kwargs):
+        t = args[0] if args else kwargs["tensor"]
+        inits.append(t.device.type)
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(nn.init, "kaiming_uniform_", init)
+
+    def read(self, name):
+        t = real_read(self, name)
+        reads.append(t)
+        return t
+
+    monkeypatch.setattr(fmt.Header, "read", read)
+    back = load(path)
+    assert inits and set(inits) == {"meta"}
+    ptrs = {t.untyped_storage().data_ptr() for t in reads}
+    assert all(p.untyped_storage().data_ptr() in ptrs for p in back.parameters())
+    assert_same_model(model, back)

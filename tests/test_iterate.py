@@ -236,7 +236,7 @@ def test_dtype_check_follows_map_conversion():
     m.double()
     out = iternn.iterate(m, {"x": torch.ones(1, 2, dtype=torch.float64)}, 1)
     assert out["h"].dtype == torch.float64
-    with pytest.raises(TypeError, match="float32"):
+    with pytest.raises(iternn.MapTypeError, match="float32"):
         iternn.iterate(m, {"x": torch.ones(1, 2)}, 1)
 
 
@@ -358,7 +358,7 @@ def test_steps_zero_with_empty_forced_sequence():
 
 def test_inner_with_empty_force_is_an_error():
     m = iternn.BlockMap({"x": 2})
-    with pytest.raises(ValueError, match="inner"):
+    with pytest.raises(iternn.MapError, match="inner"):
         iternn.iterate(m, {"x": torch.ones(1, 2)}, 2, inner=3, force={})
 
 
@@ -367,7 +367,7 @@ def test_block_kwargs_reach_a_linear_block_and_forward_checks_keys():
     m.connect("y", "x", nn.Linear(2, 2))
     with pytest.raises(TypeError):  # nn.Linear takes no keyword arguments: not dropped
         iternn.iterate(m, {"x": torch.ones(1, 2)}, 1, hold=["x"], block_kwargs={"y<-x": {"a": 1}})
-    with pytest.raises(ValueError, match="y<-q"):
+    with pytest.raises(iternn.MapError, match="y<-q"):
         m({"x": torch.ones(1, 2), "y": torch.ones(1, 2)}, **{"y<-q": {}})
 
 
@@ -404,3 +404,97 @@ def test_sparse_blocks_are_batched_over_a_forced_sequence():
     want = reference_iterate(m, {"x": xs[0], "h": torch.zeros(3, 4, dtype=torch.float64)}, 6,
                              force={"x": xs}, trajectory=True)
     _assert_close(got, want)
+
+
+# ---------------------------------------------------------------- sizes checked first
+def _rnn_like(n_h: int) -> iternn.BlockMap:
+    m = iternn.BlockMap({"x": 3, "h": n_h})
+    m.connect("h", "x", nn.Linear(3, n_h))
+    m.connect("h", "h", nn.Linear(n_h, n_h))
+    m.set_activation("h", nn.Tanh())
+    return m
+
+
+def test_zero_fill_of_a_huge_slot_is_refused_before_allocating():
+    m = iternn.BlockMap({"x": 3, "h": 10**12})  # 16 TB of zeros for a batch of 4
+    with pytest.raises(iternn.SizeError, match=r"state: slot 'h' \(shape \(4, 1000000000000\)\)"):
+        iternn.iterate(m, {"x": torch.zeros(4, 3)}, 1)
+    with pytest.raises(MemoryError):  # a SizeError is a MemoryError
+        iternn.iterate(m, {"x": torch.zeros(4, 3)}, 1, hold=["x"])
+
+
+@pytest.fixture
+def machine_of_16_gb(monkeypatch):
+    """What is available, fixed: the refusals below hold on any machine."""
+    import iternn.core.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 16 * 10**9)
+
+
+@pytest.mark.parametrize("cyclic", [False, True])
+def test_a_billion_step_trajectory_is_refused_before_anything_is_built(cyclic, machine_of_16_gb):
+    # 10**9 x batch 2 x 50 float32 = 400 GB; the cyclic map used to build a 10**9-element
+    # tuple of its constant drive before failing.
+    m = iternn.BlockMap({"x": 3, "h": 50})
+    m.connect("h", "x", nn.Linear(3, 50))
+    if cyclic:
+        m.connect("h", "h", nn.Linear(50, 50))
+    with pytest.raises(iternn.SizeError, match=r"steps=1000000000 .*\['h'\].*\(1000000000, 2, 50\)"):
+        iternn.iterate(m, {"x": torch.zeros(2, 3)}, 10**9, hold=["x"], trajectory=True)
+
+
+def test_a_forced_billion_step_run_is_refused_before_anything_is_built(machine_of_16_gb):
+    m = _rnn_like(50)
+    xs = torch.zeros(1, 2, 3).expand(10**9, 2, 3)  # a view: no memory behind it
+    with pytest.raises(iternn.SizeError, match="steps=1000000000"):
+        iternn.iterate(m, {}, 10**9, force={"x": xs})
+
+
+def test_the_estimate_is_exact_at_the_boundary(monkeypatch):
+    # The state's new slot 'h' (batch 4 x 100, float64): 3200 bytes; a trajectory of 5
+    # steps of it: 16000 bytes. Allowed at exactly that much, refused one byte less.
+    import iternn.core.memory as memory
+
+    m = _rnn_like(100).double()
+    x = torch.zeros(4, 3, dtype=torch.float64)
+    monkeypatch.setattr(memory, "ALWAYS_AVAILABLE", 0)  # check even these small sizes
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 3199)
+    with pytest.raises(iternn.SizeError, match="slot 'h'.*3.2 KB.*3.2 KB"):
+        iternn.iterate(m, {"x": x}, 1, hold=["x"])
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 3200)
+    assert iternn.iterate(m, {"x": x}, 1, hold=["x"])["h"].shape == (4, 100)
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 15999)
+    with pytest.raises(iternn.SizeError, match=r"steps=5 .*\(5, 4, 100\)"):
+        iternn.iterate(m, {"x": x}, 5, hold=["x"], trajectory=True)
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 16000)
+    assert iternn.iterate(m, {"x": x}, 5, hold=["x"], trajectory=True)["h"].shape == (5, 4, 100)
+
+
+def test_plans_are_reached_through_the_public_plan_functions_only():
+    # The engine's cache key layout (_plan) stays private: other layers use
+    # wavefront_plan / sequence_plan / step_plan.
+    import pathlib
+    import re
+
+    src = pathlib.Path(iternn.__file__).parent
+    private = re.compile(r"\b_plan\b")
+    users = [p.relative_to(src).as_posix() for p in src.rglob("*.py")
+             if p.name != "iterate.py" and private.search(p.read_text())]
+    assert users == []
+    m = _rnn_like(4)
+    assert iternn.engine.step_plan(m) is iternn.engine.step_plan(m)  # cached
+    assert iternn.engine.wavefront_plan(m) is None  # the self-loop is a cycle
+
+
+def test_small_requests_do_not_read_the_machine(monkeypatch):
+    # Reading what is available costs ~0.1 ms; an ordinary iteration must not pay it.
+    import iternn.core.memory as memory
+
+    def unavailable(device=None):
+        raise AssertionError("available_bytes was read for a small request")
+
+    monkeypatch.setattr(memory, "available_bytes", unavailable)
+    m = _rnn_like(8)
+    xs = torch.zeros(5, 2, 3)
+    assert iternn.iterate(m, {}, 5, force={"x": xs}, trajectory=True)["h"].shape == (5, 2, 8)
+    assert iternn.iterate(m, {"x": xs[0]}, 3, hold=["x"])["h"].shape == (2, 8)

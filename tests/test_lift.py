@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 from hypothesis import given
+from rnn_cases import F64, make_inputs, maxdiff, rnn_cases, run
+from rnn_cases import make_rnn as _make_rnn
 from torch import nn
 
 import iternn
 from iternn.convert.lift import LiftedRNN, lift_rnn
 from iternn.convert.rnn import from_rnn
-from rnn_cases import F64, make_inputs, maxdiff, rnn_cases, run
-from rnn_cases import make_rnn as _make_rnn
 
 TOL = 1e-6
 
@@ -223,7 +223,7 @@ def test_float32_works_and_dtype_follows():
     assert out.dtype == h_n.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in net.parameters())
     assert maxdiff(out, rnn(x)[0]) <= 1e-5 and maxdiff(h_n, rnn(x)[1]) <= 1e-5
-    with pytest.raises(TypeError, match="float64"):
+    with pytest.raises(iternn.MapTypeError, match="float64"):
         net(x.double())
 
 
@@ -269,42 +269,53 @@ def test_conversion_draws_no_random_numbers():
 @pytest.mark.parametrize("length", [3, 5])
 def test_rejects_wrong_sequence_length(length):
     net = lift_rnn(nn.RNN(3, 4).double(), 4)
-    with pytest.raises(ValueError, match=f"length {length}.*T=4"):
+    with pytest.raises(iternn.MapError, match=f"length {length}.*T=4"):
         net(torch.randn(length, 2, 3, dtype=F64))
 
 
 def test_rejects_wrong_sequence_length_batch_first():
     net = lift_rnn(nn.RNN(3, 4, batch_first=True).double(), 4)
-    with pytest.raises(ValueError, match="length 2"):
+    with pytest.raises(iternn.MapError, match="length 2"):
         net(torch.randn(4, 2, 3, dtype=F64))  # batch 4, length 2
 
 
 def test_rejects_bad_T():
-    with pytest.raises(ValueError, match="T"):
+    with pytest.raises(iternn.MapError, match="T"):
         lift_rnn(nn.RNN(3, 4), 0)
-    with pytest.raises(TypeError, match="T"):
+    with pytest.raises(iternn.MapTypeError, match="T"):
         lift_rnn(nn.RNN(3, 4), 2.0)
 
 
+def test_refuses_a_length_whose_map_would_not_fit_before_building_it(monkeypatch):
+    # 10**8 steps x 2 layers: 2 * 10**8 slots of Python bookkeeping (~300 GB) were built
+    # one by one (minutes) before running out of memory; now refused at once, by T.
+    import iternn.core.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 16 * 10**9)
+    with pytest.raises(iternn.SizeError, match=r"T=100000000: .* 200000000 state slots"):
+        lift_rnn(nn.RNN(3, 4, num_layers=2), 10**8)
+    assert lift_rnn(nn.RNN(3, 4, num_layers=2), 3).steps == 4  # small T: unaffected
+
+
 def test_rejects_bidirectional():
-    with pytest.raises(ValueError, match="bidirectional"):
+    with pytest.raises(iternn.ConversionError, match="bidirectional"):
         lift_rnn(nn.RNN(3, 4, bidirectional=True), 3)
 
 
 @pytest.mark.parametrize("module", [nn.LSTM(3, 4), nn.GRU(3, 4)])
 def test_rejects_non_rnn_modules(module):
-    with pytest.raises(TypeError, match=type(module).__name__):
+    with pytest.raises(iternn.MapTypeError, match=type(module).__name__):
         lift_rnn(module, 3)
 
 
 def test_rejects_wrong_input_size():
-    with pytest.raises(ValueError, match="'x'"):
+    with pytest.raises(iternn.MapError, match="'x'"):
         lift_rnn(nn.RNN(3, 4).double(), 2)(torch.randn(2, 1, 5, dtype=F64))
 
 
 def test_rejects_wrong_h0_shape():
     net = lift_rnn(nn.RNN(3, 4, 2).double(), 2)
-    with pytest.raises(ValueError, match="h0 must have shape.*'h2_0'"):
+    with pytest.raises(iternn.MapError, match="h0 must have shape.*'h2_0'"):
         net(torch.randn(2, 1, 3, dtype=F64), torch.randn(2, 1, 5, dtype=F64))
 
 

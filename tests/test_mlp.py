@@ -20,7 +20,7 @@ ACTS = [
 def mlps(draw, dropout: bool = False):
     widths = draw(st.lists(st.integers(1, 12), min_size=2, max_size=6))
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+    for a, b in zip(widths, widths[1:]):
         layers.append(nn.Linear(a, b, bias=draw(st.booleans())))
         for _ in range(draw(st.integers(0, 2))):
             layers.append(draw(st.sampled_from(ACTS))())
@@ -172,39 +172,39 @@ def test_float32_default_and_nesting_as_block():
 
 def test_input_wrong_size():
     net = iternn.from_mlp(nn.Sequential(nn.Linear(3, 2)))
-    with pytest.raises(ValueError, match="'x'"):
+    with pytest.raises(iternn.MapError, match="'x'"):
         net(torch.ones(2, 4))
 
 
 def test_input_wrong_dtype():
     net = iternn.from_mlp(nn.Sequential(nn.Linear(3, 2)))
-    with pytest.raises(TypeError, match="float64"):
+    with pytest.raises(iternn.MapTypeError, match="float64"):
         net(torch.ones(2, 3, dtype=torch.float64))
 
 
 def test_unsupported_layer_named_with_index():
     seq = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Conv1d(1, 1, 1))
-    with pytest.raises(TypeError, match="layer 2 \\(Conv1d\\)"):
+    with pytest.raises(iternn.MapTypeError, match="layer 2 \\(Conv1d\\)"):
         iternn.from_mlp(seq)
 
 
 def test_activation_before_first_linear():
-    with pytest.raises(ValueError, match="layer 0 \\(ReLU\\)"):
+    with pytest.raises(iternn.ConversionError, match="layer 0 \\(ReLU\\)"):
         iternn.from_mlp(nn.Sequential(nn.ReLU(), nn.Linear(3, 4)))
 
 
 def test_linear_sizes_do_not_chain():
-    with pytest.raises(ValueError, match="layer 2 \\(Linear\\)"):
+    with pytest.raises(iternn.ConversionError, match="layer 2 \\(Linear\\)"):
         iternn.from_mlp(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(5, 2)))
 
 
 def test_not_a_sequential():
-    with pytest.raises(TypeError, match="Linear"):
+    with pytest.raises(iternn.MapTypeError, match="Linear"):
         iternn.from_mlp(nn.Linear(3, 4))
 
 
 def test_no_linear_layer():
-    with pytest.raises(ValueError, match="at least one Linear"):
+    with pytest.raises(iternn.ConversionError, match="at least one Linear"):
         iternn.from_mlp(nn.Sequential())
 
 
@@ -213,25 +213,25 @@ def test_to_mlp_rejects_non_chain():
     m.connect("h", "x", nn.Linear(2, 2))
     m.connect("y", "h", nn.Linear(2, 2))
     m.connect("y", "x", nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="'x' feeds 2 blocks"):
+    with pytest.raises(iternn.ConversionError, match="'x' feeds 2 blocks"):
         iternn.to_mlp(m)
 
 
 def test_to_mlp_rejects_non_linear_block():
     m = iternn.BlockMap({"x": 2, "y": 2})
     m.connect("y", "x", nn.Sequential(nn.Linear(2, 2)))
-    with pytest.raises(TypeError, match="'y' <- 'x'"):
+    with pytest.raises(iternn.MapTypeError, match="'y' <- 'x'"):
         iternn.to_mlp(m)
 
 
 def test_tied_linear_is_refused():
     lin = nn.Linear(3, 3)
-    with pytest.raises(ValueError, match="layer 2 \\(Linear\\) is the same module as layer 0"):
+    with pytest.raises(iternn.ConversionError, match="layer 2 \\(Linear\\) is the same module as layer 0"):
         iternn.from_mlp(nn.Sequential(lin, nn.Tanh(), lin))
 
 
 def test_to_mlp_refuses_too_few_steps():
     net = iternn.from_mlp(nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)))
     short = iternn.MapModule(net.map, steps=1)
-    with pytest.raises(ValueError, match="fewer than its chain's depth 2"):
+    with pytest.raises(iternn.ConversionError, match="fewer than its chain's depth 2"):
         iternn.to_mlp(short)

@@ -11,29 +11,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from iternn.core.summary import count_entries, count_trainable
+from iternn.sparse.linear import SparseLinear
 from iternn.sparse.patterns import BlockSpec, PatternError, _row_indices, make_block, parse_spec
 from iternn.sparse.structured import BlockDiagonalLinear, DiagonalLinear, LowRankLinear
-
-try:  # Stream A's SparseLinear; the tests that need it run once it exists.
-    import iternn.sparse.linear  # noqa: F401
-
-    HAVE_SPARSE = True
-except ModuleNotFoundError as exc:
-    if exc.name != "iternn.sparse.linear":
-        raise
-    HAVE_SPARSE = False
-
-
-def needs_sparse(fn):
-    if HAVE_SPARSE:
-        return fn
-
-    def skipped(*args, **kwargs):
-        pytest.importorskip("iternn.sparse.linear")
-
-    skipped.__name__ = fn.__name__
-    return skipped
-
 
 f64 = torch.float64
 
@@ -199,7 +179,7 @@ def test_blockspec_validates_direct_construction():
     with pytest.raises(PatternError):
         BlockSpec("W", None, "G", (1.0,))
     assert BlockSpec("R", 1) == BlockSpec("R", 1.0) and isinstance(BlockSpec("R", 1).arg, float)
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):  # dataclasses.FrozenInstanceError
         BlockSpec("W").pattern = "D"  # frozen
 
 
@@ -265,16 +245,15 @@ def test_row_sampler_is_uniform_over_subsets(n, cols, draws):
     # Both code paths (2n < cols: draw streams, also with many redraws; 2n >= cols:
     # permutations), many rows: each n-subset of columns is equally likely (chi-square,
     # fixed seed).
-    if True:
-        rows = 21000
-        idx = _row_indices(rows, cols, n, gen(1), draws=draws)
-        subsets = Counter(map(tuple, idx[1].view(rows, n).tolist()))
-        k = math.comb(cols, n)
-        assert len(subsets) == k
-        expected = rows / k
-        chi2 = sum((c - expected) ** 2 / expected for c in subsets.values())
-        # k - 1 = 20 or 34 degrees of freedom: P(chi2 > 70) < 3e-4.
-        assert chi2 < 70, (n, cols, chi2)
+    rows = 21000
+    idx = _row_indices(rows, cols, n, gen(1), draws=draws)
+    subsets = Counter(map(tuple, idx[1].view(rows, n).tolist()))
+    k = math.comb(cols, n)
+    assert len(subsets) == k
+    expected = rows / k
+    chi2 = sum((c - expected) ** 2 / expected for c in subsets.values())
+    # k - 1 = 20 or 34 degrees of freedom: P(chi2 > 70) < 3e-4.
+    assert chi2 < 70, (n, cols, chi2)
 
 
 def test_row_sampler_large_sparse_rows():
@@ -283,7 +262,6 @@ def test_row_sampler_large_sparse_rows():
     assert torch.equal(torch.bincount(idx[0]), torch.full((2000,), 40))
 
 
-@needs_sparse
 @given(shape=shapes, p=st.floats(0.01, 1), seed=st.integers(0, 2**31))
 def test_R_has_exactly_round_p_rows_cols_entries(shape, p, seed):
     rows, cols = shape
@@ -297,7 +275,6 @@ def test_R_has_exactly_round_p_rows_cols_entries(shape, p, seed):
     assert (block.in_features, block.out_features) == (cols, rows)
 
 
-@needs_sparse
 @given(shape=shapes, frac=st.floats(0, 1), seed=st.integers(0, 2**31))
 def test_S_has_exactly_n_entries(shape, frac, seed):
     rows, cols = shape
@@ -309,7 +286,6 @@ def test_S_has_exactly_n_entries(shape, frac, seed):
     assert count_trainable(block) == n
 
 
-@needs_sparse
 @given(shape=shapes, frac=st.floats(0, 1), seed=st.integers(0, 2**31))
 def test_Row_has_exactly_n_entries_per_row(shape, frac, seed):
     rows, cols = shape
@@ -321,7 +297,6 @@ def test_Row_has_exactly_n_entries_per_row(shape, frac, seed):
     assert count_trainable(block) == rows * n
 
 
-@needs_sparse
 def test_R_rounding_is_half_even_and_has_no_minimum():
     assert positions(make_block("R=0.25", 2, 5, generator=gen(0))).shape[1] == 2  # 2.5 -> 2
     assert positions(make_block("R=0.25", 2, 7, generator=gen(0))).shape[1] == 4  # 3.5 -> 4
@@ -359,10 +334,7 @@ def test_structured_patterns_have_exact_structure(shape, seed, data):
 
 
 def _all_kinds():
-    out = ["W", "D", "LR=3", "BD=2", "I", "0"]
-    if HAVE_SPARSE:
-        out += ["R=0.3", "S=17", "Row=4"]
-    return out
+    return ["W", "D", "LR=3", "BD=2", "I", "0", "R=0.3", "S=17", "Row=4"]
 
 
 @pytest.mark.parametrize("init", ["", "G=0.5,2", "U=-1,3", "C=0.25", "kaiming", "xavier",
@@ -388,14 +360,11 @@ def test_same_seed_same_block_different_seed_different_and_no_global_rng(init):
         if pattern in ("I", "0") or init == "C=0.25" or (pattern == "D" and init == ""):
             continue  # nothing random
         assert any(not torch.equal(sa[k], sc[k]) for k in sa), spec
-        if HAVE_SPARSE and pattern[0] in "RS":
+        if pattern[0] in "RS":
             assert not torch.equal(a.indices(), c.indices()), spec
 
 
-@needs_sparse
 def test_R_default_is_sparse_linear_with_density_from_the_same_seed():
-    from iternn.sparse.linear import SparseLinear
-
     a = make_block("R=0.3", 7, 9, generator=gen(5))
     b = SparseLinear(9, 7, density=0.3, bias=False, generator=gen(5))
     assert torch.equal(a.indices(), b.indices()) and torch.equal(a.values, b.values)
@@ -448,7 +417,6 @@ def _fans(block, rows, cols):
     return idx, f, g
 
 
-@needs_sparse
 def test_kaiming_uses_each_rows_effective_fan_in():
     # Row=n: every row has n stored entries, so the std is sqrt(2/n), not sqrt(2/cols).
     for n in (25, 400):
@@ -475,7 +443,6 @@ def test_kaiming_uses_each_rows_effective_fan_in():
     assert groups >= 5
 
 
-@needs_sparse
 def test_xavier_and_default_bounds_per_entry():
     rows, cols = 300, 80
     block = make_block(f"S={rows * cols // 4} xavier", rows, cols, generator=gen(0))
@@ -491,7 +458,6 @@ def test_xavier_and_default_bounds_per_entry():
     assert abs(u.var().item() - 1 / 3) < 0.01
 
 
-@needs_sparse
 def test_inits_touch_only_stored_entries():
     block = make_block("R=0.2 C=3", 20, 30, generator=gen(0))
     dense = block.dense_weight()
@@ -522,8 +488,6 @@ def test_orthogonal():
 
 @pytest.mark.parametrize("pattern", ["W", "D", "LR=2", "BD=2", "R=0.5", "S=5", "Row=2"])
 def test_fixed_freezes_every_parameter(pattern):
-    if pattern[0] in "RS" and not HAVE_SPARSE:
-        pytest.importorskip("iternn.sparse.linear")
     trained = make_block(pattern, 4, 4, generator=gen(0))
     fixed = make_block(f"{pattern} fixed", 4, 4, generator=gen(0))
     assert all(p.requires_grad for p in trained.parameters())
@@ -536,10 +500,18 @@ def test_fixed_freezes_every_parameter(pattern):
                                                  fixed.state_dict().values()))
 
 
-@needs_sparse
 def test_sparse_backend_is_passed_through_and_blocks_compute():
     block = make_block("R=0.5", 8, 6, generator=gen(0), backend="dense")
     assert block.backend == "dense"
     x = torch.randn(3, 6, generator=gen(1))
     torch.testing.assert_close(block(x), x @ block.dense_weight().T)
     assert block.bias is None or count_entries(block)[0] == block.nnz
+
+
+@pytest.mark.parametrize("spec, rows, cols", [("W", 10**6, 10**6), ("Row=100000", 10**5, 10**5),
+                                              ("LR=100000", 10**9, 10**9), ("S=100000000000", 10**6, 10**6)])
+def test_oversized_block_is_refused_naming_the_token(spec, rows, cols):
+    from iternn.errors import SizeError
+
+    with pytest.raises(SizeError, match=f"block '{spec}' \\({rows} x {cols}"):
+        make_block(spec, rows, cols)

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 from hypothesis import given
+from rnn_cases import F64, make_inputs, make_rnn, maxdiff, rnn_cases, run
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import iternn
 from iternn.convert.rnn import RNNMap, from_rnn
-from rnn_cases import F64, make_inputs, make_rnn, maxdiff, rnn_cases, run
 
 TOL = 1e-6
 
@@ -275,20 +275,20 @@ def _net(**kw) -> RNNMap:
 
 
 def test_rejects_bidirectional():
-    with pytest.raises(ValueError, match="bidirectional"):
+    with pytest.raises(iternn.ConversionError, match="bidirectional"):
         from_rnn(nn.RNN(3, 4, bidirectional=True))
 
 
 def test_rejects_proj_size():
     rnn = nn.RNN(3, 4)
     rnn.proj_size = 2  # nn.RNN refuses it at construction; the attribute still exists
-    with pytest.raises(ValueError, match="proj_size"):
+    with pytest.raises(iternn.ConversionError, match="proj_size"):
         from_rnn(rnn)
 
 
 @pytest.mark.parametrize("module", [nn.LSTM(3, 4), nn.GRU(3, 4), nn.Linear(3, 4)])
 def test_rejects_non_rnn_modules(module):
-    with pytest.raises(TypeError, match=type(module).__name__):
+    with pytest.raises(iternn.MapTypeError, match=type(module).__name__):
         from_rnn(module)
 
 
@@ -297,23 +297,23 @@ def test_rejects_subclass_overriding_forward():
         def forward(self, x, h0=None):
             return super().forward(2 * x, h0)
 
-    with pytest.raises(TypeError, match="forward"):
+    with pytest.raises(iternn.MapTypeError, match="forward"):
         from_rnn(Odd(3, 4))
 
 
 def test_rejects_wrong_input_size():
-    with pytest.raises(ValueError, match="'x'.*input_size=3"):
+    with pytest.raises(iternn.MapError, match="'x'.*input_size=3"):
         _net()(torch.randn(5, 2, 4, dtype=F64))
 
 
 @pytest.mark.parametrize("shape", [(5,), (1, 5, 2, 3)])
 def test_rejects_wrong_input_dims(shape):
-    with pytest.raises(ValueError, match="'x'"):
+    with pytest.raises(iternn.MapError, match="'x'"):
         _net()(torch.randn(shape, dtype=F64))
 
 
 def test_rejects_empty_sequence():
-    with pytest.raises(ValueError, match="length 0"):
+    with pytest.raises(iternn.MapError, match="length 0"):
         _net()(torch.randn(0, 2, 3, dtype=F64))
 
 
@@ -321,40 +321,74 @@ def test_rejects_empty_sequence():
     "h_shape", [(2, 2, 5), (3, 2, 4), (2, 3, 4), (2, 4)], ids=["hidden", "layers", "batch", "dims"]
 )
 def test_rejects_wrong_h0_shape(h_shape):
-    with pytest.raises(ValueError, match=r"h0 must have shape .*slot 'h2'"):
+    with pytest.raises(iternn.MapError, match=r"h0 must have shape .*slot 'h2'"):
         _net()(torch.randn(5, 2, 3, dtype=F64), torch.randn(h_shape, dtype=F64))
 
 
 def test_rejects_batched_h0_for_unbatched_input():
-    with pytest.raises(ValueError, match="unbatched"):
+    with pytest.raises(iternn.MapError, match="unbatched"):
         _net()(torch.randn(5, 3, dtype=F64), torch.randn(2, 1, 4, dtype=F64))
 
 
 def test_rejects_wrong_input_dtype():
-    with pytest.raises(TypeError, match="'x'.*float32"):
+    with pytest.raises(iternn.MapTypeError, match="'x'.*float32"):
         _net()(torch.randn(5, 2, 3))
 
 
 def test_rejects_integer_input():
-    with pytest.raises(TypeError, match="floating point"):
+    with pytest.raises(iternn.MapTypeError, match="floating point"):
         _net()(torch.ones(5, 2, 3, dtype=torch.long))
 
 
 def test_rejects_h0_dtype_mismatch():
-    with pytest.raises(TypeError, match="h0"):
+    with pytest.raises(iternn.MapTypeError, match="h0"):
         _net()(torch.randn(5, 2, 3, dtype=F64), torch.randn(2, 2, 4))
 
 
 def test_rejects_packed_sequence():
     packed = pack_padded_sequence(torch.randn(5, 2, 3, dtype=F64), [5, 3])
-    with pytest.raises(TypeError, match="PackedSequence"):
+    with pytest.raises(iternn.MapTypeError, match="PackedSequence"):
         _net()(packed)
 
 
 def test_constructor_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="nonlinearity"):
+    with pytest.raises(iternn.MapError, match="nonlinearity"):
         RNNMap(3, 4, nonlinearity="sigmoid")
-    with pytest.raises(ValueError, match="num_layers"):
+    with pytest.raises(iternn.MapError, match="num_layers"):
         RNNMap(3, 4, num_layers=0)
-    with pytest.raises(TypeError, match="hidden_size"):
+    with pytest.raises(iternn.MapTypeError, match="hidden_size"):
         RNNMap(3, 4.0)
+
+
+# --------------------------------------------------------------------------- benchmark
+def _benchmark_module(monkeypatch):
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    spec = importlib.util.spec_from_file_location("iternn_benchmark_run", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_rnn_benchmark_fails_with_a_broken_converter(monkeypatch, capsys):
+    bench = _benchmark_module(monkeypatch)
+    _, checks = bench.rnn_case("rnn", n_in=3, H=4, batch=2, T=3)
+    assert [ok for _, _, ok in checks] == [True, True]
+
+    def wrong(rnn):  # converts another RNN: a converter that disagrees with nn.RNN
+        return from_rnn(nn.RNN(rnn.input_size, rnn.hidden_size))
+
+    monkeypatch.setattr(iternn, "from_rnn", wrong)
+    _, checks = bench.rnn_case("rnn", n_in=3, H=4, batch=2, T=3)
+    assert [ok for _, _, ok in checks] == [False, False]
+
+    def broken(rnn):
+        raise iternn.ConversionError("broken")
+
+    monkeypatch.setattr(iternn, "from_rnn", broken)
+    with pytest.raises(iternn.ConversionError, match="broken"):
+        bench.rnn_case("rnn", n_in=3, H=4, batch=2, T=3)

@@ -16,13 +16,13 @@ from hypothesis import strategies as st
 from iternn.sparse import kernels, native, sampling
 from iternn.sparse.kernels import (
     csr_pattern,
+    dense_linear,
     dense_weight_from_values,
     sampled_dense_dense,
     sparse_linear,
     transpose_pattern,
 )
 from iternn.sparse.sampling import random_indices
-
 
 # Both implementations of the CSR backend; "native" is skipped only where no C compiler
 # exists (test_sparse_native checks that it builds wherever one does).
@@ -179,8 +179,10 @@ def test_csr_pattern_and_transpose(spec, seed):
     values = torch.randn(k, dtype=torch.float64, generator=gen(seed + 1))
     w = dense_of(idx, values, (rows, cols))
     assert p.nnz == k and p.crow.shape == (rows + 1,) and p.crow_t.shape == (cols + 1,)
-    assert torch.equal(torch.sparse_csr_tensor(p.crow, p.col, values, (rows, cols), check_invariants=True).to_dense(), w)
-    wt = torch.sparse_csr_tensor(p.crow_t, p.col_t, values[p.perm], (cols, rows), check_invariants=True).to_dense()
+    w_csr = torch.sparse_csr_tensor(p.crow, p.col, values, (rows, cols), check_invariants=True)
+    assert torch.equal(w_csr.to_dense(), w)
+    wt = torch.sparse_csr_tensor(p.crow_t, p.col_t, values[p.perm], (cols, rows),
+                                 check_invariants=True).to_dense()
     assert torch.equal(wt, w.t())
     assert torch.equal(kernels.pattern_rows(p.crow, k), idx[0])
     again = transpose_pattern(p.crow, p.col, (rows, cols))
@@ -245,7 +247,8 @@ def test_gradcheck_float64(kernel, case):
     x.requires_grad_()
     values.requires_grad_()
     bias.requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, v, b: sparse_linear(x, v, b, p, kernel=kernel), (x, values, bias))
+    assert torch.autograd.gradcheck(lambda x, v, b: sparse_linear(x, v, b, p, kernel=kernel),
+                                    (x, values, bias))
     assert torch.autograd.gradcheck(lambda x, v: sparse_linear(x, v, None, p, kernel=kernel), (x, values))
 
 
@@ -336,3 +339,51 @@ def test_choose_backend():
     assert kernels.choose_backend(n, n, int(c * n * n) + 1) == "dense"
     assert kernels.choose_backend(n, n, n * n) == "dense"
     assert kernels.choose_backend(n, n, 10) == "csr"
+
+
+# ----------------------------------------------------------------------------- pattern checks
+def test_check_csr_pattern_is_public_and_names_buffer_and_entry():
+    from iternn.errors import PatternError
+    from iternn.sparse import check_csr_pattern
+
+    crow = torch.tensor([0, 2, 3], dtype=torch.int32)
+    col = torch.tensor([1, 4, 0], dtype=torch.int32)
+    check_csr_pattern(crow, col, (2, 5), name="blocks.h.x")  # valid: returns None
+    check_csr_pattern(torch.zeros(3, dtype=torch.long), torch.zeros(0, dtype=torch.long), (2, 5), name="e")
+    with pytest.raises(PatternError, match=r"col_indices\[1\] = 4 is outside \[0, 4\)") as info:
+        check_csr_pattern(crow, col, (2, 4), name="blocks.h.x")
+    assert info.value.token == "blocks.h.x.col_indices" and isinstance(info.value, ValueError)
+    with pytest.raises(PatternError, match="must be a tensor"):
+        check_csr_pattern([0, 2, 3], col, (2, 5), name="b")
+    with pytest.raises(PatternError, match="must be 1-D"):
+        check_csr_pattern(crow, col.view(3, 1), (2, 5), name="b")
+    with pytest.raises(PatternError, match="shape must be a pair"):
+        check_csr_pattern(crow, col, (2, -5), name="b")
+
+
+def test_torch_kernel_refuses_a_bad_pattern():
+    from iternn.errors import PatternError
+
+    p = csr_pattern(torch.tensor([[0, 1], [1, 2]]), (2, 3))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    values = torch.ones(2, dtype=torch.float64)
+    bad = p._replace(col=torch.tensor([1, 3], dtype=p.col.dtype))
+    for kernel in ("torch", "auto"):
+        with pytest.raises(PatternError, match=r"col_indices\[1\] = 3 is outside \[0, 3\)"):
+            sparse_linear(x, values, None, bad, kernel=kernel)
+    with pytest.raises(PatternError, match=r"col_indices\[1\] = 3"):
+        dense_linear(x, values, None, bad)
+    with pytest.raises(ValueError, match=r"values must have shape \(2,\)"):
+        sparse_linear(x, torch.ones(3, dtype=torch.float64), None, p, kernel="torch")
+
+
+def test_oversized_pattern_is_refused_before_allocating():
+    from iternn.errors import SizeError
+    from iternn.sparse import MaskedLinear, SparseLinear
+
+    with pytest.raises(SizeError, match=r"random_indices: 500000000000 entries of a 1000000 x 1000000"):
+        SparseLinear(10**6, 10**6, density=0.5)
+
+    huge_mask = torch.ones(1, 1, dtype=torch.bool).expand(10**6, 10**6)  # no memory behind it
+    with pytest.raises(SizeError, match=r"MaskedLinear\(1000000, 1000000\) weight"):
+        MaskedLinear(10**6, 10**6, mask=huge_mask)

@@ -56,7 +56,7 @@ def test_sparse_equals_masked_equals_dense_reference(backend, case):
     w_dense = sp.dense_weight().detach().clone().requires_grad_()
     b_ref = sp.bias.detach().clone().requires_grad_()
     outs = {}
-    for name, fn, params in (
+    for name, fn, _ in (
         ("sparse", sp, None),
         ("masked", mk, None),
         ("ref", lambda x: F.linear(x, w_dense, b_ref), None),
@@ -185,13 +185,13 @@ def test_auto_backend_follows_choose_backend():
 
 def test_trainable_counts():
     m = SparseLinear(30, 20, density=0.1, generator=gen(0))
-    assert m._trainable_counts() == {"values": 60, "bias": 20}
-    assert SparseLinear(30, 20, density=0.1, bias=False)._trainable_counts() == {"values": 60}
+    assert m.trainable_counts() == {"values": 60, "bias": 20}
+    assert SparseLinear(30, 20, density=0.1, bias=False).trainable_counts() == {"values": 60}
     mask = torch.zeros(20, 30, dtype=torch.bool)
     mask[::2, ::3] = True
     mk = MaskedLinear(30, 20, mask=mask)
-    assert mk._trainable_counts() == {"weight": int(mask.sum()), "bias": 20} == {"weight": 100, "bias": 20}
-    assert isinstance(mk._trainable_counts()["weight"], int)
+    assert mk.trainable_counts() == {"weight": int(mask.sum()), "bias": 20} == {"weight": 100, "bias": 20}
+    assert isinstance(mk.trainable_counts()["weight"], int)
 
 
 # ============================================================================ persistence
@@ -200,7 +200,8 @@ def test_state_dict_round_trip(cls):
     sp, mk, idx = triple(30, 20, 0.15, 0, "csr")
     m = sp if cls == "sparse" else mk
     sd = m.state_dict()
-    keys = {"crow_indices", "col_indices", "values", "bias"} if cls == "sparse" else {"mask", "weight", "bias"}
+    keys = ({"crow_indices", "col_indices", "values", "bias"} if cls == "sparse"
+            else {"mask", "weight", "bias"})
     assert set(sd) == keys
     clone = SparseLinear(30, 20, indices=idx, dtype=torch.float64, backend="csr") if cls == "sparse" else \
         MaskedLinear(30, 20, mask=mk.mask, dtype=torch.float64)
@@ -295,7 +296,8 @@ def test_duplicate_indices():
         SparseLinear(4, 3, indices=torch.tensor([[1, 0, 1], [2, 0, 2]]))
 
 
-@pytest.mark.parametrize("idx, word", [([[0, 3], [0, 0]], "row index 3"), ([[0, 1], [0, 4]], "column index 4"),
+@pytest.mark.parametrize("idx, word", [([[0, 3], [0, 0]], "row index 3"),
+                                       ([[0, 1], [0, 4]], "column index 4"),
                                        ([[-1], [0]], "row index -1")])
 def test_indices_out_of_range(idx, word):
     with pytest.raises(ValueError, match=f"indices: {word}"):
@@ -335,7 +337,8 @@ def test_bad_backend_and_features():
 
 @pytest.mark.parametrize("cls", ["sparse", "masked"])
 def test_input_dtype_mismatch_names_parameter(cls):
-    m = SparseLinear(4, 3, density=0.5) if cls == "sparse" else MaskedLinear(4, 3, mask=torch.ones(3, 4, dtype=torch.bool))
+    m = (SparseLinear(4, 3, density=0.5) if cls == "sparse"
+         else MaskedLinear(4, 3, mask=torch.ones(3, 4, dtype=torch.bool)))
     name = "SparseLinear.values" if cls == "sparse" else "MaskedLinear.weight"
     with pytest.raises(TypeError, match=name):
         m(torch.zeros(2, 4, dtype=torch.float64))
@@ -352,26 +355,7 @@ def test_csr_backend_rejects_unsupported_dtype():
 
 
 # ============================================================================ file codecs
-@pytest.fixture
-def sparse_codecs():
-    """Registers the Stream-A codecs for the test when the package has not (yet)."""
-    from iternn import io
-    from iternn.sparse import linear
-
-    added = []
-    for cls, name, enc, dec in (
-        (SparseLinear, "iternn.SparseLinear", linear.encode_sparse_linear, linear.decode_sparse_linear),
-        (MaskedLinear, "iternn.MaskedLinear", linear.encode_masked_linear, linear.decode_masked_linear),
-    ):
-        if not any(c.cls is cls for c in io.registered_codecs().values()):
-            io.register_codec(cls, name, enc, dec)
-            added.append(cls)
-    yield
-    for cls in added:
-        io.unregister_codec(cls)
-
-
-def test_iternn_save_load_round_trip(tmp_path, sparse_codecs):
+def test_iternn_save_load_round_trip(tmp_path):
     import iternn
 
     m = BlockMap({"x": 12, "h": 9})
@@ -388,14 +372,188 @@ def test_iternn_save_load_round_trip(tmp_path, sparse_codecs):
     got = back.block("h", "x")
     assert torch.equal(got.indices(), sp.indices()) and got.backend == "csr"
     assert torch.equal(back.block("h", "h").mask, m.block("h", "h").mask)
-    # the adopted pattern is checked from then on
+    # the loaded pattern is checked from then on
     with pytest.raises(ValueError, match="col_indices|crow_indices"):
-        got.load_state_dict(SparseLinear(12, 9, density=0.3, generator=gen(9), dtype=torch.float64).state_dict())
+        other = SparseLinear(12, 9, density=0.3, generator=gen(9), dtype=torch.float64)
+        got.load_state_dict(other.state_dict())
 
 
-def test_placeholder_rejects_invalid_pattern():
-    ph = SparseLinear._for_loading(4, 3, 3, dtype=torch.float64)
-    sd = SparseLinear(4, 3, indices=torch.tensor([[0, 1, 2], [1, 1, 1]]), dtype=torch.float64).state_dict()
-    sd["col_indices"] = torch.tensor([1, 1, 9], dtype=sd["col_indices"].dtype)
-    with pytest.raises(ValueError, match="indices: column index 9"):
-        ph.load_state_dict(sd)
+# ============================================================================ pattern edits
+def _eight_by_64(backend: str = "csr") -> SparseLinear:
+    """8 x 64 block, row r stores columns r, r+10, r+20, r+30 (32 entries, 4 per row)."""
+    rows = torch.arange(8).repeat_interleave(4)
+    cols = rows + torch.tensor([0, 10, 20, 30]).repeat(8)
+    return SparseLinear(64, 8, indices=torch.stack((rows, cols)), backend=backend,
+                        generator=gen(0), dtype=torch.float64)
+
+
+def _set(name, index, value):
+    def edit(m):
+        with torch.no_grad():
+            getattr(m, name)[index] = value
+    return edit
+
+
+def _assign(name, make):
+    def edit(m):
+        setattr(m, name, make(getattr(m, name)))
+    return edit
+
+
+def _swap_row_1(m):
+    with torch.no_grad():
+        m.col_indices[4], m.col_indices[5] = m.col_indices[5].clone(), m.col_indices[4].clone()
+
+
+def _shorten_data(m):
+    m.col_indices.data = m.col_indices.data[:20]
+
+
+BAD_EDITS = {
+    "col out of range": (_set("col_indices", -1, 100000), r"col_indices\[31\] = 100000 is outside \[0, 64\)"),
+    "negative col": (_set("col_indices", 5, -1), r"col_indices\[5\] = -1 is outside \[0, 64\)"),
+    "crow not monotone": (_set("crow_indices", 3, 17),
+                          r"crow_indices\[4\] = 16 is less than crow_indices\[3\] = 17"),
+    "crow[-1] != nnz": (_set("crow_indices", -1, 31), r"crow_indices\[8\] = 31 must equal .* = 32"),
+    "crow[0] != 0": (_set("crow_indices", 0, 1), r"crow_indices\[0\] = 1, must be 0"),
+    "col too short": (_assign("col_indices", lambda t: t[:-1].clone()), r"crow_indices\[8\] = 32 must equal"),
+    "crow too long": (_assign("crow_indices", lambda t: torch.cat((t, t[-1:]))),
+                      r"crow_indices has 10 entries; a block of 8 rows needs 9"),
+    "unsorted row": (_swap_row_1, r"col_indices\[5\] = 1 is less than col_indices\[4\] = 11 in row 1"),
+    "duplicate in row": (_set("col_indices", 5, 1),
+                         r"col_indices\[5\] = 1 repeats col_indices\[4\] = 1 in row 1"),
+    "float dtype": (_assign("col_indices", lambda t: t.float()), r"col_indices has dtype torch.float32"),
+    "mixed index dtypes": (_assign("col_indices", lambda t: t.long()),
+                           r"col_indices has dtype torch.int64 but crow_indices has torch.int32"),
+    ".data to a prefix": (_shorten_data, r"crow_indices\[8\] = 32 must equal .* = 20"),
+}
+
+
+@pytest.mark.parametrize("backend", ["csr", "dense"])
+@pytest.mark.parametrize("case", list(BAD_EDITS))
+def test_every_bad_pattern_edit_is_refused_before_a_kernel_reads_it(case, backend):
+    from iternn.errors import PatternError
+
+    m = _eight_by_64(backend)
+    x = torch.randn(5, 64, dtype=torch.float64, generator=gen(1))
+    m(x)  # checked and remembered: the edit below must be noticed anyway
+    edit, message = BAD_EDITS[case]
+    edit(m)
+    for use in (lambda: m(x), m.indices, m.dense_weight):
+        with pytest.raises(PatternError, match=message) as info:
+            use()
+        assert "SparseLinear." in info.value.token  # names the block's buffer
+
+
+def test_bad_edit_between_forward_and_backward_is_refused():
+    from iternn.errors import PatternError
+
+    m = _eight_by_64("csr")
+    x = torch.randn(5, 64, dtype=torch.float64, generator=gen(1), requires_grad=True)
+    y = m(x)
+    with torch.no_grad():
+        m.col_indices[-1] = 100000
+    with pytest.raises(PatternError, match="100000 is outside"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["csr", "dense"])
+def test_valid_edit_rederives_the_transposed_pattern(backend):
+    """Moving an entry to another column is a valid edit: the output and every gradient
+    then follow the edited pattern (the transposed buffers the input gradient uses are
+    derived again; stale ones would give a wrong dx)."""
+    m = _eight_by_64(backend)
+    x = torch.randn(5, 64, dtype=torch.float64, generator=gen(1), requires_grad=True)
+    m(x).sum().backward()
+    with torch.no_grad():
+        m.col_indices[3] = 63  # row 0: columns 0, 10, 20, 63 (still sorted)
+        m.crow_indices_t.zero_()  # edits of derived buffers are overwritten by the derivation
+    x.grad = None
+    y = m(x)
+    y.sum().backward()
+    w = torch.zeros(8, 64, dtype=torch.float64)
+    w[m.indices()[0], m.indices()[1]] = m.values.detach()
+    assert w[0, 63] != 0 and w[0, 30] == 0
+    torch.testing.assert_close(y, x.detach() @ w.T + m.bias.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(x.grad, torch.ones(5, 8, dtype=torch.float64) @ w, rtol=0, atol=1e-12)
+
+
+def test_pattern_is_checked_once_per_change(monkeypatch):
+    from iternn.sparse import linear
+
+    m = _eight_by_64("csr")
+    calls = []
+    real = linear.check_csr_pattern
+    monkeypatch.setattr(linear, "check_csr_pattern", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(3, 64, dtype=torch.float64, generator=gen(1))
+    for _ in range(3):
+        m(x)
+    assert calls == []
+    with torch.no_grad():
+        m.values.mul_(2)  # values are not the pattern
+    m(x)
+    assert calls == []
+    with torch.no_grad():
+        m.col_indices[0] = 0  # same value, but an in-place write: checked again, once
+    m(x)
+    m(x)
+    assert calls == [1]
+    m.load_state_dict(m.state_dict())  # a load writes the buffers: checked again, once
+    m(x)
+    m(x)
+    assert calls == [1, 1]
+
+
+def test_loaded_state_dict_with_a_bad_pattern_is_refused():
+    from iternn.errors import PatternError
+
+    m = _eight_by_64("csr")
+    sd = m.state_dict()
+    sd["col_indices"] = sd["col_indices"].clone()
+    sd["col_indices"][-1] = 100000
+    with pytest.raises(PatternError, match="'col_indices'"):
+        m.load_state_dict(sd)
+    assert int(m.col_indices[-1]) == 37  # unchanged
+
+
+def test_inference_mode_module_is_checked_on_every_call():
+    from iternn.errors import PatternError
+
+    with torch.inference_mode():
+        m = _eight_by_64("csr")
+        x = torch.randn(3, 64, dtype=torch.float64, generator=gen(1))
+        ref = m(x)
+        assert torch.equal(m(x), ref)
+        m.col_indices[-1] = 100000  # inference tensors have no version counter
+        with pytest.raises(PatternError, match="100000"):
+            m(x)
+
+
+def test_masked_linear_refuses_a_bad_mask():
+    from iternn.errors import PatternError
+
+    mask = torch.rand(6, 5, generator=gen(0)) < 0.5
+    x = torch.randn(2, 5, generator=gen(1))
+    for bad, message in ((mask.float(), "torch.float32"),  # would scale entries by the mask
+                         (mask[:1], r"shape \(6, 5\), got torch.bool, shape \(1, 5\)")):  # would broadcast
+        m = MaskedLinear(5, 6, mask=mask, generator=gen(2))
+        m.mask = bad
+        for use in (lambda m=m: m(x), m.dense_weight, m.indices, m.trainable_counts):
+            with pytest.raises(PatternError, match=message):
+                use()
+    m = MaskedLinear(5, 6, mask=mask, generator=gen(2))
+    m.weight = nn.Parameter(torch.zeros(1, 5))
+    with pytest.raises(ValueError, match=r"MaskedLinear.weight must have shape \(6, 5\)"):
+        m(x)
+
+
+def test_sparse_product_never_mixes_dtypes():
+    from iternn.errors import MapTypeError
+
+    m = _eight_by_64("csr")
+    m.bias.data = m.bias.data.float()  # float32 bias next to float64 values and input
+    x = torch.randn(3, 64, dtype=torch.float64, generator=gen(1))
+    with pytest.raises(MapTypeError, match="bias"):
+        m(x)
+    with pytest.raises(MapTypeError, match="bias"):
+        kernels.sparse_linear(x[:0], m.values, m.bias, m.pattern)  # the empty-batch path too

@@ -359,3 +359,35 @@ def test_native_small_batches_every_layout(batch, layout):
     torch.testing.assert_close(y, x.detach() @ w.t() + sp.bias.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dx, gy @ w, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dv, (gy.t() @ x.detach())[idx[0], idx[1]], rtol=1e-12, atol=1e-12)
+
+
+def test_native_products_refuse_a_bad_pattern_before_reading_it():
+    from iternn.errors import PatternError
+
+    lib = native.library()
+    if lib is None:
+        pytest.skip(f"native kernels unavailable: {native.status().reason}")
+    p = csr_pattern(torch.tensor([[0, 0, 1], [0, 2, 1]]), (2, 3))
+    x = torch.randn(4, 3, dtype=torch.float64, generator=gen(0))
+    g = torch.randn(4, 2, dtype=torch.float64, generator=gen(1))
+    values = torch.ones(3, dtype=torch.float64)
+    good = native.spmm(lib, p.crow, p.col, values, x, 2)
+    bad_col = p.col.clone()
+    bad_col[1] = 1 << 30
+    bad_crow = p.crow.clone()
+    bad_crow[1] = 4  # crow = [0, 4, 3]: row 0 would read col[3], past the end
+    for crow, col, message in ((p.crow, bad_col, r"col_indices\[1\] = 1073741824 is outside \[0, 3\)"),
+                               (bad_crow, p.col, r"crow_indices\[2\] = 3 is less than .*\[1\] = 4")):
+        with pytest.raises(PatternError, match=message):
+            native.spmm(lib, crow, col, values, x, 2)
+        with pytest.raises(PatternError, match=message):
+            native.sdd(lib, crow, col, g, x)
+    # columns in range for a wider operand are out of range for this one
+    with pytest.raises(PatternError, match=r"col_indices\[1\] = 2 is outside \[0, 2\)"):
+        native.spmm(lib, p.crow, p.col, values, x[:, :2], 2)
+    # the memo notices an in-place edit of a pattern that passed before
+    col = p.col.clone()
+    torch.testing.assert_close(native.spmm(lib, p.crow, col, values, x, 2), good)
+    col[2] = -7
+    with pytest.raises(PatternError, match=r"col_indices\[2\] = -7"):
+        native.spmm(lib, p.crow, col, values, x, 2)

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from torch import nn
 
 from iternn import BlockMap
 from iternn.core.summary import count_entries, count_trainable
@@ -87,25 +86,25 @@ def test_gradcheck_each_block():
         BlockDiagonalLinear(4, 6, blocks=2, generator=gen(1), dtype=f64),
     ):
         x = torch.randn(2, block.in_features, dtype=f64, generator=gen(2), requires_grad=True)
-        assert torch.autograd.gradcheck(lambda x, *p: torch.func.functional_call(
+        assert torch.autograd.gradcheck(lambda x, *p, block=block: torch.func.functional_call(
             block, dict(zip([n for n, _ in block.named_parameters()], p)), (x,)),
             (x, *[p.detach().clone().requires_grad_() for p in block.parameters()]))
 
 
 def test_trainable_counts_hand_computed():
-    assert DiagonalLinear(5)._trainable_counts() == {"diagonal": 5}
-    assert DiagonalLinear(5, bias=True)._trainable_counts() == {"diagonal": 5, "bias": 5}
+    assert DiagonalLinear(5).trainable_counts() == {"diagonal": 5}
+    assert DiagonalLinear(5, bias=True).trainable_counts() == {"diagonal": 5, "bias": 5}
     lr = LowRankLinear(7, 4, rank=2)
-    assert lr._trainable_counts() == {"u": 8, "v": 14, "bias": 4}
+    assert lr.trainable_counts() == {"u": 8, "v": 14, "bias": 4}
     assert count_trainable(lr) == 26
-    assert LowRankLinear(7, 4, rank=3, bias=False)._trainable_counts() == {"u": 12, "v": 21}
+    assert LowRankLinear(7, 4, rank=3, bias=False).trainable_counts() == {"u": 12, "v": 21}
     bd = BlockDiagonalLinear(6, 9, blocks=3)  # three 3x2 blocks
-    assert bd._trainable_counts() == {"weight": 18, "bias": 9}
+    assert bd.trainable_counts() == {"weight": 18, "bias": 9}
     assert count_trainable(bd) == 27
     # Frozen parameters move from trainable to fixed; stored counts all storage.
     bd.weight.requires_grad_(False)
     assert count_entries(bd) == (9, 18, 27)
-    assert all(type(v) is int for v in bd._trainable_counts().values())
+    assert all(type(v) is int for v in bd.trainable_counts().values())
 
 
 def test_default_inits():
@@ -205,3 +204,33 @@ def test_invalid_arguments():
     for block in (DiagonalLinear(3), LowRankLinear(3, 2, rank=1), BlockDiagonalLinear(3, 3, blocks=3)):
         with pytest.raises(ValueError, match=r"\(\*batch, 3\)"):
             block(torch.ones(2, 1))
+
+
+def test_replaced_parameters_of_another_shape_or_dtype_are_refused():
+    from iternn.errors import MapError, MapTypeError
+
+    x = torch.randn(2, 4, dtype=torch.float64)
+    d = DiagonalLinear(4, dtype=torch.float64)
+    d.diagonal = torch.nn.Parameter(torch.full((1,), 2.0, dtype=torch.float64))  # would broadcast
+    with pytest.raises(MapError, match=r"DiagonalLinear.diagonal must have shape \(4,\)"):
+        d(x)
+    lr = LowRankLinear(4, 3, rank=2, dtype=torch.float64)
+    lr.bias = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    with pytest.raises(MapError, match=r"LowRankLinear.bias must have shape \(3,\)"):
+        lr(x)
+    bd = BlockDiagonalLinear(4, 4, blocks=2, dtype=torch.float64)
+    bd.bias.data = bd.bias.data.float()  # a float32 bias would promote silently
+    with pytest.raises(MapTypeError, match="BlockDiagonalLinear.bias is torch.float32"):
+        bd(x)
+
+
+def test_blocks_satisfy_the_core_protocols():
+    from iternn.core.protocols import CountsTrainable, RowwiseBlock
+    from iternn.sparse import MaskedLinear, SparseLinear
+
+    blocks = (DiagonalLinear(3), LowRankLinear(4, 3, rank=2), BlockDiagonalLinear(4, 6, blocks=2),
+              SparseLinear(4, 3, density=0.5), MaskedLinear(4, 3, mask=torch.ones(3, 4, dtype=torch.bool)))
+    for block in blocks:
+        assert isinstance(block, CountsTrainable) and isinstance(block, RowwiseBlock), block
+        assert type(block).rowwise is True
+        assert sum(block.trainable_counts().values()) == count_trainable(block)

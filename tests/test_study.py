@@ -15,7 +15,7 @@ import torch
 from iternn import count_trainable
 from iternn.cli import main as cli_main
 from iternn.sparse import six_block_counts
-from iternn.study import commands
+from iternn.study import run_study
 from iternn.study.config import (
     DEFAULT,
     QUICK,
@@ -41,7 +41,6 @@ from iternn.study.report import REPORT_NAME, SECTIONS, _band_reading, compare, w
 from iternn.study.sweep import (
     expand,
     parse_shard,
-    run_study,
     run_sweep,
     select_shard,
 )
@@ -405,9 +404,9 @@ def test_failed_and_diverged_runs_are_recorded_and_the_sweep_goes_on(tmp_path, m
     assert again.ran == 0
 
 
-def test_interrupted_and_redefined_runs(tmp_path):
-    def cfg(n_train):
-        return parse_config({"seeds": [0], "train": {"epochs": 2}, "datasets": [
+def test_interrupted_redefined_and_extended_runs(tmp_path):
+    def cfg(n_train, epochs=2):
+        return parse_config({"seeds": [0], "train": {"epochs": epochs}, "datasets": [
             {"name": "regression", "models": ["mlp"], "hidden": [4],
              "options": {"n_train": n_train, "n_val": 16, "n_test": 16}}]})
 
@@ -419,11 +418,131 @@ def test_interrupted_and_redefined_runs(tmp_path):
     b = run_sweep(cfg(64), tmp_path)
     assert b.ran == 1 and b.records[0]["test_loss"] == first["test_loss"]
     assert b.records[0]["wall_time_s"] == first["wall_time_s"]  # the finished checkpoint, not a retrain
-    c = run_sweep(cfg(80), tmp_path)  # same run id, other data: trained afresh
-    assert c.ran == 1 and c.records[0]["fingerprint"] != first["fingerprint"]
-    assert c.records[0]["test_loss"] != first["test_loss"]
-    with open(tmp_path / "results.csv", newline="") as f:
-        assert [r["run_id"] for r in csv.DictReader(f)] == [rid]
+    # another config on the folder: refused, naming the key; the folder's results stay
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.options\.n_train: recorded 64, new 80"):
+        run_sweep(cfg(80), tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())[0]["test_loss"] == first["test_loss"]
+    # a run whose folder holds another definition's checkpoint trains afresh
+    from iternn.study.sweep import run_one
+
+    other = run_one(expand(cfg(80))[0], tmp_path)
+    assert other["status"] == "ok" and other["fingerprint"] != first["fingerprint"]
+    assert other["test_loss"] != first["test_loss"]
+    # more epochs: the folder's runs continue from their checkpoints, to the numbers of an
+    # uninterrupted run of that length (bit for bit)
+    run_sweep(cfg(64), tmp_path / "again")
+    longer = run_sweep(cfg(64, epochs=3), tmp_path / "again").records[0]
+    fresh = run_sweep(cfg(64, epochs=3), tmp_path / "fresh").records[0]
+    assert longer["epochs_run"] == 3 and longer["test_loss"] == fresh["test_loss"]
+    assert [m["val_loss"] for m in longer["metrics"]] == [m["val_loss"] for m in fresh["metrics"]]
+    resumed = json.loads((tmp_path / "again" / "runs" / rid / "metrics.json").read_text())
+    assert resumed["resumed_from"] == 2  # continued, not retrained
+
+
+_WRITER_TOML = """name = "w{n}"
+seeds = [0]
+[train]
+epochs = 1
+[[datasets]]
+name = "regression"
+models = ["mlp"]
+hidden = [4]
+[datasets.options]
+n_train = {n}
+n_val = 16
+n_test = 16
+"""
+
+
+def test_two_studies_on_one_folder_never_lose_or_mix_results(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from iternn import FolderLockedError
+
+    worker = Path(__file__).with_name("train_worker.py")
+    out = tmp_path / "study"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(worker.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    (tmp_path / "a.toml").write_text(_WRITER_TOML.format(n=48))
+    other = loads(_WRITER_TOML.format(n=64))
+    # process 1 runs its study (pausing 0.5 s after each progress line, lock held) ...
+    proc = subprocess.Popen([sys.executable, str(worker), str(out), "--study", str(tmp_path / "a.toml"),
+                             "--sleep", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        lock = out / "iternn.lock"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if lock.is_file() and lock.read_text().strip() == str(proc.pid):
+                break
+            time.sleep(0.02)
+        # ... while this process, with another config, is refused at once, naming the holder
+        with pytest.raises(FolderLockedError, match=rf"study folder {re.escape(str(out))} is in use "
+                           rf"by another iternn process \(pid {proc.pid}\)"):
+            run_study(other, out, jobs=1, pictures=False)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and stdout.strip() == "ok", stderr
+    # the first study's results are all there, and only its config's
+    first = loads(_WRITER_TOML.format(n=48))
+    records = json.loads((out / "results.json").read_text())
+    assert [r["fingerprint"] for r in records] == [r.fingerprint() for r in expand(first)]
+    assert all(r["status"] == "ok" for r in records)
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [r.run_id for r in expand(first)]
+    assert not (out / "iternn.lock").exists()
+    # later, the other config is refused too (its runs would replace these): nothing changes
+    with pytest.raises(ConfigError, match=r"holds the runs of another config \(2 difference\(s\): "
+                       r"datasets\[0\]\.options\.n_train: recorded 48, new 64; name: "):
+        run_study(other, out, jobs=1, pictures=False)
+    assert json.loads((out / "results.json").read_text()) == records
+
+
+def test_an_unreadable_checkpoint_is_quarantined_and_the_run_retrained(tmp_path):
+    cfg = loads(_WRITER_TOML.format(n=48))
+    first = run_sweep(cfg, tmp_path).records[0]
+    rid = first["run_id"]
+    run_dir = tmp_path / "runs" / rid
+    (run_dir / "checkpoint.pt").write_bytes(b"torn")  # damaged, and no record: must rerun
+    (run_dir / "result.json").unlink()
+    lines: list[str] = []
+    again = run_sweep(cfg, tmp_path, log=lines.append)
+    rec = again.records[0]
+    assert again.ran == 1 and again.failed == 0 and rec["status"] == "ok"
+    assert rec["test_loss"] == first["test_loss"]  # retrained from scratch: same numbers
+    broken = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith(rid + ".broken-")]
+    assert len(broken) == 1 and (broken[0] / "checkpoint.pt").read_bytes() == b"torn"
+    assert rec["quarantined"] == str(broken[0])
+    assert any("unreadable checkpoint: run folder moved to " + broken[0].name in line for line in lines)
+    # the next sweep reuses the retrained run: no failure on every rerun
+    assert run_sweep(cfg, tmp_path).skipped == 1
+
+
+def test_a_width_no_machine_holds_is_refused_before_building():
+    from iternn import SizeError
+
+    flat = _fake("classification", 40, 10)
+    for family, density in (("mlp", None), ("sparse_map", 0.5)):
+        with pytest.raises(SizeError, match=r"hidden \[1000000000000\] \(--hidden: model "
+                           rf"'{family}' of 51,000,000,000,010 float32 parameters"):
+            build_model(family, flat, hidden=10**12, density=density)
+
+
+def test_sweep_and_report_do_not_import_each_other():
+    import ast
+    from pathlib import Path
+
+    import iternn.study.sweep as sweep_module
+
+    tree = ast.parse(Path(sweep_module.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"report", "runner"}, imported
 
 
 def _crashing_worker(run, study_dir):
@@ -526,18 +645,21 @@ def test_band_wording_tells_the_densest_win_from_an_intermediate_band(tmp_path):
 def test_band_reading_cases():
     grid = [0.05, 0.2, 0.5, 0.75]
     assert _band_reading([], grid) == "no density tested beats dense"
-    assert _band_reading([0.05], grid) == "only the sparsest density tested (0.05) beats dense: no intermediate band"
+    assert _band_reading([0.05], grid) == \
+        "only the sparsest density tested (0.05) beats dense: no intermediate band"
     assert _band_reading([0.75], grid).startswith("only the densest density tested (0.75, the one closest")
     assert _band_reading([0.5, 0.2], grid) == "an intermediate band (0.2, 0.5) beats dense"
     five = [0.05, 0.1, 0.2, 0.5, 0.75]
     assert _band_reading([0.1, 0.5], five) == ("intermediate densities (0.1, 0.5) beat dense, but not as one "
                                               "band: 0.2 between them does not")
     spread = _band_reading([0.05, 0.2], grid)
-    assert "include the sparsest density tested (0.05), so" in spread and "no edge of a band at the sparse end" in spread
+    assert "include the sparsest density tested (0.05), so" in spread
+    assert "no edge of a band at the sparse end" in spread
     assert "not an intermediate band" in spread
     spread = _band_reading([0.5, 0.75], grid)
     assert "include the densest density tested (0.75), so" in spread and "at the dense end" in spread
-    assert "both the sparsest (0.05) and the densest (0.75) density tested" in _band_reading([0.05, 0.75], grid)
+    both = _band_reading([0.05, 0.75], grid)
+    assert "both the sparsest (0.05) and the densest (0.75) density tested" in both
     assert _band_reading(grid, grid).startswith("every density tested (0.05, 0.2, 0.5, 0.75) beats dense")
     assert _band_reading([0.1], [0.1]).startswith("the only density tested (0.1) beats dense")
     assert _band_reading([0.5], [0.1, 0.5]).startswith("only the densest")  # two densities: no interior
@@ -553,29 +675,20 @@ def _err_line(capsys) -> str:
     return err[0]
 
 
-def test_cli_study_and_train_exit_codes(tmp_path, capsys):
+def test_cli_study_and_train_call_the_study(tmp_path, capsys):
     cfg = tmp_path / "tiny.toml"
     cfg.write_text('name = "cli"\nseeds = [0]\n[train]\nepochs = 1\n[[datasets]]\nname = "digits"\n'
                    'models = ["mlp", "sparse_map"]\ndensities = [0.5]\nhidden = [8]\n')
     assert cli_main(["study", "--config", str(cfg), "--out", str(tmp_path / "s"),
-                          "--no-pictures", "--quiet"]) == 0
+                     "--no-pictures", "--quiet"]) == 0
     assert f"report written to {tmp_path / 's' / 'report.md'}" in capsys.readouterr().out
-    assert cli_main(["study", "--config", str(tmp_path / "missing.toml")]) == 1
-    assert "missing.toml does not exist" in _err_line(capsys)
     (tmp_path / "bad.toml").write_text('[train]\nlr = -1\n[[datasets]]\nname = "digits"\n')
-    assert cli_main(["study", "--config", str(tmp_path / "bad.toml")]) == 1
+    assert cli_main(["study", "--config", str(tmp_path / "bad.toml")]) != 0
     assert _err_line(capsys).endswith("train.lr must be > 0, got -1")
-    (tmp_path / "small.toml").write_text('[[datasets]]\nname = "digits"\nmodels = ["dense_map"]\nhidden = [8]\n')
-    assert cli_main(["study", "--config", str(tmp_path / "small.toml"), "--out", str(tmp_path / "z")]) == 1
+    (tmp_path / "small.toml").write_text(
+        '[[datasets]]\nname = "digits"\nmodels = ["dense_map"]\nhidden = [8]\n')
+    assert cli_main(["study", "--config", str(tmp_path / "small.toml"), "--out", str(tmp_path / "z")]) != 0
     assert "datasets[0].hidden[0] ([8]): dense_map: budget 610 is below the smallest" in _err_line(capsys)
-    with pytest.raises(ConfigError):  # --debug: the exception, not the line
-        cli_main(["--debug", "study", "--config", str(tmp_path / "bad.toml")])
-    for argv in (["study", "--shard", "3/2"], ["study", "--quick", "--config", "x"],
-                 ["study", "--jobs", "0"], ["train", "--model", "mlp"], ["nope"]):
-        with pytest.raises(SystemExit) as exc:
-            cli_main(argv)
-        assert exc.value.code == 2, argv
-    capsys.readouterr()
 
     run_dir = tmp_path / "t"
     argv = ["train", "--dataset", "digits", "--model", "sparse_map", "--density", "0.5", "--hidden", "8",
@@ -587,53 +700,19 @@ def test_cli_study_and_train_exit_codes(tmp_path, capsys):
     assert (run_dir / "metrics.csv").is_file() and (run_dir / "checkpoint.pt").is_file()
     assert cli_main(argv + ["--resume"]) == 0  # a finished run: same result
     assert json.loads(capsys.readouterr().out.splitlines()[0])["test_acc"] == summary["test_acc"]
-    assert cli_main(["train", "--dataset", "digits", "--model", "lstm", "--out", str(tmp_path / "x")]) == 1
-    assert "model 'lstm' serves sequence datasets" in _err_line(capsys)
-    assert cli_main(["train", "--dataset", "nope", "--model", "mlp", "--out", str(tmp_path / "y")]) == 1
-    assert "unknown dataset 'nope'" in _err_line(capsys)
-
-
-def test_cli_bench_locates_the_benchmarks(tmp_path, monkeypatch, capsys):
-    found = commands.find_benchmarks()
-    assert found is not None and found.name == "run.py" and found.parent.name == "benchmarks"
-    assert (found.parent / "sparse.py").is_file()
-    fake = tmp_path / "benchmarks" / "run.py"
-    fake.parent.mkdir()
-    for name in ("run", "sparse"):
-        (fake.parent / f"{name}.py").write_text(
-            f"import json\ndef main(argv):\n    print('{name.upper()}', json.dumps(argv))\n"
-            "    return 1 if argv == [] else 0\n")
-    monkeypatch.setattr(commands, "find_benchmarks", lambda: fake)
-    assert cli_main(["bench", "--quick"]) == 0
-    out = capsys.readouterr().out
-    assert out.index('RUN ["--quick"]') < out.index('SPARSE ["--quick"]')  # both, in order
-    assert cli_main(["bench", "--quick", "--which", "sparse"]) == 0
-    out = capsys.readouterr().out
-    assert 'SPARSE ["--quick"]' in out and "RUN" not in out
-    assert cli_main(["bench"]) == 1  # the benchmark reported a failed check
-    assert "benchmarks/run.py exited with status 1" in _err_line(capsys)
-    (fake.parent / "sparse.py").unlink()
-    assert cli_main(["bench", "--quick", "--which", "sparse"]) == 1
-    assert "benchmarks/sparse.py not found" in _err_line(capsys)
-    monkeypatch.setattr(commands, "find_benchmarks", lambda: None)
-    assert cli_main(["bench"]) == 1
-    assert "benchmarks/run.py not found" in _err_line(capsys)
-
-
-def test_add_commands_registers_on_a_foreign_parser():
-    import argparse
-
-    p = argparse.ArgumentParser(prog="iternn")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo")
-    commands.add_commands(sub)
-    args = p.parse_args(["study", "--quick", "--jobs", "3", "--shard", "2/4", "--out", "d"])
-    assert (args.command, args.quick, args.jobs, args.shard, args.out) == ("study", True, 3, (2, 4), "d")
-    args = p.parse_args(["train", "--dataset", "anomaly", "--model", "forced_map", "--density", "0.25",
-                         "--hidden", "16"])
-    assert args.density == 0.25 and args.hidden == (16,) and args.resume is False
-    assert args.extra_steps == 0
-    assert p.parse_args(["train", "--dataset", "digits", "--model", "sparse_map", "--extra-steps", "1"]
-                        ).extra_steps == 1
-    assert p.parse_args(["bench"]).quick is False
-    assert set(commands.COMMANDS) == {"study", "train", "bench"}
+    # a changed activation or data seed would train another model or let the test split
+    # overlap the data trained on: refused, naming both options with their values
+    assert cli_main(argv + ["--resume", "--activation", "tanh", "--data-seed", "1"]) != 0
+    line = _err_line(capsys)
+    assert "activation: stored 'relu', new 'tanh'" in line and "data_seed: stored 0, new 1" in line
+    # the default activation spelled out is the same run
+    assert cli_main(argv + ["--resume", "--activation", "relu"]) == 0
+    capsys.readouterr()
+    # more epochs continue the finished run
+    assert cli_main(argv + ["--epochs", "3", "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["epochs_run"] == 3
+    # a width no machine holds: refused before anything is allocated, naming the flag
+    assert cli_main(["train", "--dataset", "digits", "--model", "mlp", "--hidden", "1000000000000",
+                     "--out", str(tmp_path / "huge")]) != 0
+    line = _err_line(capsys)
+    assert "hidden [1000000000000] (--hidden" in line and "of memory, more than the" in line

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from train_worker import build_small
 
 import iternn.study.train as train_mod
 from iternn.cli import main as cli_main
@@ -26,7 +27,6 @@ from iternn.study.train import (
     TensorBoardMissingError,
     train,
 )
-from train_worker import build_small
 
 MESSAGE = "TensorBoard logging needs the 'tensorboard' package: pip install 'iternn[tensorboard]'"
 

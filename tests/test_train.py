@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from train_worker import _mlp, _toy, build_small
 
+from iternn.errors import FolderLockedError, FormatError, ResumeError
 from iternn.study.checkpoint import (
     atomic_write_text,
     load_checkpoint,
@@ -34,7 +36,6 @@ from iternn.study.train import (
     evaluate,
     train,
 )
-from train_worker import _mlp, _toy, build_small
 
 WORKER = Path(__file__).with_name("train_worker.py")
 
@@ -312,8 +313,11 @@ def test_metric_files_and_checkpoint_contents(tmp_path):
     assert saved == json.loads(json.dumps(result.to_dict()))
     ckpt = load_checkpoint(tmp_path / CHECKPOINT_NAME)  # weights_only=True
     assert ckpt["finished"] and ckpt["epoch"] == config.epochs
-    assert all(torch.equal(ckpt["model"][k], v) for k, v in model.state_dict().items())
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+    # the best weights (those the model holds) and the last epoch's state to continue from
+    assert all(torch.equal(ckpt["best_model"][k], v) for k, v in model.state_dict().items())
+    assert ckpt["train_state"]["optimizer"]["state"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # no temp files, no lock left
+        CHECKPOINT_NAME, METRICS_CSV, METRICS_JSON, "run.json"]
 
 
 def test_metric_files_are_written_every_epoch(tmp_path):
@@ -364,7 +368,7 @@ def test_resume_in_process_is_exact(tmp_path):
     assert _same_params(again_model, model) and again.test == full.test
     assert _strip_time(again.metrics) == _strip_time(full.metrics)
     # another config cannot resume this checkpoint
-    with pytest.raises(ValueError, match="written with lr=0.01, this run has lr=0.02"):
+    with pytest.raises(ResumeError, match=r"lr: stored 0.01, new 0.02"):
         train(build_small()[0], data, TrainConfig(**{**config.to_dict(), "lr": 0.02}),
               out_dir=tmp_path, resume=True, progress=False)
 
@@ -387,7 +391,7 @@ def test_resume_without_a_checkpoint_starts_fresh_and_fresh_runs_clear_old_files
     with pytest.raises(_Stop):
         train(Broken(), data, config, out_dir=tmp_path, progress=False)
     # the fresh run deleted the finished run's files first: a later resume starts over
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
     lines = []
     train(build_small()[0], data, config, out_dir=tmp_path, resume=True, progress=False,
           log=lines.append)
@@ -410,6 +414,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
                     break
             time.sleep(0.02)
         assert proc.poll() is None, proc.stderr.read().decode()
+        # the run folder is locked while the worker trains: a second writer is refused
+        with pytest.raises(FolderLockedError, match=f"run folder {out} is in use by another "
+                           rf"iternn process \(pid {proc.pid}\)"):
+            train(build_small()[0], build_small()[1], build_small()[2], out_dir=out,
+                  resume=True, progress=False)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
@@ -431,6 +440,84 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert _strip_time(resumed.metrics) == _strip_time(full.metrics)
     assert resumed.test == full.test and resumed.status == full.status == "ok"
     assert len((out / METRICS_CSV).read_text().splitlines()) == config.epochs + 1
+    assert not (out / "iternn.lock").exists()  # the killed holder's lock went with it
+
+
+def _small64(init_seed=0, *, epochs=2, schedule="constant", patience=None):
+    """A float64 MLP with dropout (the global RNG matters) and its data and config."""
+    data = _toy(96, 40, 40, 5, 3, seed=4, dtype=torch.float64)
+    model = _mlp(5, 8, 3, seed=init_seed, dropout=0.2, dtype=torch.float64)
+    config = TrainConfig(optimizer="adam", lr=0.02, epochs=epochs, batch_size=16, seed=7,
+                         lr_schedule=schedule, patience=patience)
+    return model, data, config
+
+
+_OPTIONS = {"dataset": "toy", "model": "mlp", "hidden": [8], "activation": "tanh",
+            "data_seed": 0, "epochs": 2, "lr": 0.02}
+
+
+def test_resume_refuses_changed_options_naming_each(tmp_path):
+    model, data, config = _small64()
+    train(model, data, config, out_dir=tmp_path, progress=False, run_options=_OPTIONS)
+    stored = json.loads((tmp_path / "run.json").read_text())
+    assert stored["options"]["activation"] == "tanh" and stored["train"]["lr"] == 0.02
+
+    def resume(config=config, **changes):
+        return train(_small64()[0], data, config, out_dir=tmp_path, resume=True, progress=False,
+                     run_options={**_OPTIONS, **changes})
+
+    # another activation builds another model; another data seed another split, whose test
+    # set may overlap what was trained on: both refused, both named with their values
+    with pytest.raises(ResumeError, match="2 option") as exc:
+        resume(activation="relu", data_seed=1)
+    assert "activation: stored 'tanh', new 'relu'" in str(exc.value)
+    assert "data_seed: stored 0, new 1" in str(exc.value)
+    with pytest.raises(ResumeError, match="lr: stored 0.02, new 0.03"):
+        resume(TrainConfig(**{**config.to_dict(), "lr": 0.03}))
+    with pytest.raises(ResumeError, match=r"epochs: stored 2, new 1 \(the run has trained 2 epochs\)"):
+        resume(TrainConfig(**{**config.to_dict(), "epochs": 1}))
+    # device and the epochs' count in the run options (compared via the config) are free
+    assert resume(TrainConfig(**{**config.to_dict(), "device": "cpu:0"}), epochs=5).epochs_run == 2
+    # a folder of an older version (no stored options): a clear refusal, not a crash
+    (tmp_path / "run.json").unlink()
+    with pytest.raises(ResumeError, match="no stored run options"):
+        resume()
+
+
+def test_cosine_schedule_refuses_more_epochs_and_patience_is_replayed(tmp_path):
+    from iternn.study.resume import resume_differences, stop_epoch
+
+    model, data, config = _small64(schedule="cosine")
+    train(model, data, config, out_dir=tmp_path, progress=False)
+    with pytest.raises(ResumeError, match="cosine schedule spans the epochs"):
+        train(_small64()[0], data, TrainConfig(**{**config.to_dict(), "epochs": 3}),
+              out_dir=tmp_path, resume=True, progress=False)
+    # patience only decides when to stop: a new value is allowed unless it would have
+    # stopped the run before the checkpoint's epoch
+    metrics = [{"epoch": e, "val_loss": v} for e, v in enumerate([1.0, 0.9, 0.95, 0.97, 0.8], 1)]
+    assert stop_epoch(metrics, 2) == 4 and stop_epoch(metrics, 3) is None
+    stored = {"options": {}, "train": {"patience": None, "epochs": 9}}
+    new = {"patience": 2, "epochs": 9}
+    assert resume_differences(stored, {}, new, epochs_done=3, metrics=metrics[:3]) == []
+    diff = resume_differences(stored, {}, new, epochs_done=5, metrics=metrics)
+    assert diff == ["patience: stored None, new 2 (with it the run would have stopped after "
+                    "epoch 4, before the checkpoint's epoch 5)"]
+
+
+def test_more_epochs_continue_a_finished_run_exactly(tmp_path):
+    model, data, config = _small64(epochs=2)
+    train(model, data, config, out_dir=tmp_path, progress=False, run_options=_OPTIONS)
+    longer = TrainConfig(**{**config.to_dict(), "epochs": 4})
+    resumed_model = _small64(init_seed=9)[0]
+    resumed = train(resumed_model, data, longer, out_dir=tmp_path, resume=True, progress=False,
+                    run_options={**_OPTIONS, "epochs": 4})
+    full_model = _small64()[0]
+    full = train(full_model, data, longer, progress=False)
+    assert resumed.resumed_from == 2 and resumed.epochs_run == 4
+    assert _same_params(resumed_model, full_model)  # float64, bit for bit
+    assert _strip_time(resumed.metrics) == _strip_time(full.metrics)
+    assert resumed.test == full.test and resumed.best_epoch == full.best_epoch
+    assert json.loads((tmp_path / "run.json").read_text())["train"]["epochs"] == 4
 
 
 # ----------------------------------------------------------------------------- progress
@@ -479,8 +566,17 @@ def test_checkpoint_round_trip_and_validation(tmp_path):
         save_checkpoint(tmp_path / "bad.pt", {(1, 2): 0})
     assert not (tmp_path / "bad.pt").exists()
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pt is unreadable"):
+    with pytest.raises(FormatError, match="junk.pt is unreadable"):
         load_checkpoint(tmp_path / "junk.pt")
+    # a file of pickled objects: our message (which file, what is wrong, what to do), never
+    # torch's advice to load with the safety switched off
+    torch.save({"m": nn.Linear(1, 1)}, tmp_path / "pickled.pt")
+    with pytest.raises(FormatError) as exc:
+        load_checkpoint(tmp_path / "pickled.pt")
+    text = str(exc.value)
+    assert "pickled.pt is unreadable (it holds objects other than tensors" in text
+    assert f"delete the run folder {tmp_path}" in text and "weights_only" not in text
+    (tmp_path / "pickled.pt").unlink()
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
     # a leftover temp file from a killed writer is reused, and the target replaced whole

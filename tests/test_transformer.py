@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+import iternn
 from iternn.convert.transformer import EncoderLayerBlock, TransformerMap, from_transformer
 
 # torch's own prototype notice, raised when its nested fast path runs
@@ -491,7 +492,7 @@ def _small():
     ids=["linear", "layer", "sequential"],
 )
 def test_rejects_non_encoder(obj, name):
-    with pytest.raises(TypeError, match=name):
+    with pytest.raises(iternn.MapTypeError, match=name):
         from_transformer(obj)
 
 
@@ -499,21 +500,21 @@ def test_rejects_encoder_without_layers():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(4, 2, 8), 0)
-    with pytest.raises(ValueError, match="at least one layer"):
+    with pytest.raises(iternn.ConversionError, match="at least one layer"):
         from_transformer(enc)
 
 
 def test_rejects_foreign_layer():
     enc, _ = _small()
     enc.layers.append(nn.Identity())
-    with pytest.raises(TypeError, match="layer 1 is Identity"):
+    with pytest.raises(iternn.MapTypeError, match="layer 1 is Identity"):
         from_transformer(enc)
 
 
 def test_rejects_layers_of_different_width():
     enc, _ = _small()
     enc.layers.append(nn.TransformerEncoderLayer(4, 2, 8, dtype=torch.float64))
-    with pytest.raises(ValueError, match="layer 1 has d_model=4"):
+    with pytest.raises(iternn.ConversionError, match="layer 1 has d_model=4"):
         from_transformer(enc)
 
 
@@ -534,7 +535,7 @@ def test_rejects_bad_src(src, error):
 
 def test_rejects_src_dtype_other_than_parameters():
     _, net = _small()
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(iternn.MapTypeError, match="dtype"):
         net(torch.zeros(2, 3, 8, dtype=torch.float32))
 
 
@@ -570,5 +571,5 @@ def test_rejects_bad_padding_mask(src_shape, kpm, error):
 def test_rejects_nested_src():
     _, net = _small()
     nested = torch.nested.nested_tensor([torch.zeros(2, 8), torch.zeros(3, 8)], dtype=torch.float64)
-    with pytest.raises(ValueError, match="'x'.*nested"):
+    with pytest.raises(iternn.MapError, match="'x'.*nested"):
         net(nested)

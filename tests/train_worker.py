@@ -2,7 +2,10 @@
 
 ``python tests/train_worker.py OUT [--sleep S] [--resume]`` trains :func:`build_small`'s
 model into OUT, sleeping S seconds after each epoch's log line (so a test can kill it
-mid-run), and prints the result as JSON. :func:`build_distributed` is the ``--build``
+mid-run), and prints the result as JSON. ``python tests/train_worker.py OUT --study TOML
+[--sleep S]`` runs the study of the config file TOML into OUT instead (sleeping S seconds
+after each run's line, while it holds the folder) and prints ``ok`` or the error's one
+line, exiting 0 or 3. :func:`build_distributed` is the ``--build``
 target of the torchrun test.
 """
 
@@ -73,8 +76,11 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--study", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # as in the test process (conftest): same kernels, same bits
+    if args.study is not None:
+        return _study(args.study, args.out, args.sleep)
     from iternn.study.train import train
 
     def log(line: str) -> None:
@@ -86,6 +92,21 @@ def main(argv=None) -> int:
     result = train(model, data, config, out_dir=args.out, resume=args.resume,
                    progress=False, log=log)
     print(json.dumps(result.to_dict()))
+    return 0
+
+
+def _study(config_path: str, out: str, sleep: float) -> int:
+    from iternn.errors import IterNNError
+    from iternn.study import run_study
+    from iternn.study.config import load_config
+
+    try:
+        run_study(load_config(config_path), out, jobs=1, pictures=False,
+                  log=lambda line: time.sleep(sleep))
+    except IterNNError as e:
+        print(f"{type(e).__name__}: {e}", flush=True)
+        return 3
+    print("ok", flush=True)
     return 0
 
 

@@ -3,12 +3,21 @@
 MLPs, RNNs and transformer stacks are one object, a block map
 ``z <- act(b + sum F z)`` iterated over named slots; they differ only in sparsity
 pattern, weight tying, iteration count, initial vector and forcing (arXiv 2404.00880).
+
+``import iternn`` imports only the exceptions; every other public name (and every
+subpackage, ``iternn.dynamics``, ``iternn.io``, ...) is imported on first use (PEP 562),
+so that the command line answers ``iternn --help`` without importing torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     ConfigError,
-    ConversionError,
     ConvergenceError,
+    ConversionError,
     DataError,
     DynamicsError,
     FolderLockedError,
@@ -23,25 +32,43 @@ from .errors import (
     StudyError,
     TensorBoardMissingError,
 )
-from .core import BlockGraph, BlockMap, Summary, block_key, count_trainable
-from .convert import (
-    EncoderLayerBlock,
-    LiftedRNN,
-    RNNMap,
-    TransformerMap,
-    from_mlp,
-    from_rnn,
-    from_transformer,
-    lift_rnn,
-    to_mlp,
-)
-from .engine import depth, iterate
-from .engine.map_module import MapModule
-from .io import load, register_codec, save
-from . import dynamics, sparse
-from .sparse import MaskedLinear, SparseLinear, matched_map
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from . import dynamics, sparse
+    from .convert import (
+        EncoderLayerBlock,
+        LiftedRNN,
+        RNNMap,
+        TransformerMap,
+        from_mlp,
+        from_rnn,
+        from_transformer,
+        lift_rnn,
+        to_mlp,
+    )
+    from .core import BlockGraph, BlockMap, Summary, block_key, count_trainable
+    from .engine import depth, iterate
+    from .engine.map_module import MapModule
+    from .io import load, register_codec, save
+    from .sparse import MaskedLinear, SparseLinear, matched_map
 
 __version__ = "0.1.0"
+
+#: Public name -> the module that defines it (imported on first access).
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(("BlockMap", "BlockGraph", "block_key", "Summary", "count_trainable"),
+                    ".core"),
+    **dict.fromkeys(("iterate", "depth"), ".engine"),
+    "MapModule": ".engine.map_module",
+    **dict.fromkeys(("from_mlp", "to_mlp", "from_rnn", "RNNMap", "lift_rnn", "LiftedRNN",
+                     "from_transformer", "TransformerMap", "EncoderLayerBlock"), ".convert"),
+    **dict.fromkeys(("save", "load", "register_codec"), ".io"),
+    **dict.fromkeys(("SparseLinear", "MaskedLinear", "matched_map"), ".sparse"),
+}
+
+#: Subpackages and modules reachable as ``iternn.<name>`` without importing them first.
+_SUBMODULES = frozenset({"cli", "convert", "core", "demo", "dynamics", "engine", "errors",
+                         "io", "sparse", "study"})
 
 __all__ = [
     "BlockMap",
@@ -87,3 +114,19 @@ __all__ = [
     "TensorBoardMissingError",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name or a subpackage on first access and keep it (PEP 562)."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | _SUBMODULES)

@@ -1,5 +1,8 @@
+"""``python -m iternn``: the command line (:mod:`iternn.cli`)."""
+
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,8 +17,10 @@ from torch import nn
 from ..core.block_map import BlockMap
 from ..core.rowwise import ELEMENTWISE
 from ..engine.map_module import MapModule
+from ..errors import ConversionError, MapError, MapTypeError
 
 __all__ = ["from_mlp", "to_mlp", "ELEMENTWISE"]
+
 
 def _activation(mods: list[nn.Module]) -> nn.Module | None:
     mods = [copy.deepcopy(m) for m in mods if type(m) is not nn.Identity]
@@ -38,19 +40,21 @@ def from_mlp(mlp: nn.Sequential) -> MapModule:
     module (same seed, same masks), and the identity in eval mode.
 
     Raises:
-        TypeError: ``mlp`` is not an ``nn.Sequential``, or a layer is neither ``Linear``
-            nor one of :data:`ELEMENTWISE` (the message names the layer and its index).
-        ValueError: no ``Linear`` layer, an element-wise layer before the first
-            ``Linear``, or consecutive ``Linear`` sizes that do not chain.
+        MapTypeError: (a ``TypeError``) ``mlp`` is not an ``nn.Sequential``, or a layer
+            is neither ``Linear`` nor one of :data:`ELEMENTWISE` (the message names the
+            layer and its index).
+        ConversionError: (a ``ValueError``) no ``Linear`` layer, an element-wise layer
+            before the first ``Linear``, consecutive ``Linear`` sizes that do not chain,
+            or one ``Linear`` used twice (tied weights).
     """
     if not isinstance(mlp, nn.Sequential):
-        raise TypeError(f"from_mlp needs an nn.Sequential, got {type(mlp).__name__}")
+        raise MapTypeError(f"from_mlp needs an nn.Sequential, got {type(mlp).__name__}")
     linears: list[tuple[int, nn.Linear]] = []
     acts: list[list[nn.Module]] = []
     first_index: dict[int, int] = {}
     for i, layer in enumerate(mlp):
         if type(layer) is nn.Linear and id(layer) in first_index:
-            raise ValueError(
+            raise ConversionError(
                 f"layer {i} (Linear) is the same module as layer {first_index[id(layer)]}: "
                 "from_mlp does not convert tied weights (the copies would train apart)"
             )
@@ -58,7 +62,7 @@ def from_mlp(mlp: nn.Sequential) -> MapModule:
         if type(layer) is nn.Linear:
             if linears and layer.in_features != linears[-1][1].out_features:
                 prev_i, prev = linears[-1]
-                raise ValueError(
+                raise ConversionError(
                     f"layer {i} (Linear) has in_features={layer.in_features} but layer "
                     f"{prev_i} (Linear) has out_features={prev.out_features}"
                 )
@@ -66,18 +70,18 @@ def from_mlp(mlp: nn.Sequential) -> MapModule:
             acts.append([])
         elif isinstance(layer, ELEMENTWISE):
             if not linears:
-                raise ValueError(
+                raise ConversionError(
                     f"layer {i} ({type(layer).__name__}) comes before the first Linear; "
                     "from_mlp needs the Sequential to start with a Linear"
                 )
             acts[-1].append(layer)
         else:
-            raise TypeError(
+            raise MapTypeError(
                 f"layer {i} ({type(layer).__name__}) is not supported by from_mlp: "
                 f"expected Linear or one of {[t.__name__ for t in ELEMENTWISE]}"
             )
     if not linears:
-        raise ValueError("from_mlp needs at least one Linear layer")
+        raise ConversionError("from_mlp needs at least one Linear layer")
     n_layers = len(linears)
     names = ["x"] + [f"h{k}" for k in range(1, n_layers)] + ["y"]
     sizes = [linears[0][1].in_features] + [lin.out_features for _, lin in linears]
@@ -102,25 +106,25 @@ def _chain(m: BlockMap, start: str, end: str) -> list[str]:
     """The slots of a chain ``start -> ... -> end`` that covers the whole map."""
     graph = m.graph()
     if graph.sources(start):
-        raise ValueError(f"input slot {start!r} has incoming blocks; not a chain")
+        raise ConversionError(f"input slot {start!r} has incoming blocks; not a chain")
     order, slot = [start], start
     while slot != end:
         nxt = graph.targets(slot)
         if len(nxt) != 1:
-            raise ValueError(
+            raise ConversionError(
                 f"slot {slot!r} feeds {len(nxt)} blocks {list(nxt)}; a chain feeds exactly one"
             )
         slot = nxt[0]
         if slot in order:
-            raise ValueError(f"slot {slot!r} is on a cycle; not a chain")
+            raise ConversionError(f"slot {slot!r} is on a cycle; not a chain")
         if len(graph.sources(slot)) != 1:
-            raise ValueError(f"slot {slot!r} reads {list(graph.sources(slot))}; a chain slot reads one")
+            raise ConversionError(f"slot {slot!r} reads {list(graph.sources(slot))}; a chain slot reads one")
         order.append(slot)
     if graph.targets(end):
-        raise ValueError(f"output slot {end!r} feeds {list(graph.targets(end))}; not a chain")
+        raise ConversionError(f"output slot {end!r} feeds {list(graph.targets(end))}; not a chain")
     off = [s for s in m.slots if s not in order]
     if off:
-        raise ValueError(f"slot(s) {off} are not on the chain {start!r} -> {end!r}")
+        raise ConversionError(f"slot(s) {off} are not on the chain {start!r} -> {end!r}")
     return order
 
 
@@ -130,12 +134,19 @@ def to_mlp(net: MapModule | BlockMap, *, input: str = "x", output: str = "y") ->
     Every block must be a plain ``nn.Linear``; a slot's bias becomes that layer's bias
     and its activation follows the layer. ``input``/``output`` name the end slots when
     a bare :class:`BlockMap` is given (a :class:`MapModule` knows them).
+
+    Raises:
+        MapTypeError: ``net`` is neither a :class:`MapModule` nor a :class:`BlockMap`, or
+            a block is not a plain ``nn.Linear`` (the message names the block).
+        MapError: ``input``/``output`` is not a slot of the map.
+        ConversionError: the map is not a chain ``input -> ... -> output``, a slot has
+            two biases, or the :class:`MapModule` runs fewer applications than its depth.
     """
     if isinstance(net, MapModule):
         m, input, output = net.map, net.input, net.output
         depth = m.graph().levels((input,))
         if depth is not None and net.steps < max(depth.values(), default=0):
-            raise ValueError(
+            raise ConversionError(
                 f"the MapModule runs {net.steps} application(s), fewer than its chain's depth "
                 f"{max(depth.values())}: it is not the MLP of its blocks"
             )
@@ -143,20 +154,20 @@ def to_mlp(net: MapModule | BlockMap, *, input: str = "x", output: str = "y") ->
         m = net
         for role, slot in (("input", input), ("output", output)):
             if slot not in m.slots:
-                raise ValueError(f"{role} slot {slot!r} is not a slot of the map {list(m.slots)}")
+                raise MapError(f"{role} slot {slot!r} is not a slot of the map {list(m.slots)}")
     else:
-        raise TypeError(f"to_mlp needs a MapModule or a BlockMap, got {type(net).__name__}")
+        raise MapTypeError(f"to_mlp needs a MapModule or a BlockMap, got {type(net).__name__}")
     order = _chain(m, input, output)
     layers: list[nn.Module] = []
     for src, dst in zip(order, order[1:]):
         block = m.block(dst, src)
         if type(block) is not nn.Linear:
-            raise TypeError(
+            raise MapTypeError(
                 f"block {dst!r} <- {src!r} is {type(block).__name__}; to_mlp needs nn.Linear"
             )
         bias = m.bias(dst)
         if bias is not None and block.bias is not None:
-            raise ValueError(
+            raise ConversionError(
                 f"block {dst!r} <- {src!r} has its own bias and slot {dst!r} has one too; "
                 "an nn.Linear holds one"
             )

@@ -55,6 +55,7 @@ from torch.nn.utils.rnn import PackedSequence
 from ..core.block_map import BlockMap
 from ..core.state import parameter_spec
 from ..engine.iterate import iterate
+from ..errors import ConversionError, MapError, MapTypeError
 
 __all__ = ["RNNMap", "from_rnn"]
 
@@ -82,27 +83,27 @@ def rnn_config(rnn: nn.Module) -> dict:
     """Validate ``rnn`` for conversion and return its configuration as keyword arguments.
 
     Raises:
-        TypeError: ``rnn`` is not an ``nn.RNN`` (``nn.LSTM`` and ``nn.GRU`` are other
-            cells), or a subclass that overrides ``forward``.
-        ValueError: ``bidirectional=True``, ``proj_size > 0`` or an unknown
-            nonlinearity (the message names the attribute).
+        MapTypeError: (a ``TypeError``) ``rnn`` is not an ``nn.RNN`` (``nn.LSTM`` and
+            ``nn.GRU`` are other cells), or a subclass that overrides ``forward``.
+        ConversionError: (a ``ValueError``) ``bidirectional=True``, ``proj_size > 0`` or
+            an unknown nonlinearity (the message names the attribute).
     """
     if not isinstance(rnn, nn.RNN):
-        raise TypeError(
+        raise MapTypeError(
             f"expected an nn.RNN, got {type(rnn).__name__}"
             + (" (LSTM/GRU cells are not Elman RNNs)" if isinstance(rnn, nn.RNNBase) else "")
         )
     if type(rnn).forward is not nn.RNN.forward:
-        raise TypeError(
+        raise MapTypeError(
             f"{type(rnn).__name__} overrides nn.RNN.forward; only the plain nn.RNN "
             "computation can be converted"
         )
     if rnn.bidirectional:
-        raise ValueError("bidirectional=True is not supported: a block map runs forward in time")
+        raise ConversionError("bidirectional=True is not supported: a block map runs forward in time")
     if getattr(rnn, "proj_size", 0):
-        raise ValueError(f"proj_size={rnn.proj_size} is not supported (nn.RNN has no projection)")
+        raise ConversionError(f"proj_size={rnn.proj_size} is not supported (nn.RNN has no projection)")
     if rnn.nonlinearity not in NONLINEARITIES:
-        raise ValueError(
+        raise ConversionError(
             f"nonlinearity={rnn.nonlinearity!r} is not supported; expected one of {NONLINEARITIES}"
         )
     return dict(
@@ -119,19 +120,20 @@ def rnn_config(rnn: nn.Module) -> dict:
 def check_config(
     input_size: int, hidden_size: int, num_layers: int, nonlinearity: str, dropout: float
 ) -> None:
-    """The same argument checks as ``nn.RNN``, as ``ValueError``/``TypeError``."""
+    """The same argument checks as ``nn.RNN``, as :class:`~iternn.MapError` (a bad
+    value) and :class:`~iternn.MapTypeError` (a bad type), naming the argument."""
     for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                         ("num_layers", num_layers)):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            raise MapTypeError(f"{name} must be an int, got {type(value).__name__}")
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise MapError(f"{name} must be >= 1, got {value}")
     if nonlinearity not in NONLINEARITIES:
-        raise ValueError(
+        raise MapError(
             f"nonlinearity={nonlinearity!r} is not supported; expected one of {NONLINEARITIES}"
         )
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
-        raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        raise MapError(f"dropout must be a number in [0, 1], got {dropout!r}")
 
 
 def activation(nonlinearity: str) -> nn.Module:
@@ -175,38 +177,38 @@ def check_sequence(
     ``batch_first``) or unbatched ``(T, n_in)``. Errors name the input slot.
     """
     if isinstance(x, PackedSequence):
-        raise TypeError(
+        raise MapTypeError(
             f"input slot {slot!r}: PackedSequence is not supported; pass a padded tensor"
         )
     if not isinstance(x, Tensor):
-        raise TypeError(f"input slot {slot!r} must be a tensor, got {type(x).__name__}")
+        raise MapTypeError(f"input slot {slot!r} must be a tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"input slot {slot!r} must be floating point, got {x.dtype}")
+        raise MapTypeError(f"input slot {slot!r} must be floating point, got {x.dtype}")
     if x.dim() not in (2, 3):
         layout = "(B, T, n_in)" if batch_first else "(T, B, n_in)"
-        raise ValueError(
+        raise MapError(
             f"input slot {slot!r} must be 3-D {layout} or unbatched 2-D (T, n_in), "
             f"got {x.dim()}-D shape {tuple(x.shape)}"
         )
     if x.shape[-1] != input_size:
-        raise ValueError(
+        raise MapError(
             f"input slot {slot!r} has {x.shape[-1]} features (shape {tuple(x.shape)}), "
             f"expected input_size={input_size}"
         )
     batched = x.dim() == 3
     seq = x.transpose(0, 1) if batched and batch_first else x
     if seq.shape[0] == 0:
-        raise ValueError(
+        raise MapError(
             f"input slot {slot!r} has sequence length 0; an RNN needs at least one step"
         )
     dtype, device = parameter_spec(ref)
     if dtype is not None and x.dtype != dtype:
-        raise TypeError(
+        raise MapTypeError(
             f"input slot {slot!r} has dtype {x.dtype} but the parameters are {dtype}; "
             f"convert one of them (e.g. net.to({x.dtype}))"
         )
     if device is not None and x.device != device:
-        raise ValueError(f"input slot {slot!r} is on {x.device} but the parameters are on {device}")
+        raise MapError(f"input slot {slot!r} is on {x.device} but the parameters are on {device}")
     return seq, batched
 
 
@@ -229,20 +231,20 @@ def check_h0(
     what = f"h0 (initial value of slot(s) {names})"
     rows = ", ".join(f"h0[{i}] -> slot {s!r}" for i, s in enumerate(slots))
     if not isinstance(h0, Tensor):
-        raise TypeError(f"{what} must be a tensor, got {type(h0).__name__}")
+        raise MapTypeError(f"{what} must be a tensor, got {type(h0).__name__}")
     if not h0.is_floating_point():
-        raise TypeError(f"{what} must be floating point, got {h0.dtype}")
+        raise MapTypeError(f"{what} must be floating point, got {h0.dtype}")
     expected = (num_layers, *seq.shape[1:-1], hidden_size)
     if tuple(h0.shape) != expected:
         layout = "(L, B, H)" if batched else "(L, H) for unbatched input"
-        raise ValueError(
+        raise MapError(
             f"h0 must have shape {layout} = {expected}, got {tuple(h0.shape)} "
             f"(initial values: {rows})"
         )
     if h0.dtype != seq.dtype:
-        raise TypeError(f"{what} has dtype {h0.dtype}, the input has {seq.dtype}")
+        raise MapTypeError(f"{what} has dtype {h0.dtype}, the input has {seq.dtype}")
     if h0.device != seq.device:
-        raise ValueError(f"{what} is on {h0.device}, the input is on {seq.device}")
+        raise MapError(f"{what} is on {h0.device}, the input is on {seq.device}")
     return list(h0.unbind(0))
 
 
@@ -374,8 +376,8 @@ def from_rnn(rnn: nn.RNN) -> RNNMap:
     no random numbers.
 
     Raises:
-        TypeError: ``rnn`` is not an ``nn.RNN`` (e.g. ``nn.LSTM``).
-        ValueError: ``bidirectional`` or ``proj_size`` is set.
+        MapTypeError: (a ``TypeError``) ``rnn`` is not an ``nn.RNN`` (e.g. ``nn.LSTM``).
+        ConversionError: (a ``ValueError``) ``bidirectional`` or ``proj_size`` is set.
     """
     cfg = rnn_config(rnn)
     ref = rnn.weight_ih_l0

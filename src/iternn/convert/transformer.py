@@ -22,6 +22,7 @@ module that takes them.
 from __future__ import annotations
 
 import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,11 +30,9 @@ from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
 from ..core.block_map import BlockMap, block_key
 from ..engine.iterate import iterate
+from ..errors import ConversionError, MapError, MapTypeError
 
 __all__ = ["from_transformer", "TransformerMap", "EncoderLayerBlock"]
-
-# torch.compiler.is_compiling is newer than the oldest torch we support.
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
 class EncoderLayerBlock(nn.Module):
@@ -50,7 +49,7 @@ class EncoderLayerBlock(nn.Module):
     def __init__(self, layer: nn.TransformerEncoderLayer) -> None:
         super().__init__()
         if not isinstance(layer, nn.TransformerEncoderLayer):
-            raise TypeError(
+            raise MapTypeError(
                 f"EncoderLayerBlock needs an nn.TransformerEncoderLayer, got {type(layer).__name__}"
             )
         self.layer = layer
@@ -146,14 +145,14 @@ class TransformerMap(nn.Module):
     # ------------------------------------------------------------------ checks
     def _check_src(self, src: object) -> Tensor:
         if not isinstance(src, Tensor):
-            raise TypeError(f"input slot 'x' must be a tensor, got {type(src).__name__}")
+            raise MapTypeError(f"input slot 'x' must be a tensor, got {type(src).__name__}")
         if src.is_nested:
-            raise ValueError("input slot 'x' does not take nested tensors; pass a padded tensor")
+            raise MapError("input slot 'x' does not take nested tensors; pass a padded tensor")
         if not src.is_floating_point():
-            raise TypeError(f"input slot 'x' must be floating point, got {src.dtype}")
+            raise MapTypeError(f"input slot 'x' must be floating point, got {src.dtype}")
         layout = "(batch, seq, d_model)" if self.batch_first else "(seq, batch, d_model)"
         if src.dim() not in (2, 3) or src.shape[-1] != self.d_model:
-            raise ValueError(
+            raise MapError(
                 f"input slot 'x' needs shape {layout} or (seq, d_model) with "
                 f"d_model={self.d_model}, got {tuple(src.shape)}"
             )
@@ -168,9 +167,9 @@ class TransformerMap(nn.Module):
             if value is None:
                 continue
             if not isinstance(value, Tensor):
-                raise TypeError(f"{name} must be a tensor or None, got {type(value).__name__}")
+                raise MapTypeError(f"{name} must be a tensor or None, got {type(value).__name__}")
             if value.dtype != torch.bool and not value.is_floating_point():
-                raise TypeError(f"{name} must be bool or floating point, got {value.dtype}")
+                raise MapTypeError(f"{name} must be bool or floating point, got {value.dtype}")
         if mask is not None:
             heads = sorted({layer.self_attn.num_heads for layer in self.layers})
             lead = [(batch if batched else 1) * h for h in heads]
@@ -179,7 +178,7 @@ class TransformerMap(nn.Module):
             )
             if not ok:
                 want = " or ".join(f"({n}, {seq}, {seq})" for n in lead)
-                raise ValueError(
+                raise MapError(
                     f"mask must have shape ({seq}, {seq}) or {want} "
                     f"(batch * nhead, seq, seq) for an input of shape {tuple(src.shape)}, "
                     f"got {tuple(mask.shape)}"
@@ -187,7 +186,7 @@ class TransformerMap(nn.Module):
         if key_padding is not None:
             want = (batch, seq) if batched else (seq,)
             if tuple(key_padding.shape) != want:
-                raise ValueError(
+                raise MapError(
                     f"src_key_padding_mask must have shape {want} (batch, seq) for an input "
                     f"of shape {tuple(src.shape)}, got {tuple(key_padding.shape)}"
                 )
@@ -204,7 +203,7 @@ class TransformerMap(nn.Module):
             return False
         if not self.use_nested_tensor or first.training or src.dim() != 3 or key_padding is None:
             return False
-        if self.mask_check and _is_compiling():
+        if self.mask_check and torch.compiler.is_compiling():
             return False
         if self.mask_check and not torch._nested_tensor_from_mask_left_aligned(
             src, key_padding.logical_not()
@@ -247,9 +246,9 @@ class TransformerMap(nn.Module):
         """``TransformerEncoder.forward(src, mask, src_key_padding_mask, is_causal)``.
 
         Raises:
-            TypeError: ``src`` or a mask is not a tensor, ``src`` is not floating point,
-                a mask is neither bool nor floating point.
-            ValueError: ``src`` (slot ``'x'``) is not ``(.., .., d_model)`` /
+            MapTypeError: (a ``TypeError``) ``src`` or a mask is not a tensor, ``src`` is
+                not floating point, a mask is neither bool nor floating point.
+            MapError: (a ``ValueError``) ``src`` (slot ``'x'``) is not ``(.., .., d_model)`` /
                 ``(seq, d_model)``, or a mask's shape does not fit ``src`` (the message
                 names the mask).
         """
@@ -321,25 +320,27 @@ def from_transformer(encoder: nn.TransformerEncoder) -> TransformerMap:
     is_causal=...)`` equals ``encoder(src, ...)``, with the same gradients.
 
     Raises:
-        TypeError: ``encoder`` is not an ``nn.TransformerEncoder``, or one of its layers
-            is not an ``nn.TransformerEncoderLayer`` (the message names its index).
-        ValueError: the encoder has no layers, or its layers disagree on ``d_model``.
+        MapTypeError: (a ``TypeError``) ``encoder`` is not an ``nn.TransformerEncoder``,
+            or one of its layers is not an ``nn.TransformerEncoderLayer`` (the message
+            names its index).
+        ConversionError: (a ``ValueError``) the encoder has no layers, or its layers
+            disagree on ``d_model``.
     """
     if not isinstance(encoder, nn.TransformerEncoder):
-        raise TypeError(f"from_transformer needs an nn.TransformerEncoder, got {type(encoder).__name__}")
+        raise MapTypeError(f"from_transformer needs an nn.TransformerEncoder, got {type(encoder).__name__}")
     layers = list(encoder.layers)
     if not layers:
-        raise ValueError("from_transformer needs an encoder with at least one layer")
+        raise ConversionError("from_transformer needs an encoder with at least one layer")
     for i, layer in enumerate(layers):
         if not isinstance(layer, nn.TransformerEncoderLayer):
-            raise TypeError(
+            raise MapTypeError(
                 f"encoder layer {i} is {type(layer).__name__}; from_transformer needs "
                 "nn.TransformerEncoderLayer"
             )
     d_model = layers[0].self_attn.embed_dim
     for i, layer in enumerate(layers):
         if layer.self_attn.embed_dim != d_model:
-            raise ValueError(
+            raise ConversionError(
                 f"encoder layer {i} has d_model={layer.self_attn.embed_dim} but layer 0 has {d_model}"
             )
     n = len(layers)

@@ -24,7 +24,9 @@ from types import MappingProxyType
 import torch
 from torch import Tensor, nn
 
+from ..errors import MapError, MapTypeError
 from .graph import BlockGraph
+from .memory import check_bytes, tensor_bytes
 from .state import check_state, zeros_like_batch
 from .summary import Summary, summarize
 
@@ -66,13 +68,15 @@ def _probe(module: nn.Module, n_in: int, n_out: int, where: str, src: str, dst: 
         ref = next(iter(module.buffers()), None)
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.get_default_dtype()
     device = ref.device if ref is not None else torch.device("cpu")
+    check_bytes(tensor_bytes(2 * n_in, dtype), f"{where}: the probe input (2, {n_in}) of {src}",
+                device=device)
     modes = [(m, m.training) for m in module.modules()]
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             module.eval()
             out = module(torch.zeros(2, n_in, dtype=dtype, device=device))
     except Exception as exc:  # the probe is the only way to learn an opaque module's sizes
-        raise ValueError(
+        raise MapError(
             f"{where}: module failed on an input of shape (2, {n_in}) ({src}): {exc}"
         ) from exc
     finally:
@@ -80,7 +84,7 @@ def _probe(module: nn.Module, n_in: int, n_out: int, where: str, src: str, dst: 
             m.training = mode
     if not isinstance(out, Tensor) or out.shape != (2, n_out):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"{where}: module maps (2, {n_in}) to {shape}, but {dst} needs (2, {n_out})")
+        raise MapError(f"{where}: module maps (2, {n_in}) to {shape}, but {dst} needs (2, {n_out})")
 
 
 def _features(module: nn.Module) -> tuple[int | None, int | None]:
@@ -117,19 +121,19 @@ class BlockMap(nn.Module):
     def __init__(self, slots: Mapping[str, int]) -> None:
         super().__init__()
         if not isinstance(slots, Mapping):
-            raise TypeError(f"slots must be a mapping name -> size, got {type(slots).__name__}")
+            raise MapTypeError(f"slots must be a mapping name -> size, got {type(slots).__name__}")
         if not slots:
-            raise ValueError("a BlockMap needs at least one slot")
+            raise MapError("a BlockMap needs at least one slot")
         checked: dict[str, int] = {}
         for name, size in slots.items():
             if not isinstance(name, str) or not name.isidentifier():
-                raise ValueError(f"slot name {name!r} is not a Python identifier")
+                raise MapError(f"slot name {name!r} is not a Python identifier")
             if name in _RESERVED:
-                raise ValueError(f"slot name {name!r} is reserved (it is an nn.Module attribute)")
+                raise MapError(f"slot name {name!r} is reserved (it is an nn.Module attribute)")
             if isinstance(size, bool) or not isinstance(size, int):
-                raise TypeError(f"size of slot {name!r} must be an int, got {type(size).__name__}")
+                raise MapTypeError(f"size of slot {name!r} must be an int, got {type(size).__name__}")
             if size <= 0:
-                raise ValueError(f"size of slot {name!r} must be positive, got {size}")
+                raise MapError(f"size of slot {name!r} must be positive, got {size}")
             checked[name] = size
         self._slots = checked
         self.blocks = nn.ModuleDict()
@@ -159,9 +163,9 @@ class BlockMap(nn.Module):
 
     def _check_slot(self, slot: object, role: str = "slot") -> str:
         if not isinstance(slot, str):
-            raise TypeError(f"{role} must be a slot name (str), got {type(slot).__name__}")
+            raise MapTypeError(f"{role} must be a slot name (str), got {type(slot).__name__}")
         if slot not in self._slots:
-            raise ValueError(f"unknown {role} {slot!r}; slots are {list(self._slots)}")
+            raise MapError(f"unknown {role} {slot!r}; slots are {list(self._slots)}")
         return slot
 
     def _changed(self) -> None:
@@ -183,11 +187,11 @@ class BlockMap(nn.Module):
         self._check_slot(dst, "destination slot")
         self._check_slot(src, "source slot")
         if not isinstance(module, nn.Module):
-            raise TypeError(
+            raise MapTypeError(
                 f"block {dst!r} <- {src!r} must be an nn.Module, got {type(module).__name__}"
             )
         if (dst, src) in self._edges:
-            raise ValueError(f"block {dst!r} <- {src!r} already exists; disconnect it first")
+            raise MapError(f"block {dst!r} <- {src!r} already exists; disconnect it first")
         self._check_block_shape(dst, src, module)
         module = _out_of_place(module)
         key = block_key(dst, src)
@@ -201,11 +205,11 @@ class BlockMap(nn.Module):
         n_in, n_out = _features(module)
         where = f"block {dst!r} <- {src!r}"
         if n_in is not None and n_in != n_src:
-            raise ValueError(
+            raise MapError(
                 f"{where}: module has in_features={n_in} but source slot {src!r} has size {n_src}"
             )
         if n_out is not None and n_out != n_dst:
-            raise ValueError(
+            raise MapError(
                 f"{where}: module has out_features={n_out} but destination slot {dst!r} "
                 f"has size {n_dst}"
             )
@@ -215,7 +219,7 @@ class BlockMap(nn.Module):
     def disconnect(self, dst: str, src: str) -> nn.Module:
         """Remove block ``F[dst, src]`` and return it."""
         if (dst, src) not in self._edges:
-            raise ValueError(f"there is no block {dst!r} <- {src!r}")
+            raise MapError(f"there is no block {dst!r} <- {src!r}")
         key = self._edges.pop((dst, src))
         module = self.blocks[key]
         del self.blocks[key]
@@ -228,7 +232,7 @@ class BlockMap(nn.Module):
         if key is None:
             self._check_slot(dst, "destination slot")
             self._check_slot(src, "source slot")
-            raise ValueError(f"there is no block {dst!r} <- {src!r}")
+            raise MapError(f"there is no block {dst!r} <- {src!r}")
         return self.blocks[key]
 
     def set_activation(self, slot: str, module: nn.Module | None) -> None:
@@ -239,7 +243,7 @@ class BlockMap(nn.Module):
         """
         self._check_slot(slot)
         if module is not None and not isinstance(module, nn.Module):
-            raise TypeError(
+            raise MapTypeError(
                 f"activation of slot {slot!r} must be an nn.Module or None, "
                 f"got {type(module).__name__}"
             )
@@ -272,27 +276,27 @@ class BlockMap(nn.Module):
             return
         if bias is True:
             ref = next(iter(self.parameters()), None)
-            value = torch.zeros(
-                n,
-                dtype=ref.dtype if ref is not None else torch.get_default_dtype(),
-                device=ref.device if ref is not None else None,
-            )
+            dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+            device = ref.device if ref is not None else None
+            check_bytes(tensor_bytes(n, dtype), f"bias of slot {slot!r} ({n} entries, {dtype})",
+                        device=device)
+            value = torch.zeros(n, dtype=dtype, device=device)
         elif isinstance(bias, Tensor):
             if bias.shape != (n,):
-                raise ValueError(
+                raise MapError(
                     f"bias of slot {slot!r} must have shape ({n},), got {tuple(bias.shape)}"
                 )
             if not bias.is_floating_point():
-                raise TypeError(f"bias of slot {slot!r} must be floating point, got {bias.dtype}")
+                raise MapTypeError(f"bias of slot {slot!r} must be floating point, got {bias.dtype}")
             dtypes = {p.dtype for p in self.parameters() if p.is_floating_point()}
             if dtypes and bias.dtype not in dtypes:
-                raise TypeError(
+                raise MapTypeError(
                     f"bias of slot {slot!r} has dtype {bias.dtype} but the map's parameters are "
                     f"{sorted(map(str, dtypes))}; convert it first"
                 )
             value = bias.detach().clone()
         else:
-            raise TypeError(
+            raise MapTypeError(
                 f"bias of slot {slot!r} must be a tensor, True or None, got {type(bias).__name__}"
             )
         self.biases[slot] = nn.Parameter(value)
@@ -333,9 +337,9 @@ class BlockMap(nn.Module):
     def unpack(self, flat: Tensor) -> dict[str, Tensor]:
         """Split a packed ``(*batch, size)`` tensor into a state dict (views, no copy)."""
         if not isinstance(flat, Tensor):
-            raise TypeError(f"packed state must be a tensor, got {type(flat).__name__}")
+            raise MapTypeError(f"packed state must be a tensor, got {type(flat).__name__}")
         if flat.dim() < 1 or flat.shape[-1] != self.size:
-            raise ValueError(
+            raise MapError(
                 f"packed state must have last dim {self.size} (sum of slot sizes), "
                 f"got shape {tuple(flat.shape)}"
             )
@@ -372,7 +376,7 @@ class BlockMap(nn.Module):
         check_state(self, state, require_all=True)
         unknown = [k for k in block_kwargs if k not in self.blocks]
         if unknown:
-            raise ValueError(f"block_kwargs names unknown block(s) {unknown}")
+            raise MapError(f"block_kwargs names unknown block(s) {unknown}")
         return {d: self.destination(d, state, **block_kwargs) for d in self._slots}
 
     # ------------------------------------------------------------------ display

@@ -12,6 +12,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ..errors import MapError
+
 __all__ = ["BlockGraph"]
 
 
@@ -29,7 +31,7 @@ class BlockGraph:
         targets: dict[str, list[str]] = {s: [] for s in self.slots}
         for dst, src in self.edges:
             if dst not in sources or src not in sources:
-                raise ValueError(f"edge {dst!r} <- {src!r} names a slot that is not in the graph")
+                raise MapError(f"edge {dst!r} <- {src!r} names a slot that is not in the graph")
             sources[dst].append(src)
             targets[src].append(dst)
         object.__setattr__(self, "_sources", {k: tuple(v) for k, v in sources.items()})
@@ -147,8 +149,9 @@ class BlockGraph:
 
         For an acyclic map this is the longest path ``L``: a perturbation travels one
         block per application, so it reaches the end of the longest path at application
-        ``L`` and has left the state at application ``L + 1`` (paper §4.3.1, eq. 39). A cycle keeps it forever (``math.inf``), and so does holding a slot that
-        feeds any block: the held value is re-injected at every application, which is
+        ``L`` and has left the state at application ``L + 1`` (paper §4.3.1, eq. 39). A
+        cycle keeps it forever (``math.inf``), and so does holding a slot that feeds any
+        block: the held value is re-injected at every application, which is
         the effect of the identity block on x (eq. 50, infinite impulse response).
         """
         held = set(hold)

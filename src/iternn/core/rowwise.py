@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .protocols import RowwiseBlock
+
 __all__ = ["ELEMENTWISE", "is_rowwise"]
 
 #: Element-wise layers: exactly a slot activation. Dropout counts (identity in eval mode).
@@ -15,8 +17,9 @@ ELEMENTWISE: tuple[type[nn.Module], ...] = (
 
 def is_rowwise(module: nn.Module) -> bool:
     """Whether ``module`` treats every leading dim as batch: a plain ``nn.Linear``, an
-    element-wise layer, a module whose class sets ``rowwise = True`` (the sparse and
-    structured blocks do), or an ``nn.Sequential`` of those (exact types, no hooks).
+    element-wise layer, a module whose class sets ``rowwise = True`` (the
+    :class:`~iternn.core.protocols.RowwiseBlock` protocol; the sparse and structured
+    blocks do), or an ``nn.Sequential`` of those (exact types, no hooks).
 
     Such a block can be called once on a whole ``(T, *batch, n)`` sequence; any other
     module may give the leading dims a meaning of its own (a sequence-first transformer
@@ -24,7 +27,7 @@ def is_rowwise(module: nn.Module) -> bool:
     """
     if module._forward_hooks or module._forward_pre_hooks:
         return False
-    if getattr(type(module), "rowwise", False) is True:  # a block class may declare it
+    if isinstance(module, RowwiseBlock) and type(module).rowwise is True:
         return True
     if type(module) is nn.Sequential:
         return all(is_rowwise(m) for m in module)

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..errors import MapError, MapTypeError
+
 if TYPE_CHECKING:
     from .block_map import BlockMap
 
@@ -44,12 +46,12 @@ def check_tensor(
 ) -> Tensor:
     """One slot tensor: a floating tensor whose last dim is the slot's size."""
     if not isinstance(value, Tensor):
-        raise TypeError(f"{what} {slot!r} must be a tensor, got {type(value).__name__}")
+        raise MapTypeError(f"{what} {slot!r} must be a tensor, got {type(value).__name__}")
     if not value.is_floating_point():
-        raise TypeError(f"{what} {slot!r} must be floating point, got {value.dtype}")
+        raise MapTypeError(f"{what} {slot!r} must be floating point, got {value.dtype}")
     n = m.slots[slot]
     if value.dim() < 1 or value.shape[-1] != n:
-        raise ValueError(
+        raise MapError(
             f"{what} {slot!r} must have shape (*batch, {n}), got {tuple(value.shape)}"
         )
     return value
@@ -71,42 +73,42 @@ def check_state(
     slot. ``batch``/``dtype``/``device`` pre-set what the tensors must agree with.
     """
     if not isinstance(state, Mapping):
-        raise TypeError(f"state must be a dict slot -> tensor, got {type(state).__name__}")
+        raise MapTypeError(f"state must be a dict slot -> tensor, got {type(state).__name__}")
     for slot, value in state.items():
         if slot not in m.slots:
-            raise ValueError(f"state names unknown slot {slot!r}; slots are {list(m.slots)}")
+            raise MapError(f"state names unknown slot {slot!r}; slots are {list(m.slots)}")
         check_tensor(m, slot, value)
         if batch is None:
             batch, dtype, device = tuple(value.shape[:-1]), dtype or value.dtype, device or value.device
         if tuple(value.shape[:-1]) != batch:
-            raise ValueError(
+            raise MapError(
                 f"slot {slot!r} has batch shape {tuple(value.shape[:-1])}, "
                 f"other slots have {batch}"
             )
         if value.dtype != dtype:
-            raise TypeError(f"slot {slot!r} has dtype {value.dtype}, other slots have {dtype}")
+            raise MapTypeError(f"slot {slot!r} has dtype {value.dtype}, other slots have {dtype}")
         if value.device != device:
-            raise ValueError(f"slot {slot!r} is on {value.device}, other slots are on {device}")
+            raise MapError(f"slot {slot!r} is on {value.device}, other slots are on {device}")
     if require_all:
         missing = [s for s in m.slots if s not in state]
         if missing:
-            raise ValueError(f"state is missing slot(s) {missing}")
+            raise MapError(f"state is missing slot(s) {missing}")
     if dtype is not None:
         p_dtype, p_device = parameter_spec(m)
         if p_dtype is None:
             mixed = sorted({str(p.dtype) for p in m.parameters() if p.is_floating_point()})
             if len(mixed) > 1:
-                raise TypeError(
+                raise MapTypeError(
                     f"the map's parameters have mixed dtypes {mixed}; convert the map "
                     "(e.g. map.to(torch.float32)) before iterating"
                 )
         if p_dtype is not None and dtype != p_dtype:
-            raise TypeError(
+            raise MapTypeError(
                 f"state has dtype {dtype} but the map's parameters are {p_dtype}; "
                 f"convert one of them (e.g. map.to({dtype}))"
             )
         if p_device is not None and device != p_device:
-            raise ValueError(
+            raise MapError(
                 f"state is on {device} but the map's parameters are on {p_device}"
             )
     return batch, dtype, device

@@ -1,9 +1,9 @@
 """Counting what training can change, and the per-block summary of a map.
 
-A module may define ``_trainable_counts() -> {parameter name: int}`` for its own direct
-parameters to say how many of their entries training can change (a masked weight
-counts its mask, not its storage). Everything else counts ``numel``. Shared tensors
-count once.
+A module may define ``trainable_counts() -> {parameter name: int}`` for its own direct
+parameters (the :class:`~iternn.core.protocols.CountsTrainable` protocol) to say how
+many of their entries training can change (a masked weight counts its mask, not its
+storage). Everything else counts ``numel``. Shared tensors count once.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from torch import nn
+
+from ..errors import MapError
+from .protocols import CountsTrainable
 
 if TYPE_CHECKING:
     from .block_map import BlockMap
@@ -29,7 +32,7 @@ def count_entries(module: nn.Module) -> tuple[int, int, int]:
     seen: set[int] = set()
     trainable = fixed = stored = 0
     for mod in module.modules():
-        own = mod._trainable_counts() if hasattr(mod, "_trainable_counts") else {}
+        own = mod.trainable_counts() if isinstance(mod, CountsTrainable) else {}
         for name, p in mod._parameters.items():
             if p is None or id(p) in seen:
                 continue
@@ -94,7 +97,7 @@ class Summary:
         for r in self.rows:
             if r.dst == dst and r.src == src:
                 return r
-        raise ValueError(f"there is no block {dst!r} <- {src!r}")
+        raise MapError(f"there is no block {dst!r} <- {src!r}")
 
     @property
     def hidden_proportion(self) -> float | None:
@@ -141,8 +144,8 @@ def _density(block: nn.Module, shape: tuple[int, int]) -> float | None:
     area = shape[0] * shape[1]
     if type(block) is nn.Linear:
         return 1.0
-    if hasattr(block, "_trainable_counts"):
-        counts = block._trainable_counts()
+    if isinstance(block, CountsTrainable):
+        counts = block.trainable_counts()
         return sum(int(v) for k, v in counts.items() if k != "bias") / area
     return None
 

@@ -5,11 +5,13 @@ dict, with held slots as in :func:`iternn.iterate`; internally the map is the fu
 ``G`` on its packed free slots (:class:`MapFunction`).
 """
 
-from .deq import DEQ
+from ..errors import ConvergenceError, DynamicsError
+from .deq import DEQ, Implicit, Phantom
 from .fixed_points import FixedPoints, find_fixed_points, fixed_point
-from .functional import DynamicsError, MapFunction
+from .functional import MapFunction
 from .impulse import ImpulseResponse, impulse_response
 from .jacobian import eigenvalues, jacobian, singular_values, spectral_radius
+from .linalg import verified_solve
 from .lyapunov import largest_lyapunov, lyapunov_spectrum
 from .plots import (
     BifurcationData,
@@ -24,7 +26,17 @@ from .plots import (
     structure_matrix,
 )
 from .report import analyze
-from .solvers import SOLVERS, ConvergenceError, SolverInfo, register_solver, solve
+from .solvers import (
+    SOLVERS,
+    Anderson,
+    Broyden,
+    Picard,
+    Solver,
+    SolverInfo,
+    StopReason,
+    register_solver,
+    solve,
+)
 
 __all__ = [
     "MapFunction",
@@ -36,10 +48,18 @@ __all__ = [
     "find_fixed_points",
     "FixedPoints",
     "solve",
+    "Solver",
+    "Picard",
+    "Anderson",
+    "Broyden",
     "SolverInfo",
+    "StopReason",
     "SOLVERS",
     "register_solver",
+    "verified_solve",
     "DEQ",
+    "Implicit",
+    "Phantom",
     "jacobian",
     "eigenvalues",
     "singular_values",

@@ -3,46 +3,80 @@
 A deep equilibrium model (Bai, Kolter & Koltun 2019) is a map iterated to convergence
 with its input held: ``z* = G(z*; x, θ)`` (paper §2, "the continuum"). :class:`DEQ`
 solves for ``z*`` without recording the solver's iterations for autograd and attaches
-the gradient afterwards:
+the gradient afterwards, as its ``backward=`` object says:
 
-* ``backward="implicit"`` — the implicit function theorem. With ``J = ∂G/∂z`` at ``z*``
-  and ``g`` the incoming gradient, the adjoint ``u`` solves ``u = g + Jᵀ u`` (a fixed
-  point of its own, solved with the same solver registry, one vector–Jacobian product
-  per step), and then ``dL/dx = uᵀ ∂G/∂x``, ``dL/dθ = uᵀ ∂G/∂θ``. This is a custom
+* :class:`Implicit` — the implicit function theorem. With ``J = ∂G/∂z`` at ``z*`` and
+  ``g`` the incoming gradient, the adjoint ``u`` solves ``u = g + Jᵀ u`` (a fixed point
+  of its own, solved by a solver object, one vector–Jacobian product per step), and then
+  ``dL/dx = uᵀ ∂G/∂x``, ``dL/dθ = uᵀ ∂G/∂θ``. This is a custom
   ``torch.autograd.Function`` whose graph is one node: memory does not depend on the
   number of forward or backward solver steps (one evaluation of ``G`` is recorded, in
   the backward pass). First-order only (no double backward).
-* ``backward="phantom"`` — phantom gradients (Geng et al. 2021): ``k = phantom_steps``
-  damped steps ``z <- (1 - λ) z + λ G(z)`` from ``z*`` with autograd on; memory grows
-  with ``k``, not with the solver's steps. Cheap and approximate; exact as ``k -> ∞``
-  when ``G`` is contractive.
+* :class:`Phantom` — phantom gradients (Geng et al. 2021): ``k = steps`` damped steps
+  ``z <- (1 - λ) z + λ G(z)`` from ``z*`` with autograd on; memory grows with ``k``,
+  not with the solver's steps. Cheap and approximate; exact as ``k -> ∞`` when ``G`` is
+  contractive.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..core.block_map import BlockMap
-from ..engine.iterate import UPDATES
-from .functional import DynamicsError, MapFunction
-from .solvers import (
-    ConvergenceError,
-    SolverInfo,
-    STOP_MODES,
-    check_options,
-    check_solver,
-    check_steps,
-    check_tol,
-    solve,
-)
+from ..errors import ConvergenceError, DynamicsError
+from .functional import MapFunction
+from .solvers import SolverInfo, SolverLike, as_solver, solve
+from .validate import check_fraction, check_int, check_positive, check_stop_mode, check_update
 
-__all__ = ["DEQ", "ImplicitFixedPoint", "BACKWARDS"]
+__all__ = ["DEQ", "Implicit", "Phantom", "ImplicitFixedPoint"]
 
-BACKWARDS = ("implicit", "phantom")
+
+@dataclass(frozen=True)
+class Implicit:
+    """Implicit-function-theorem gradients: the adjoint fixed point ``u = g + Jᵀ u``.
+
+    Args:
+        solver: the adjoint's solver object or registered name; ``None``: the forward
+            solver.
+        tol: the adjoint's tolerance; ``None``: the forward ``tol``.
+        max_steps: the adjoint's most updates; ``None``: the forward ``max_steps``.
+    """
+
+    solver: SolverLike | None = None
+    tol: float | None = None
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.solver is not None:
+            as_solver(self.solver, "Implicit solver")
+        if self.tol is not None:
+            object.__setattr__(self, "tol", check_positive(self.tol, "Implicit tol"))
+        if self.max_steps is not None:
+            check_int(self.max_steps, "Implicit max_steps")
+
+
+@dataclass(frozen=True)
+class Phantom:
+    """Phantom gradients: ``steps`` damped steps from ``z*`` recorded by autograd.
+
+    Args:
+        steps: unrolled steps ``k`` (``>= 1``).
+        damping: ``λ`` in ``(0, 1]``.
+    """
+
+    steps: int = 5
+    damping: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_int(self.steps, "Phantom steps", 1)
+        object.__setattr__(self, "damping", check_fraction(self.damping, "Phantom damping"))
+
+
+Backward = Implicit | Phantom
 
 
 class ImplicitFixedPoint(torch.autograd.Function):
@@ -79,14 +113,15 @@ class ImplicitFixedPoint(torch.autograd.Function):
             (vjp,) = torch.autograd.grad(fz, zr, u, retain_graph=True, allow_unused=True)
             return grad if vjp is None else grad + vjp
 
-        u, info = solve(adjoint, grad, solver=deq.backward_solver, tol=deq.backward_tol,
-                        max_steps=deq.backward_max_steps, stop_mode=deq.stop_mode,
-                        **deq.backward_options)
+        name, solver, tol, max_steps = deq._adjoint_settings()
+        u, info = solve(adjoint, grad, solver=solver, tol=tol, max_steps=max_steps,
+                        stop_mode=deq.stop_mode)
         deq.backward_info = info
         if deq.raise_on_failure and not info.converged:
             raise ConvergenceError(
-                f"DEQ backward: the adjoint solve ({deq.backward_solver!r}) did not converge "
-                f"in {info.steps} steps (residual {float(info.residual.max()):.3g}; {info.reason})",
+                f"DEQ backward: the adjoint solve ({name!r}) did not converge "
+                f"in {info.steps} steps (residual {float(info.residual.max()):.3g}; "
+                f"{info.reason.message})",
                 info,
             )
         wrt = ([xr] if need_x else []) + [p for p, need in zip(params, need_p) if need]
@@ -103,18 +138,16 @@ class DEQ(nn.Module):
         m: the block map (registered as ``self.map``; its parameters are this module's).
         input: the held slot that receives the argument of :meth:`forward`.
         output: the slot returned; ``None`` returns the whole state (a dict).
-        solver, tol, max_steps, stop_mode: forward solve (see :func:`~iternn.dynamics.solvers.solve`;
-            ``tol=None`` picks a tolerance by dtype).
-        solver_options: the forward solver's own options (e.g. ``{"m": 5}``).
-        backward: ``"implicit"`` or ``"phantom"`` (see the module docs).
-        backward_solver, backward_tol, backward_max_steps, backward_options: the adjoint
-            solve (default: the forward settings).
-        phantom_steps: unrolled steps ``k`` for phantom gradients (``>= 1``).
-        phantom_damping: ``λ`` in ``(0, 1]`` for phantom gradients.
+        solver: the forward solver: a solver object (``Anderson(m=5)``, ``Picard()``,
+            ``Broyden()``) or a registered name.
+        tol, max_steps, stop_mode: the forward solve (see
+            :func:`~iternn.dynamics.solvers.solve`; ``tol=None`` picks a tolerance by dtype).
+        backward: :class:`Implicit` (default ``Implicit()``: the adjoint solved like the
+            forward) or :class:`Phantom` (see the module docs).
         update: ``"jacobi"`` or ``"ordered"`` (see :func:`iternn.iterate`).
-        raise_on_failure: raise :class:`~iternn.dynamics.solvers.ConvergenceError` when a
-            forward or adjoint solve does not converge (otherwise only reported in
-            :attr:`info` / :attr:`backward_info`).
+        raise_on_failure: raise :class:`~iternn.ConvergenceError` when a forward or
+            adjoint solve does not converge (otherwise only reported in :attr:`info` /
+            :attr:`backward_info`).
 
     Attributes:
         info: :class:`~iternn.dynamics.solvers.SolverInfo` of the last forward solve.
@@ -127,21 +160,15 @@ class DEQ(nn.Module):
     def __init__(
         self,
         m: BlockMap,
+        /,
         *,
         input: str = "x",
         output: str | None = "y",
-        solver: str = "anderson",
+        solver: SolverLike = "anderson",
         tol: float | None = None,
         max_steps: int = 100,
         stop_mode: str = "abs",
-        solver_options: Mapping | None = None,
-        backward: str = "implicit",
-        backward_solver: str | None = None,
-        backward_tol: float | None = None,
-        backward_max_steps: int | None = None,
-        backward_options: Mapping | None = None,
-        phantom_steps: int = 5,
-        phantom_damping: float = 1.0,
+        backward: Backward | None = None,
         update: str = "jacobi",
         raise_on_failure: bool = False,
     ) -> None:
@@ -156,38 +183,20 @@ class DEQ(nn.Module):
             raise DynamicsError(
                 f"the map's only slot {input!r} is the held input: there is nothing to solve"
             )
-        if backward not in BACKWARDS:
-            raise DynamicsError(f"backward must be one of {BACKWARDS}, got {backward!r}")
-        if stop_mode not in STOP_MODES:
-            raise DynamicsError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
-        if update not in UPDATES:
-            raise DynamicsError(f"update must be one of {UPDATES}, got {update!r}")
-        check_options(solver, check_solver(solver), dict(solver_options or {}))
-        backward_solver = solver if backward_solver is None else backward_solver
-        if backward_options is None:
-            backward_options = solver_options if backward_solver == solver else {}
-        check_options(backward_solver, check_solver(backward_solver), dict(backward_options or {}))
+        backward = Implicit() if backward is None else backward
+        if not isinstance(backward, (Implicit, Phantom)):
+            raise DynamicsError(
+                f"backward must be Implicit(...) or Phantom(...), got {backward!r}"
+            )
+        self.solver_name, self.solver = as_solver(solver)
         self.map = m
         self.input = input
         self.output = output
-        self.solver = solver
-        self.tol = None if tol is None else check_tol(tol)
-        self.max_steps = check_steps(max_steps)
-        self.stop_mode = stop_mode
-        self.solver_options = dict(solver_options or {})
+        self.tol = None if tol is None else check_positive(tol, "tol")
+        self.max_steps = check_int(max_steps, "max_steps")
+        self.stop_mode = check_stop_mode(stop_mode)
         self.backward = backward
-        self.backward_solver = backward_solver
-        self.backward_tol = (self.tol if backward_tol is None
-                             else check_tol(backward_tol, "backward_tol"))
-        self.backward_max_steps = (self.max_steps if backward_max_steps is None
-                                   else check_steps(backward_max_steps, "backward_max_steps"))
-        self.backward_options = dict(backward_options or {})
-        self.phantom_steps = check_steps(phantom_steps, "phantom_steps", minimum=1)
-        if (isinstance(phantom_damping, bool) or not isinstance(phantom_damping, (int, float))
-                or not 0 < phantom_damping <= 1):
-            raise DynamicsError(f"phantom_damping must be a number in (0, 1], got {phantom_damping!r}")
-        self.phantom_damping = float(phantom_damping)
-        self.update = update
+        self.update = check_update(update)
         self.raise_on_failure = bool(raise_on_failure)
         self.in_features = m.slots[input]
         if output is not None:
@@ -199,15 +208,25 @@ class DEQ(nn.Module):
     def _function(self, x: Tensor) -> MapFunction:
         return MapFunction(self.map, {self.input: x}, hold=(self.input,), update=self.update)
 
+    def _adjoint_settings(self):
+        """``(name, solver, tol, max_steps)`` of the implicit backward's adjoint solve."""
+        bw = self.backward if isinstance(self.backward, Implicit) else Implicit()
+        if bw.solver is None:
+            name, solver = self.solver_name, self.solver
+        else:
+            name, solver = as_solver(bw.solver, "Implicit solver")
+        tol = self.tol if bw.tol is None else bw.tol
+        max_steps = self.max_steps if bw.max_steps is None else bw.max_steps
+        return name, solver, tol, max_steps
+
     def _solve_forward(self, x: Tensor, z0: Tensor) -> Tensor:
         z, info = solve(self._function(x.detach()), z0, solver=self.solver, tol=self.tol,
-                        max_steps=self.max_steps, stop_mode=self.stop_mode,
-                        **self.solver_options)
+                        max_steps=self.max_steps, stop_mode=self.stop_mode)
         self.info = info
         if self.raise_on_failure and not info.converged:
             raise ConvergenceError(
-                f"DEQ forward: solver {self.solver!r} did not converge in {info.steps} steps "
-                f"(residual {float(info.residual.max()):.3g}; {info.reason})",
+                f"DEQ forward: solver {self.solver_name!r} did not converge in {info.steps} "
+                f"steps (residual {float(info.residual.max()):.3g}; {info.reason.message})",
                 info,
             )
         return z
@@ -231,13 +250,13 @@ class DEQ(nn.Module):
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or bool(params))
         if not wants_grad:
             z = self._solve_forward(x, z0)
-        elif self.backward == "implicit":
+        elif isinstance(self.backward, Implicit):
             z = ImplicitFixedPoint.apply(self, z0, x, *params)
         else:
             with torch.no_grad():
                 z = self._solve_forward(x, z0)
-            lam = self.phantom_damping
-            for _ in range(self.phantom_steps):
+            lam = self.backward.damping
+            for _ in range(self.backward.steps):
                 z = g(z) if lam == 1.0 else (1 - lam) * z + lam * g(z)
         state = g.unpack(z)
         if self.output is None:

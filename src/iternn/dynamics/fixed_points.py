@@ -15,7 +15,6 @@ gradients through a fixed point use :class:`iternn.dynamics.DEQ`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
@@ -24,29 +23,32 @@ from torch import Tensor
 
 from ..core.block_map import BlockMap
 from ..core.state import check_state
-from .functional import DynamicsError, MapFunction, as_block_map
-from .solvers import ConvergenceError, SolverInfo, check_solver, check_steps, check_tol, solve
+from ..errors import ConvergenceError, DynamicsError
+from .functional import MapFunction
+from .jacobian import _jacobian_at
+from .linalg import verified_solve
+from .solvers import SolverInfo, SolverLike, as_solver, solve
+from .validate import (
+    as_block_map,
+    check_hold,
+    check_int,
+    check_map_finite,
+    check_matrix_finite,
+    check_non_negative,
+    check_positive,
+    check_stop_mode,
+    check_update,
+)
 
 __all__ = ["fixed_point", "find_fixed_points", "FixedPoints", "ConvergenceError"]
-
-
-def _hold(hold: object) -> tuple[str, ...]:
-    if isinstance(hold, str):
-        return (hold,)
-    if not isinstance(hold, Collection):
-        raise DynamicsError(f"hold must be a collection of slot names, got {type(hold).__name__}")
-    return tuple(hold)
-
-
-def _check_map(m: object) -> BlockMap:
-    return as_block_map(m)
 
 
 def fixed_point(
     m: BlockMap,
     state: Mapping[str, Tensor],
+    /,
     *,
-    solver: str = "anderson",
+    solver: SolverLike = "anderson",
     tol: float | None = None,
     max_steps: int = 200,
     hold: Collection[str] = (),
@@ -54,7 +56,6 @@ def fixed_point(
     update: str = "jacobi",
     stop_mode: str = "abs",
     block_kwargs: Mapping[str, Mapping] | None = None,
-    **options,
 ) -> tuple[dict[str, Tensor], SolverInfo]:
     """Solve ``z* = m(z*)`` with the ``hold`` slots fixed, starting from ``state``.
 
@@ -62,7 +63,9 @@ def fixed_point(
         m: the block map.
         state: starting state ``slot -> (*batch, n)``; free slots left out start at zero,
             held slots must be given. Every batch element is solved independently.
-        solver: ``"anderson"``, ``"picard"``, ``"broyden"`` or any registered solver.
+        solver: a solver object (``Anderson(m=5)``, ``Picard(damping=0.5)``,
+            ``Broyden()``, see :mod:`iternn.dynamics.solvers`) or a registered name
+            (``"anderson"``, ``"picard"``, ``"broyden"``: the default object).
         tol: residual tolerance ``||G(z) - z||`` (``None``: by dtype, see
             :func:`~iternn.dynamics.solvers.default_tol`).
         max_steps: most solver updates.
@@ -70,37 +73,40 @@ def fixed_point(
         raise_on_failure: raise :class:`ConvergenceError` (a ``RuntimeError`` carrying
             ``.info``) unless every element converged; otherwise failure is only reported.
         update: ``"jacobi"`` (the paper's map) or ``"ordered"`` (see :func:`iternn.iterate`).
-        stop_mode, block_kwargs, **options: passed to the solver / the map.
+        stop_mode, block_kwargs: passed to the solver / the map.
 
     Returns:
         ``(state_star, info)``: every slot at the fixed point (held slots as given, free
         slots detached) and the :class:`~iternn.dynamics.solvers.SolverInfo`.
 
     Raises:
-        DynamicsError: unknown solver or option, bad ``tol``/``max_steps``, every slot
-            held (nothing to solve), NaN in the state, unknown held slot.
+        DynamicsError: unknown solver, bad ``tol``/``max_steps``, every slot held
+            (nothing to solve), NaN in the state or the map's weights, unknown held slot.
         ConvergenceError: not converged and ``raise_on_failure`` is true.
     """
-    _check_map(m)
-    check_solver(solver)
+    m = as_block_map(m)
+    name, solver = as_solver(solver)
     if tol is not None:
-        check_tol(tol)
-    check_steps(max_steps)
+        check_positive(tol, "tol")
+    check_int(max_steps, "max_steps")
+    check_stop_mode(stop_mode)
     batch, _, _ = check_state(m, state)
     if batch is None:
         raise DynamicsError("state is empty: give at least the held slots (they set the batch shape)")
-    hold = _hold(hold)
+    hold = check_hold(m, hold)
+    check_map_finite(m)
     ref = next(iter(state.values()))
     full = {s: state[s] if s in state else ref.new_zeros(*batch, n) for s, n in m.slots.items()}
     g = MapFunction(m, full, hold=hold, update=update, block_kwargs=block_kwargs)
     z, info = solve(g, g.pack(full), solver=solver, tol=tol, max_steps=max_steps,
-                    stop_mode=stop_mode, **options)
+                    stop_mode=stop_mode)
     if raise_on_failure and not info.converged:
         n_bad = int((~info.converged_each).sum())
         raise ConvergenceError(
-            f"fixed_point: solver {solver!r} did not converge for {n_bad} of "
+            f"fixed_point: solver {name!r} did not converge for {n_bad} of "
             f"{info.converged_each.numel() or 1} element(s) in {info.steps} steps "
-            f"(residual {float(info.residual.max()):.3g} > tol {info.tol:g}; {info.reason})",
+            f"(residual {float(info.residual.max()):.3g} > tol {info.tol:g}; "
+            f"{info.reason.message})",
             info,
         )
     out = g.unpack(z)
@@ -154,38 +160,21 @@ class FixedPoints:
         return "\n".join(rows)
 
 
-def batched_jacobian(g, z: Tensor) -> Tensor:
-    """``J[b, i, j] = d g(z)[b, i] / d z[b, j]`` for a batched ``g`` (``(N, n) -> (N, n)``).
-
-    One backward pass per output coordinate, each over the whole batch.
-    """
-    with torch.enable_grad():
-        zr = z.detach().requires_grad_(True)
-        out = g(zr)
-        n = out.shape[-1]
-        rows = []
-        for i in range(n):
-            (row,) = torch.autograd.grad(out[:, i].sum(), zr, retain_graph=i < n - 1,
-                                         allow_unused=True)
-            rows.append(torch.zeros_like(zr) if row is None else row)
-    return torch.stack(rows, dim=1).detach()
+def _jacobians(g: MapFunction, z: Tensor) -> Tensor:
+    """``J[b] = dG(z)[b] / dz[b]`` for every start ``b`` of ``z`` (``(N, n)``), exact:
+    assembled block by block where the map allows it, else by forward-mode autograd."""
+    return _jacobian_at(g.map, g, z.detach(), tuple(z.shape[:-1]),
+                        block_kwargs=g.block_kwargs)
 
 
 def _speed(g, z: Tensor) -> Tensor:
     return 0.5 * (z - g(z)).pow(2).sum(-1)
 
 
-def _check_pos(name: str, value: object, allow_zero: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise DynamicsError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} "
-                            f"finite number, got {value!r}")
-    return float(value)
-
-
 def find_fixed_points(
     m: BlockMap,
     states: Mapping[str, Tensor],
+    /,
     *,
     hold: Collection[str] = (),
     method: str = "adam",
@@ -228,20 +217,22 @@ def find_fixed_points(
     Returns:
         A :class:`FixedPoints` (lowest ``q`` first: fixed points before slow points).
     """
-    _check_map(m)
-    hold = _hold(hold)
+    m = as_block_map(m)
+    hold = check_hold(m, hold)
     if method not in ("adam", "lbfgs"):
         raise DynamicsError(f"method must be 'adam' or 'lbfgs', got {method!r}")
-    check_steps(opt_steps, "opt_steps")
-    check_steps(polish_steps, "polish_steps")
-    lr = _check_pos("lr", lr)
-    polish_radius = _check_pos("polish_radius", polish_radius)
-    fixed_tol = _check_pos("fixed_tol", fixed_tol, allow_zero=True)
-    slow_tol = _check_pos("slow_tol", slow_tol, allow_zero=True)
+    check_int(opt_steps, "opt_steps")
+    check_int(polish_steps, "polish_steps")
+    lr = check_positive(lr, "lr")
+    polish_radius = check_positive(polish_radius, "polish_radius")
+    fixed_tol = check_non_negative(fixed_tol, "fixed_tol")
+    slow_tol = check_non_negative(slow_tol, "slow_tol")
     if slow_tol < fixed_tol:
         raise DynamicsError(f"slow_tol ({slow_tol}) must be >= fixed_tol ({fixed_tol})")
-    unique_tol = _check_pos("unique_tol", unique_tol, allow_zero=True)
-    marginal_tol = _check_pos("marginal_tol", marginal_tol, allow_zero=True)
+    unique_tol = check_non_negative(unique_tol, "unique_tol")
+    marginal_tol = check_non_negative(marginal_tol, "marginal_tol")
+    check_update(update)
+    check_map_finite(m)
     if not isinstance(states, Mapping):
         raise DynamicsError(f"states must be a dict slot -> (N, n) tensor, got {type(states).__name__}")
     for s in states:
@@ -303,7 +294,8 @@ def find_fixed_points(
     g_sel = MapFunction(m, held_sel, hold=hold, update=update,
                         block_kwargs=block_kwargs) if chosen else None
     if chosen:
-        jac = batched_jacobian(g_sel, points)
+        jac = _jacobians(g_sel, points)
+        check_matrix_finite(jac, "the Jacobian at a found point", g.free, g.sizes)
         eig = torch.linalg.eigvals(jac)
         order = torch.argsort(eig.abs(), dim=-1, descending=True, stable=True)
         eig = torch.gather(eig, -1, order)
@@ -385,12 +377,13 @@ def _newton(g, z: Tensor, steps: int, radius: float) -> Tensor:
     with torch.no_grad():
         q = _speed(g, z)
     for _ in range(steps):
-        jac = batched_jacobian(g, z)
+        jac = _jacobians(g, z)
         with torch.no_grad():
             r = g(z) - z
-            dz, info = torch.linalg.solve_ex(jac - eye, -r.unsqueeze(-1))
+            dz, ok = verified_solve(jac - eye, -r.unsqueeze(-1), what="Newton polish step",
+                                    allow_failure=True)
             dz = dz.squeeze(-1)
-            ok = (info == 0) & torch.isfinite(dz).all(-1) & torch.isfinite(q)
+            ok = ok & torch.isfinite(q)
             dz = torch.where(ok[:, None], dz, 0.0)
             norm = torch.linalg.vector_norm(dz, dim=-1, keepdim=True)
             dz = dz * torch.clamp(radius / norm.clamp_min(torch.finfo(z.dtype).tiny), max=1.0)

@@ -15,21 +15,11 @@ from torch import Tensor
 
 from ..core.block_map import BlockMap
 from ..core.state import check_state
-from ..engine.iterate import UPDATES, step_plan
-from ..errors import DynamicsError
+from ..engine.iterate import step_plan
+from ..errors import DynamicsError, MapTypeError
+from .validate import as_block_map, check_finite, check_hold, check_update
 
 __all__ = ["MapFunction", "DynamicsError", "as_block_map"]
-
-
-def as_block_map(m: object) -> BlockMap:
-    """The BlockMap of ``m``: a map itself, or a module holding one as ``.map``
-    (:class:`~iternn.MapModule` and every converter's result)."""
-    if isinstance(m, BlockMap):
-        return m
-    inner = getattr(m, "map", None)
-    if isinstance(m, torch.nn.Module) and isinstance(inner, BlockMap):
-        return inner
-    raise DynamicsError(f"expected a BlockMap (or a module with one as .map), got {type(m).__name__}")
 
 
 class MapFunction:
@@ -49,24 +39,22 @@ class MapFunction:
         self,
         m: BlockMap,
         state: Mapping[str, Tensor],
+        /,
         *,
         hold: Collection[str] = (),
         update: str = "jacobi",
         block_kwargs: Mapping[str, Mapping] | None = None,
     ) -> None:
         if not isinstance(m, BlockMap):
-            raise TypeError(f"expected a BlockMap, got {type(m).__name__}")
-        if update not in UPDATES:
-            raise DynamicsError(f"update must be one of {UPDATES}, got {update!r}")
-        hold = (hold,) if isinstance(hold, str) else tuple(hold)
+            raise MapTypeError(f"expected a BlockMap, got {type(m).__name__}")
+        update = check_update(update)
+        hold = check_hold(m, hold)
         for s in hold:
-            if s not in m.slots:
-                raise DynamicsError(f"hold names unknown slot {s!r}; slots are {list(m.slots)}")
             if s not in state:
                 raise DynamicsError(f"held slot {s!r} needs a value in state")
         for s, v in state.items():
-            if isinstance(v, Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
-                raise DynamicsError(f"slot {s!r} of the state contains NaN or inf")
+            if isinstance(v, Tensor) and v.is_floating_point():
+                check_finite(s, v)
         check_state(m, state)  # names, sizes, batch shape, dtype and device
         self.map = m
         self.hold = hold

@@ -28,15 +28,17 @@ from torch import Tensor
 
 from ..core.block_map import BlockMap
 from ..engine.iterate import iterate
-from .functional import DynamicsError
-from .jacobian import (
-    _as_map,
-    _check_hold,
-    _check_int,
-    _check_positive,
-    _check_state,
-    _check_update,
-    _finite,
+from ..errors import DynamicsError
+from .validate import (
+    as_block_map,
+    check_finite,
+    check_force,
+    check_generator,
+    check_hold,
+    check_int,
+    check_positive,
+    check_state,
+    check_update,
 )
 
 __all__ = ["impulse_response", "ImpulseResponse", "IMPULSE_MODES"]
@@ -109,21 +111,6 @@ def _norm(x: Tensor) -> Tensor:
     return (torch.linalg.vector_norm(x / safe, dim=1) * scale.squeeze(1))
 
 
-def _check_force(m: BlockMap, force: object, hold: tuple[str, ...]) -> dict[str, Tensor] | None:
-    if force is None:
-        return None
-    if not isinstance(force, Mapping):
-        raise DynamicsError(f"force must be a dict slot -> sequence, got {type(force).__name__}")
-    for s, seq in force.items():
-        if not isinstance(s, str) or s not in m.slots:
-            raise DynamicsError(f"force names unknown slot {s!r}; slots are {list(m.slots)}")
-        if s in hold:
-            raise DynamicsError(f"slot {s!r} cannot be both held and forced")
-        if isinstance(seq, Tensor) and seq.is_floating_point():
-            _finite(s, seq, "forced slot {!r}")
-    return dict(force)
-
-
 def _perturbed_slots(
     m: BlockMap, slot: object, direction: object, hold: tuple[str, ...], forced: Collection[str]
 ) -> tuple[str, ...]:
@@ -146,7 +133,7 @@ def _perturbed_slots(
                     "every slot is held or forced: name the slot to perturb with slot=..."
                 )
     else:
-        names = _check_hold(m, slot, "slot")
+        names = check_hold(m, slot, "slot")
         if not names:
             raise DynamicsError("slot names no slot to perturb")
         if direction is not None and set(direction) != set(names):
@@ -178,7 +165,7 @@ def _direction(
                     f"direction of slot {s!r} must have shape ({n},) or {(*batch, n)}, "
                     f"got {tuple(v.shape)}"
                 )
-            _finite(s, v, "direction of slot {!r}")
+            check_finite(s, v, "direction of slot {!r}")
             out[s] = v.to(dtype=ref.dtype, device=ref.device).expand(*batch, n)
         if all(bool((v == 0).all()) for v in out.values()):
             raise DynamicsError("direction is zero: there is nothing to perturb")
@@ -195,6 +182,7 @@ def _direction(
 def impulse_response(
     m: BlockMap,
     state: Mapping[str, Tensor],
+    /,
     *,
     steps: int,
     slot: str | Collection[str] | None = None,
@@ -235,18 +223,17 @@ def impulse_response(
     Returns:
         :class:`ImpulseResponse`.
     """
-    bm = _as_map(m)
-    steps = _check_int(steps, "steps", 1)
-    eps = _check_positive(eps, "eps")
+    bm = as_block_map(m)
+    steps = check_int(steps, "steps", 1)
+    eps = check_positive(eps, "eps")
     if mode not in IMPULSE_MODES:
         raise DynamicsError(f"mode must be one of {IMPULSE_MODES}, got {mode!r}")
-    hold = _check_hold(bm, hold)
-    update = _check_update(update)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise DynamicsError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    forced = _check_force(bm, force, hold)
-    forced_names = tuple(forced or ())
-    full, batch = _check_state(bm, state, hold, frozen=forced_names)
+    hold = check_hold(bm, hold)
+    update = check_update(update)
+    check_generator(generator)
+    forced = check_force(bm, force, hold)
+    forced_names = tuple(forced)
+    full, batch = check_state(bm, state, hold, frozen=forced_names)
     names = _perturbed_slots(bm, slot, direction, hold, forced_names)
     ref = next(iter(full.values()))
     unit = _direction(bm, names, direction, batch, ref, generator)
@@ -255,7 +242,7 @@ def impulse_response(
 
     def run(*values: Tensor) -> dict[str, Tensor]:
         start = {**base, **dict(zip(names, values))}
-        return iterate(bm, start, steps, hold=hold, force=forced, trajectory=True,
+        return iterate(bm, start, steps, hold=hold, force=forced or None, trajectory=True,
                        update=update, block_kwargs=block_kwargs)
 
     try:

@@ -26,7 +26,9 @@ per-element results leave out the cross-position terms.
 
 Every function raises :class:`~iternn.dynamics.DynamicsError` (a ``ValueError``) naming
 the slot or option on bad input: unknown slots, non-finite values, an empty free part,
-unknown options.
+unknown options. A map whose weights hold NaN or inf is refused naming the block
+``dst <- src``, and a non-finite Jacobian naming its first non-finite block, before
+``torch.linalg`` sees the matrix (some LAPACK builds crash on NaN input).
 """
 
 from __future__ import annotations
@@ -40,10 +42,19 @@ from torch import Tensor, nn
 
 from ..core.block_map import BlockMap
 from ..core.rowwise import ELEMENTWISE
-from ..core.state import check_state
-from ..engine.iterate import UPDATES
-from .functional import as_block_map as _as_map
-from .functional import DynamicsError, MapFunction
+from ..errors import DynamicsError
+from .functional import MapFunction
+from .validate import (
+    as_block_map,
+    check_generator,
+    check_hold,
+    check_int,
+    check_map_finite,
+    check_matrix_finite,
+    check_positive,
+    check_state,
+    check_update,
+)
 
 __all__ = [
     "jacobian",
@@ -57,87 +68,7 @@ __all__ = [
 JACOBIAN_METHODS = ("auto", "autograd", "structured")
 
 
-# ---------------------------------------------------------------------------- validation
-# Shared by impulse.py and lyapunov.py (private helpers).
-
-
-def _check_update(update: object) -> str:
-    if update not in UPDATES:
-        raise DynamicsError(f"update must be one of {UPDATES}, got {update!r}")
-    return update  # type: ignore[return-value]
-
-
-def _check_hold(m: BlockMap, hold: object, role: str = "hold") -> tuple[str, ...]:
-    if isinstance(hold, str):
-        hold = (hold,)
-    if not isinstance(hold, Collection):
-        raise DynamicsError(f"{role} must be a collection of slot names, got {type(hold).__name__}")
-    out: list[str] = []
-    for s in hold:
-        if not isinstance(s, str) or s not in m.slots:
-            raise DynamicsError(f"{role} names unknown slot {s!r}; slots are {list(m.slots)}")
-        if s not in out:
-            out.append(s)
-    return tuple(out)
-
-
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise DynamicsError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise DynamicsError(f"{name} must be an int >= {minimum}, got {value}")
-    return value
-
-
-def _check_positive(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DynamicsError(f"{name} must be a positive number, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise DynamicsError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def _finite(slot: str, value: Tensor, what: str = "slot {!r} of the state") -> None:
-    """NaN or inf in ``value`` is an error naming the slot (``what`` formats it)."""
-    if torch.isnan(value).any():
-        raise DynamicsError(f"{what.format(slot)} contains NaN")
-    if torch.isinf(value).any():
-        raise DynamicsError(f"{what.format(slot)} contains inf")
-
-
-def _check_state(
-    m: BlockMap, state: object, hold: tuple[str, ...], frozen: Collection[str] = ()
-) -> tuple[dict[str, Tensor], tuple[int, ...]]:
-    """Validate ``state``; return the full state (free slots filled with zeros) and batch.
-
-    ``frozen`` are slots that get their values elsewhere (forced slots): they are
-    neither required nor filled.
-    """
-    if not isinstance(state, Mapping):
-        raise DynamicsError(f"state must be a dict slot -> tensor, got {type(state).__name__}")
-    for s, v in state.items():
-        if s not in m.slots:
-            raise DynamicsError(f"state names unknown slot {s!r}; slots are {list(m.slots)}")
-        if not isinstance(v, Tensor) or not v.is_floating_point():
-            got = v.dtype if isinstance(v, Tensor) else type(v).__name__
-            raise DynamicsError(f"slot {s!r} of the state must be a floating tensor, got {got}")
-        _finite(s, v)
-    try:
-        batch, _, _ = check_state(m, state)
-    except (TypeError, ValueError) as exc:
-        raise DynamicsError(str(exc)) from exc
-    for s in hold:
-        if s not in state:
-            raise DynamicsError(f"held slot {s!r} needs a value in state")
-    if batch is None:
-        raise DynamicsError("state is empty: give at least one slot (it sets the batch shape)")
-    ref = next(iter(state.values()))
-    full = {
-        s: state[s] if s in state else ref.new_zeros(*batch, n)
-        for s, n in m.slots.items()
-        if s in state or s not in frozen
-    }
-    return full, batch
+# ---------------------------------------------------------------------------- preparation
 
 
 def _prepare(
@@ -147,11 +78,16 @@ def _prepare(
     update: object,
     block_kwargs: Mapping | None = None,
 ) -> tuple[BlockMap, MapFunction, Tensor, tuple[int, ...]]:
-    """Validated ``(map, G, z, batch)``: ``z`` the packed free slots of ``state``."""
-    bm = _as_map(m)
-    hold = _check_hold(bm, hold)
-    update = _check_update(update)
-    full, batch = _check_state(bm, state, hold)
+    """Validated ``(map, G, z, batch)``: ``z`` the packed free slots of ``state``.
+
+    The map's weights must be finite (:func:`~iternn.dynamics.validate.check_map_finite`):
+    every caller hands matrices made from them to ``torch.linalg``.
+    """
+    bm = as_block_map(m)
+    hold = check_hold(bm, hold)
+    update = check_update(update)
+    full, batch = check_state(bm, state, hold)
+    check_map_finite(bm)
     if len(hold) == len(bm.slots):
         raise DynamicsError(
             "every slot is held: the free part is empty, so there is no square Jacobian"
@@ -330,6 +266,7 @@ def _autograd_jacobian(g: MapFunction, z: Tensor) -> Tensor:
 def jacobian(
     m: BlockMap,
     state: Mapping[str, Tensor],
+    /,
     *,
     hold: Collection[str] = (),
     update: str = "jacobi",
@@ -414,6 +351,7 @@ def _nilpotent(m: BlockMap, g: MapFunction) -> bool:
 def eigenvalues(
     m: BlockMap,
     state: Mapping[str, Tensor],
+    /,
     *,
     hold: Collection[str] = (),
     update: str = "jacobi",
@@ -431,13 +369,15 @@ def eigenvalues(
     if _nilpotent(bm, g):
         ctype = torch.complex128 if z.dtype == torch.float64 else torch.complex64
         return torch.zeros(*batch, g.size, dtype=ctype, device=z.device)
-    jac = jacobian(m, state, hold=hold, update=update, block_kwargs=block_kwargs)
+    jac = _jacobian_at(bm, g, z, batch, block_kwargs=block_kwargs)
+    check_matrix_finite(jac, "the Jacobian", g.free, g.sizes)
     return _sort_by_modulus(torch.linalg.eigvals(jac))
 
 
 def singular_values(
     m: BlockMap,
     state: Mapping[str, Tensor],
+    /,
     *,
     hold: Collection[str] = (),
     update: str = "jacobi",
@@ -448,7 +388,9 @@ def singular_values(
     Dense (``torch.linalg.svdvals`` of :func:`jacobian`). The largest is the local
     Lipschitz constant of one application (in the 2-norm).
     """
-    jac = jacobian(m, state, hold=hold, update=update, block_kwargs=block_kwargs)
+    bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs)
+    jac = _jacobian_at(bm, g, z, batch, block_kwargs=block_kwargs)
+    check_matrix_finite(jac, "the Jacobian", g.free, g.sizes)
     return torch.linalg.svdvals(jac)
 
 
@@ -540,6 +482,7 @@ def _krylov_radius(
             prods = torch.cat([prods, matvec(w).unsqueeze(1)], dim=1)
             products += 1
         b = basis.t() @ prods
+        check_matrix_finite(prods, "a Jacobian-vector product")
         theta, y = torch.linalg.eig(b)
         mod = theta.abs()
         top = int(torch.argmax(mod))
@@ -586,6 +529,7 @@ def _krylov_radius(
 def spectral_radius(
     m: BlockMap,
     state: Mapping[str, Tensor],
+    /,
     *,
     hold: Collection[str] = (),
     update: str = "jacobi",
@@ -627,11 +571,10 @@ def spectral_radius(
         float64: a 0-d tensor, or ``(*batch,)`` for a batched state (one radius per
         batch element, computed element by element).
     """
-    iters = _check_int(iters, "iters", 1)
-    krylov = _check_int(krylov, "krylov", 3)
-    tol = _check_positive(tol, "tol")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise DynamicsError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    iters = check_int(iters, "iters", 1)
+    krylov = check_int(krylov, "krylov", 3)
+    tol = check_positive(tol, "tol")
+    check_generator(generator)
     bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs)
     if _nilpotent(bm, g):  # exactly 0 by structure (see _nilpotent)
         return torch.zeros(batch, dtype=torch.float64, device=z.device)

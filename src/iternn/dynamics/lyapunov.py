@@ -34,16 +34,19 @@ from torch import Tensor
 from ..core.block_map import BlockMap
 from ..core.graph import BlockGraph
 from ..engine.iterate import iterate
-from .functional import DynamicsError, MapFunction
-from .jacobian import (
-    _as_map,
-    _autograd_jacobian,
-    _check_hold,
-    _check_int,
-    _check_state,
-    _check_update,
-    _finite,
-    _jacobian_at,
+from ..errors import DynamicsError
+from .functional import MapFunction
+from .jacobian import _autograd_jacobian, _jacobian_at
+from .validate import (
+    as_block_map,
+    check_force,
+    check_generator,
+    check_hold,
+    check_int,
+    check_map_finite,
+    check_matrix_finite,
+    check_state,
+    check_update,
 )
 
 __all__ = ["lyapunov_spectrum", "largest_lyapunov"]
@@ -85,41 +88,10 @@ def _columns(g: MapFunction, z: Tensor, q: Tensor) -> Tensor:
     return _autograd_jacobian(g, z) @ q
 
 
-def _check_force(
-    m: BlockMap, force: object, hold: tuple[str, ...], length: int, batch, dtype, device
-) -> dict[str, Tensor]:
-    if force is None:
-        return {}
-    if not isinstance(force, Mapping):
-        raise DynamicsError(f"force must be a dict slot -> sequence, got {type(force).__name__}")
-    out = {}
-    for s, seq in force.items():
-        if not isinstance(s, str) or s not in m.slots:
-            raise DynamicsError(f"force names unknown slot {s!r}; slots are {list(m.slots)}")
-        if s in hold:
-            raise DynamicsError(f"slot {s!r} cannot be both held and forced")
-        n = m.slots[s]
-        if not isinstance(seq, Tensor) or not seq.is_floating_point():
-            raise DynamicsError(f"forced slot {s!r} must be a floating tensor")
-        want = (length, *batch, n)
-        if tuple(seq.shape) != want:
-            raise DynamicsError(
-                f"forced slot {s!r} needs shape {want} (time first: warmup + steps entries), "
-                f"got {tuple(seq.shape)}"
-            )
-        if seq.dtype != dtype or seq.device != device:
-            raise DynamicsError(
-                f"forced slot {s!r} is {seq.dtype} on {seq.device}, "
-                f"the state is {dtype} on {device}"
-            )
-        _finite(s, seq, "forced slot {!r}")
-        out[s] = seq
-    return out
-
-
 def lyapunov_spectrum(
     m: BlockMap,
     state: Mapping[str, Tensor],
+    /,
     *,
     steps: int,
     hold: Collection[str] = (),
@@ -154,17 +126,18 @@ def lyapunov_spectrum(
     Returns:
         float64 exponents, largest first, in natural log per application.
     """
-    bm = _as_map(m)
-    steps = _check_int(steps, "steps", 1)
-    warmup = _check_int(warmup, "warmup", 0)
-    hold = _check_hold(bm, hold)
-    update = _check_update(update)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise DynamicsError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    bm = as_block_map(m)
+    steps = check_int(steps, "steps", 1)
+    warmup = check_int(warmup, "warmup", 0)
+    hold = check_hold(bm, hold)
+    update = check_update(update)
+    check_generator(generator)
     forced_names = tuple(force) if isinstance(force, Mapping) else ()
-    full, batch = _check_state(bm, state, hold, frozen=forced_names)
+    full, batch = check_state(bm, state, hold, frozen=forced_names)
+    check_map_finite(bm)  # the tangent basis goes through torch.linalg.qr
     ref = next(iter(full.values()))
-    forced = _check_force(bm, force, hold, warmup + steps, batch, ref.dtype, ref.device)
+    forced = check_force(bm, force, hold, length=warmup + steps, batch=batch, dtype=ref.dtype,
+                         device=ref.device)
     frozen = hold + tuple(s for s in bm.slots if s in forced)
     free = tuple(s for s in bm.slots if s not in frozen)
     if not free:
@@ -225,6 +198,7 @@ def lyapunov_spectrum(
                         g = MapFunction(bm, {**held, **{s: seq[i] for s, seq in part.items()}},
                                         hold=frozen, update=update, block_kwargs=block_kwargs)
                     jq = _columns(g, zs[i], q.to(zs.dtype)).to(torch.float64)
+                check_matrix_finite(jq, "the tangent vectors J q")
                 q, r = torch.linalg.qr(jq)
                 if t + i >= warmup:
                     total += torch.log(torch.diagonal(r, dim1=-2, dim2=-1).abs())
@@ -237,6 +211,7 @@ def lyapunov_spectrum(
 def largest_lyapunov(
     m: BlockMap,
     state: Mapping[str, Tensor],
+    /,
     *,
     steps: int,
     hold: Collection[str] = (),

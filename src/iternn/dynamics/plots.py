@@ -40,9 +40,9 @@ from torch import Tensor, nn
 from ..core.block_map import BlockMap
 from ..core.rowwise import ELEMENTWISE
 from ..engine.iterate import iterate
-from .functional import DynamicsError
+from ..errors import DynamicsError
 from .impulse import ImpulseResponse
-from .jacobian import _as_map, _check_hold, _check_int, _check_state, _check_update
+from .validate import as_block_map, check_hold, check_int, check_state, check_update
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -257,7 +257,7 @@ def _structure(bm: BlockMap, cell: int) -> tuple[Tensor, tuple[int, ...]]:
     return image, tuple(bounds)
 
 
-def structure_matrix(m: BlockMap | nn.Module) -> tuple[Tensor, tuple[int, ...]]:
+def structure_matrix(m: BlockMap | nn.Module, /) -> tuple[Tensor, tuple[int, ...]]:
     """The data of the spy plot: ``(mask, boundaries)``.
 
     ``mask`` is an ``(N, N)`` float32 tensor over the packed state (``N = m.size``, slots
@@ -270,11 +270,12 @@ def structure_matrix(m: BlockMap | nn.Module) -> tuple[Tensor, tuple[int, ...]]:
     0 where there is no block. ``boundaries`` are the slot offsets ``(0, n_1, n_1 + n_2,
     ..., N)``: slot ``i`` covers rows and columns ``boundaries[i]:boundaries[i + 1]``.
     """
-    return _structure(_as_map(m), 1)
+    return _structure(as_block_map(m), 1)
 
 
 def plot_structure(
     m: BlockMap | nn.Module,
+    /,
     path: PathLike | None = None,
     *,
     hold: Collection[str] = (),
@@ -288,8 +289,8 @@ def plot_structure(
     slots marked). Maps with more than 1024 state entries are drawn at a coarser
     resolution (a pixel is black if any entry in it is). See :func:`structure_matrix`.
     """
-    bm = _as_map(m)
-    hold = _check_hold(bm, hold)
+    bm = as_block_map(m)
+    hold = check_hold(bm, hold)
     total = bm.size
     cell = max(1, -(-total // _MAX_CELLS))
     image, bounds = _structure(bm, cell)
@@ -668,6 +669,7 @@ def _default_block(bm: BlockMap, hold: tuple[str, ...]) -> tuple[str, str]:
 def bifurcation_data(
     m: BlockMap | nn.Module,
     state: Mapping[str, Tensor],
+    /,
     *,
     param_values: Sequence[float] | Tensor,
     scale_block: tuple[str, str] | Callable[[BlockMap, float], Any] | None = None,
@@ -706,17 +708,17 @@ def bifurcation_data(
         index: the coordinate within ``slot``.
         update: ``"jacobi"`` or ``"ordered"`` (see :func:`iternn.iterate`).
     """
-    bm = _as_map(m)
-    hold = _check_hold(bm, hold)
-    update = _check_update(update)
-    steps = _check_int(steps, "steps", 1)
-    keep = _check_int(keep, "keep", 1)
+    bm = as_block_map(m)
+    hold = check_hold(bm, hold)
+    update = check_update(update)
+    steps = check_int(steps, "steps", 1)
+    keep = check_int(keep, "keep", 1)
     if keep > steps:
         raise DynamicsError(f"keep must be at most steps ({steps}), got {keep}")
     params = _tensor(param_values, "param_values").flatten()
     if params.is_complex() or params.numel() == 0 or not bool(torch.isfinite(params).all()):
         raise DynamicsError("param_values must be at least one finite real number")
-    full, batch = _check_state(bm, state, hold)
+    full, batch = check_state(bm, state, hold)
     setter: Callable[[BlockMap, float], Any] | None = None
     if callable(scale_block):
         setter = scale_block
@@ -798,6 +800,7 @@ def _draw_bifurcation(data: BifurcationData, path: PathLike | None, title: str |
 def plot_bifurcation(
     m: BlockMap | nn.Module,
     state: Mapping[str, Tensor],
+    /,
     *,
     param_values: Sequence[float] | Tensor,
     scale_block: tuple[str, str] | Callable[[BlockMap, float], Any] | None = None,

@@ -11,9 +11,10 @@ The analysis runs on a float64 copy of the map in eval mode (dropout off); the m
 given is not modified. Every number depends only on the map, the state and ``seed``:
 the same inputs give the same report, byte for byte.
 
-Each analysis is independent: one that raises is recorded in the report as
-``not available: <reason>`` and the others go on. Bad input — a missing file, a file
-that is not an iternn file, a module without a block map, a state that does not fit —
+Each analysis is independent: one that raises an ``Exception`` is recorded in the report
+as ``not available: <reason>`` and the others go on (``KeyboardInterrupt`` stops the
+whole analysis). Bad input — a missing file, a file that is not an iternn file, a module
+without a block map, a state that does not fit, a map whose weights hold NaN or inf —
 is an error.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,12 +33,14 @@ from torch import Tensor, nn
 
 from ..core.block_map import BlockMap
 from ..core.state import parameter_spec
-from ..engine.iterate import UPDATES, iterate
+from ..engine.iterate import iterate
+from ..errors import DynamicsError, MapTypeError
 from .fixed_points import find_fixed_points, fixed_point
-from .functional import DynamicsError
 from .impulse import impulse_response
 from .jacobian import eigenvalues, singular_values, spectral_radius
 from .lyapunov import lyapunov_spectrum
+from .solvers import Anderson
+from .validate import check_hold, check_int, check_map_finite, check_update
 
 __all__ = ["analyze", "REPORT_NAME", "PICTURES", "DENSE_LIMIT"]
 
@@ -111,7 +115,7 @@ def _load(source: object) -> tuple[nn.Module, str, str, str]:
     if isinstance(source, nn.Module):
         name = type(source).__name__
         return source, name, f"an in-memory {name}", ""
-    raise TypeError(
+    raise MapTypeError(
         f"analyze needs a path to a saved map or a module, got {type(source).__name__}"
     )
 
@@ -123,7 +127,7 @@ def _block_map(module: nn.Module, where: str) -> BlockMap:
     if isinstance(inner, BlockMap):
         return inner
     what = f"{where} holds a {type(module).__name__}" if where else f"{type(module).__name__}"
-    raise TypeError(f"{what}, which is not a block map (neither a BlockMap nor a module with "
+    raise MapTypeError(f"{what}, which is not a block map (neither a BlockMap nor a module with "
                     "a .map)")
 
 
@@ -151,30 +155,77 @@ def _state(bm: BlockMap, state: Mapping[str, Tensor] | None, seed: int,
                                                                              device=device)
                 for s, n in bm.slots.items()}
     if not isinstance(state, Mapping):
-        raise TypeError(f"state must be a dict slot -> tensor, got {type(state).__name__}")
+        raise MapTypeError(f"state must be a dict slot -> tensor, got {type(state).__name__}")
     out = {}
     for s, v in state.items():
         if s not in bm.slots:
-            raise ValueError(f"state names unknown slot {s!r}; slots are {list(bm.slots)}")
+            raise DynamicsError(f"state names unknown slot {s!r}; slots are {list(bm.slots)}")
         if not isinstance(v, Tensor) or not v.is_floating_point():
-            raise TypeError(f"slot {s!r} of the state must be a floating tensor")
+            raise MapTypeError(f"slot {s!r} of the state must be a floating tensor")
         n = bm.slots[s]
         if v.shape not in ((n,), (1, n)):
-            raise ValueError(
+            raise DynamicsError(
                 f"slot {s!r} of the state must have shape ({n},) or (1, {n}) "
                 f"(analyze takes one state), got {tuple(v.shape)}"
             )
         if not bool(torch.isfinite(v).all()):
-            raise ValueError(f"slot {s!r} of the state contains NaN or inf")
+            raise DynamicsError(f"slot {s!r} of the state contains NaN or inf")
         out[s] = v.detach().reshape(1, n).to(dtype=dtype, device=device)
     for s, n in bm.slots.items():  # missing slots start at zero, as in iterate
         out.setdefault(s, torch.zeros(1, n, dtype=dtype, device=device))
     return out
 
 
+# ---------------------------------------------------------------------------- progress
+class _Progress:
+    """One step per report section on stderr: a ``tqdm`` bar, else one line per section.
+
+    Disabled, it does nothing (the API's default); the command line enables it.
+    """
+
+    def __init__(self, name: str, total: int, *, enabled: bool) -> None:
+        self.name, self.total, self.enabled = name, total, enabled
+        self.bar: Any = None
+        self.count = 0
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                self.bar = None
+            else:
+                self.bar = tqdm(total=self.total, desc=f"analyze {self.name}", unit="section",
+                                file=sys.stderr, leave=True)
+        return self
+
+    def start(self, section: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix_str(section)
+        else:
+            print(f"analyze {self.name}: {section} ({self.count + 1}/{self.total})",
+                  file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        self.count += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 # ---------------------------------------------------------------------------- analyze
 class _Run:
-    """Runs one analysis at a time, recording failures instead of raising."""
+    """Runs one analysis at a time, recording failures instead of raising.
+
+    Only ``Exception`` is recorded: ``KeyboardInterrupt`` and ``SystemExit`` (which are
+    not ``Exception``) go through and stop the analysis.
+    """
 
     def __init__(self) -> None:
         self.notes: list[str] = []
@@ -199,6 +250,7 @@ def analyze(
     hold: Collection[str] | None = None,
     update: str | None = None,
     pictures: bool = True,
+    progress: bool = False,
 ) -> Path:
     """Analyse a block map and write ``report.md`` and pictures into ``out_dir``.
 
@@ -224,31 +276,30 @@ def analyze(
         pictures: draw the PNGs (needs matplotlib: ``pip install iternn[plots]``;
             without it the report says so and has the numbers only). ``False``: numbers
             only, faster.
+        progress: show a progress bar on stderr, one step per report section (``tqdm``,
+            imported when asked for; without it, one line per section).
 
     Returns:
         ``out_dir`` as a :class:`~pathlib.Path`.
 
     Raises:
-        FileNotFoundError: no such file. iternn.io.FormatError: not an iternn file.
-        TypeError, ValueError: not a block map, a bad state, hold or option.
+        FileNotFoundError: no such file. iternn.FormatError: not an iternn file.
+        MapTypeError: not a block map, a state or option of the wrong type.
+        DynamicsError: a bad state, hold or option, or a map whose weights hold NaN or
+            inf (named by block).
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if update is not None and update not in UPDATES:
-        raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+        raise MapTypeError(f"seed must be an int, got {type(seed).__name__}")
+    if steps is not None:
+        check_int(steps, "steps", 1)
+    if update is not None:
+        check_update(update)
     module, name, described, where = _load(path_or_module)
     bm = _block_map(module, where)
-    if hold is None:
-        hold = _default_hold(module, bm)
-    else:
-        hold = (hold,) if isinstance(hold, str) else tuple(dict.fromkeys(hold))
-        for s in hold:
-            if s not in bm.slots:
-                raise ValueError(f"hold names unknown slot {s!r}; slots are {list(bm.slots)}")
+    hold = _default_hold(module, bm) if hold is None else check_hold(bm, hold)
     if len(hold) == len(bm.slots):
-        raise ValueError("every slot is held: there is nothing to analyse")
+        raise DynamicsError("every slot is held: there is nothing to analyse")
+    check_map_finite(bm)
     update = update or _default_update(module)
     _, device = parameter_spec(bm)
     device = device or torch.device("cpu")
@@ -261,7 +312,7 @@ def analyze(
     am = copy.deepcopy(bm).to(torch.float64).eval()  # the user's map is untouched
     report = _Analysis(am, name, described, hold, update, start, state is not None, seed,
                        steps or (100 if quick else 400), quick, out, bool(pictures))
-    text = report.run()
+    text = report.run(_Progress(name, len(_Analysis.SECTIONS), enabled=bool(progress)))
     (out / REPORT_NAME).write_text(text, encoding="utf-8")
     return out
 
@@ -318,16 +369,16 @@ class _Analysis:
         self.add("", f"Not available: {why}")
 
     # ------------------------------------------------------------------ sections
-    def run(self) -> str:
-        self.header()
-        self.parameters()
-        self.structure()
-        self.impulse()
-        self.spectrum()
-        self.trajectory()
-        self.fixed_points()
-        self.lyapunov()
-        self.bifurcation()
+    #: The report's sections, in order (one progress step each).
+    SECTIONS = ("header", "parameters", "structure", "impulse", "spectrum", "trajectory",
+                "fixed_points", "lyapunov", "bifurcation")
+
+    def run(self, progress: _Progress) -> str:
+        with progress:
+            for section in self.SECTIONS:
+                progress.start(section.replace("_", " "))
+                getattr(self, section)()
+                progress.done()
         self.add("", "## Notes", "")
         if self.attempt.notes:
             self.add(*[f"- {n}" for n in self.attempt.notes])
@@ -539,7 +590,7 @@ class _Analysis:
 
         def solve():
             return fixed_point(self.m, self.state, hold=self.hold, update=self.update,
-                               solver="anderson", max_steps=200 if self.quick else 500)
+                               solver=Anderson(), max_steps=200 if self.quick else 500)
 
         res, why = self.attempt("fixed-point solve (Anderson)", solve)
         solved = None
@@ -551,7 +602,7 @@ class _Analysis:
             _, info = res
             self.add(f"- Solve from the state (Anderson): converged {_f(info.converged)}, "
                      f"{info.steps} steps, residual {_f(info.residual.max())} "
-                     f"(tol {_f(info.tol)}, {info.reason})")
+                     f"(tol {_f(info.tol)}, {info.reason.value})")
         if self.n_free > DENSE_LIMIT:
             note = (f"fixed-point search: skipped, the free state has {self.n_free} > "
                     f"{DENSE_LIMIT} entries")

@@ -8,8 +8,10 @@ from collections.abc import Collection, Mapping
 import torch
 from torch import Tensor
 
+from ..core import memory
 from ..core.block_map import BlockMap
 from ..core.state import check_state, check_tensor
+from ..errors import MapError, MapTypeError
 from .plan import SequencePlan, StepPlan, Wavefront
 
 __all__ = ["iterate", "UPDATES", "wavefront_plan", "sequence_plan", "step_plan"]
@@ -65,11 +67,70 @@ def _check_slots(m: BlockMap, names: object, role: str) -> frozenset[str]:
     if isinstance(names, str):
         names = (names,)
     if not isinstance(names, Collection):
-        raise TypeError(f"{role} must be a collection of slot names, got {type(names).__name__}")
+        raise MapTypeError(f"{role} must be a collection of slot names, got {type(names).__name__}")
     for s in names:
-        if not isinstance(s, str) or s not in m.slots:
-            raise ValueError(f"{role} names unknown slot {s!r}; slots are {list(m.slots)}")
+        if not isinstance(s, str):
+            raise MapTypeError(f"{role} must name slots by str, got {type(s).__name__} {s!r}")
+        if s not in m.slots:
+            raise MapError(f"{role} names unknown slot {s!r}; slots are {list(m.slots)}")
     return frozenset(names)
+
+
+def _shape_text(batch: tuple[int, ...], n: int) -> str:
+    return "(" + ", ".join(str(d) for d in (*batch, n)) + ")"
+
+
+def _check_memory(
+    m: BlockMap,
+    missing: set[str],
+    batch: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    steps: int,
+    frozen: frozenset[str],
+    sequence: bool,
+) -> None:
+    """Refuse, before anything is allocated, an iteration this machine cannot hold.
+
+    What an iteration allocates is known in advance: the zeros of the ``missing`` slots
+    (left out of the state) and a new value of every slot it computes (not frozen),
+    ``batch x n_s`` entries each; and, when the whole sequence is kept (``sequence``: a
+    trajectory, or a forced iteration whose plan runs over all steps at once),
+    ``steps x batch x n_s`` entries of every computed slot. (The messages are built
+    only for sizes :func:`check_bytes` checks at all.)
+    """
+    slots = m.slots
+    n_new = n_computed = 0
+    for s, n in slots.items():
+        if steps and s not in frozen:
+            n_computed += n
+            n_new += n
+        elif s in missing:
+            n_new += n
+    row_bytes = math.prod(batch) * dtype.itemsize
+    state_bytes = row_bytes * n_new
+    seq_bytes = steps * row_bytes * n_computed if sequence else 0
+    if max(state_bytes, seq_bytes) < memory.ALWAYS_AVAILABLE:
+        return
+    computed = [s for s in slots if s not in frozen] if steps else []
+    new = [s for s in slots if s in missing or s in computed]
+    if new:
+        big = max(new, key=slots.__getitem__)
+        others = f" and {len(new) - 1} other slot(s)" if len(new) > 1 else ""
+        memory.check_bytes(
+            state_bytes,
+            f"the state: slot {big!r} (shape {_shape_text(batch, slots[big])}){others}, {dtype},",
+            device=device,
+        )
+    if seq_bytes:
+        memory.check_bytes(
+            seq_bytes,
+            f"steps={steps} kept as a sequence (trajectory, or forcing) of the computed "
+            f"slot(s) {computed[:3]}{' ...' if len(computed) > 3 else ''}: shape "
+            f"{_shape_text((steps, *batch), n_computed)}, {dtype},",
+            device=device,
+        )
 
 
 def iterate(
@@ -113,39 +174,50 @@ def iterate(
     Returns:
         The final state (every slot), or the trajectory.
 
+    Raises:
+        MapError: (a ``ValueError``) an unknown slot, a tensor of the wrong shape, a bad
+            option value (the message names the slot or option).
+        MapTypeError: (a ``TypeError``) an argument of the wrong type or dtype.
+        SizeError: (a ``MemoryError``) the state it builds (zeros of the slots left out
+            of ``state``, a new value of every computed slot), or the ``steps x batch``
+            sequence a trajectory or a forced run keeps, would not fit in the memory
+            available; checked before anything is allocated.
+
     The schedule is chosen by structure (see :mod:`iternn.engine.plan`) and gives the
     same result as applying ``m`` step by step: acyclic maps iterated at least their
     depth are evaluated as a wavefront, each block once; forced maps evaluate blocks
     fed from outside a cycle in one batched call over the whole sequence.
     """
     if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+        raise MapTypeError(f"steps must be an int, got {type(steps).__name__}")
     if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
-    if isinstance(inner, bool) or not isinstance(inner, int) or inner < 1:
-        raise ValueError(f"inner must be an int >= 1, got {inner!r}")
+        raise MapError(f"steps must be >= 0, got {steps}")
+    if isinstance(inner, bool) or not isinstance(inner, int):
+        raise MapTypeError(f"inner must be an int, got {type(inner).__name__}")
+    if inner < 1:
+        raise MapError(f"inner must be an int >= 1, got {inner!r}")
     if update not in UPDATES:
-        raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+        raise MapError(f"update must be one of {UPDATES}, got {update!r}")
     if inner > 1 and not force:
-        raise ValueError("inner applications need forced slots (force=...)")
+        raise MapError("inner applications need forced slots (force=...)")
     if block_kwargs is not None:
         unknown = [k for k in block_kwargs if k not in m.blocks]
         if unknown:
-            raise ValueError(f"block_kwargs names unknown block(s) {unknown}")
+            raise MapError(f"block_kwargs names unknown block(s) {unknown}")
     held = _check_slots(m, hold, "hold")
     batch, dtype, device = check_state(m, state)
     forced: dict[str, Tensor] = {}
     if force is not None:
         if not isinstance(force, Mapping):
-            raise TypeError(f"force must be a dict slot -> sequence, got {type(force).__name__}")
+            raise MapTypeError(f"force must be a dict slot -> sequence, got {type(force).__name__}")
         both = held & set(force)
         if both:
-            raise ValueError(f"slot(s) {sorted(both)} cannot be both held and forced")
+            raise MapError(f"slot(s) {sorted(both)} cannot be both held and forced")
         for slot, seq in force.items():
             _check_slots(m, (slot,), "force")
             check_tensor(m, slot, seq, "forced slot")
             if seq.dim() < 2 or seq.shape[0] != steps:
-                raise ValueError(
+                raise MapError(
                     f"forced slot {slot!r} needs a sequence of shape ({steps}, *batch, "
                     f"{m.slots[slot]}) (time first, one entry per step), got {tuple(seq.shape)}"
                 )
@@ -153,21 +225,35 @@ def iterate(
                 batch, dtype, device = tuple(seq.shape[1:-1]), seq.dtype, seq.device
                 check_state(m, {}, batch=batch, dtype=dtype, device=device)
             if tuple(seq.shape[1:-1]) != batch:
-                raise ValueError(
+                raise MapError(
                     f"forced slot {slot!r} has batch shape {tuple(seq.shape[1:-1])}, "
                     f"the state has {batch}"
                 )
             if seq.dtype != dtype:
-                raise TypeError(f"forced slot {slot!r} has dtype {seq.dtype}, the state has {dtype}")
+                raise MapTypeError(f"forced slot {slot!r} has dtype {seq.dtype}, the state has {dtype}")
             if seq.device != device:
-                raise ValueError(f"forced slot {slot!r} is on {seq.device}, the state is on {device}")
+                raise MapError(f"forced slot {slot!r} is on {seq.device}, the state is on {device}")
             forced[slot] = seq
     if batch is None:
-        raise ValueError("state is empty: give at least one slot (it sets the batch shape)")
-    ref = next(iter(forced.values())) if forced else next(iter(state.values()))
-    init = {s: state[s] if s in state else ref.new_zeros(*batch, n) for s, n in m.slots.items()}
+        raise MapError("state is empty: give at least one slot (it sets the batch shape)")
     frozen = held | frozenset(forced)
+    sequence = steps > 0 and (trajectory or (bool(forced) and inner == 1))
+    wave = None
+    if steps > 0 and not (forced or trajectory):
+        wave = _plan(m, "wave", frozen, update)
+        if not (wave and steps >= wave.depth):
+            wave = None
+    # Slots left out start at zero; a wavefront computes every slot that is not frozen
+    # before reading it, so only its frozen ones need a value.
+    missing = {s for s in m.slots if s not in state and (wave is None or s in frozen)}
+    _check_memory(m, missing, batch, dtype, device, steps=steps, frozen=frozen, sequence=sequence)
+    ref = next(iter(forced.values())) if forced else next(iter(state.values()))
+    init = {s: state[s] if s in state else ref.new_zeros(*batch, n)
+            for s, n in m.slots.items() if s in state or s in missing}
 
+    if wave is not None:
+        out = wave(init, block_kwargs, ref, batch)
+        return {s: out[s] for s in m.slots}
     if steps == 0:
         if trajectory:
             return {s: v.new_empty(0, *v.shape) for s, v in init.items()}
@@ -192,9 +278,6 @@ def iterate(
             return {s: torch.stack([c[s] for c in states]) for s in m.slots}
         return cur
 
-    wave = _plan(m, "wave", frozen, update)
-    if wave and steps >= wave.depth:
-        return wave(init, block_kwargs, ref, batch)
     step = _plan(m, "step", frozen, update)
     cur = init
     for _ in range(steps):

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..core.block_map import BlockMap
 from ..core.state import check_state
+from ..errors import MapError, MapTypeError
 from .iterate import depth, iterate, wavefront_plan
 
 __all__ = ["MapModule"]
@@ -34,18 +35,20 @@ class MapModule(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(map, BlockMap):
-            raise TypeError(f"map must be a BlockMap, got {type(map).__name__}")
+            raise MapTypeError(f"map must be a BlockMap, got {type(map).__name__}")
         for role, slot in (("input", input), ("output", output)):
             if slot not in map.slots:
-                raise ValueError(f"{role} slot {slot!r} is not a slot of the map {list(map.slots)}")
+                raise MapError(f"{role} slot {slot!r} is not a slot of the map {list(map.slots)}")
         if steps is None:
             steps = depth(map, (input,))
             if math.isinf(steps):
-                raise ValueError(
+                raise MapError(
                     "the map has a cycle, so it has no finite depth: pass steps= explicitly"
                 )
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise MapTypeError(f"steps must be an int, got {type(steps).__name__}")
+        if steps < 0:
+            raise MapError(f"steps must be an int >= 0, got {steps!r}")
         self.map = map
         self.input = input
         self.output = output
@@ -58,7 +61,7 @@ class MapModule(nn.Module):
         m = self.map
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(
+            raise MapError(
                 f"input slot {self.input!r} needs shape (*batch, {self.in_features}), got {shape}"
             )
         frozen = self._held

@@ -301,20 +301,20 @@ class SequencePlan:
             if fast is not None:
                 self._record(comp.dests[0].slot, fast, init, reads, traj)
                 continue
-            per_step = []
+            # Per destination: the drive's steps (a time-varying drive), or one tensor
+            # that every step reads (held sources and biases only), or None.
+            timed: list[tuple[Tensor, ...] | None] = []
+            const: list[Tensor | None] = []
             for d, drive in zip(comp.dests, drives):
-                if drive is None:
-                    per_step.append(None)
-                elif drive.dim() == len(batch) + 2:
-                    per_step.append(drive.unbind(0))
-                else:
-                    per_step.append((drive.expand(*batch, d.size),) * steps)
+                varies = drive is not None and drive.dim() == len(batch) + 2
+                timed.append(drive.unbind(0) if varies else None)
+                const.append(None if drive is None or varies else drive.expand(*batch, d.size))
             prev = {d.slot: init[d.slot] for d in comp.dests}
             outs: list[list[Tensor]] = [[] for _ in comp.dests]
             for t in range(steps):
                 new = {}
                 for i, d in enumerate(comp.dests):
-                    start = per_step[i][t] if per_step[i] is not None else None
+                    start = timed[i][t] if timed[i] is not None else const[i]
                     pre = accumulate(comp.internal[i], prev, kwargs, start=start)
                     new[d.slot] = finish(d, pre, ref, batch)
                     outs[i].append(new[d.slot])

@@ -4,11 +4,12 @@
   custom autograd kernels) and ``MaskedLinear`` (dense weight, fixed mask).
 * :mod:`.kernels` — the CSR products and their autograd functions; :mod:`.native` — the
   compiled C/OpenMP kernels they use on CPU (built on first use, ``torch.sparse``
-  otherwise).
+  otherwise); :mod:`.checks` — :func:`check_csr_pattern`, the check every pattern passes
+  before a kernel reads it.
 * :mod:`.structured` — diagonal, low-rank and block-diagonal blocks.
 * :mod:`.patterns` — the block pattern grammar (``R=0.1 kaiming``, ``Row=4``, ``D fixed``)
   and ``make_block``.
-* :mod:`.builders` — random maps, the follow-up's six-block (x, h, y) maps and
+* :mod:`.builders` — random maps, the six-block (x, h, y) maps of arXiv 2509.15057 and
   ``matched_map``: a drop-in for an MLP with exactly its trainable count.
 """
 
@@ -20,6 +21,7 @@ from .builders import (
     six_block_map,
     solve_hidden_width,
 )
+from .checks import check_csr_pattern
 from .linear import MaskedLinear, SparseLinear
 from .patterns import BlockSpec, PatternError, make_block, parse_spec
 from .sampling import random_indices
@@ -33,6 +35,7 @@ __all__ = [
     "BlockDiagonalLinear",
     "BlockSpec",
     "PatternError",
+    "check_csr_pattern",
     "parse_spec",
     "make_block",
     "random_indices",

@@ -56,7 +56,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..errors import MapError, MapTypeError, NativeBuildError
 from . import native
+from .checks import ensure_csr_pattern
 
 __all__ = [
     "CSRPattern",
@@ -96,17 +98,17 @@ CSR_DTYPES = (torch.float32, torch.float64)
 #: was shared with other jobs (load 1.6-1.9), so single entries are noisy, the trend is
 #: not. Command: ``benchmarks/sparse.py --case crossover``.
 #:
-#:   out x in  batch  d=0.5        0.4          0.3          0.25         0.2          0.15         0.1          0.05
-#:   64x64       32   1.11 [1.16]  1.08 [1.12]  1.11 [1.15]  1.12 [0.89]  1.12 [1.04]  1.14 [1.14]  1.11 [1.18]  1.26 [1.05]
-#:   128x128     32   0.90 [0.89]  0.97 [0.85]  ---- [1.18]  0.93 [0.93]  0.95 [1.16]  0.95 [0.93]  0.95 [0.95]  0.97 [0.98]
-#:   128x128    256   1.20 [1.18]  0.97 [1.11]  1.07 [1.05]  1.06 [1.07]  0.86 [0.93]  1.04 [0.95]  0.94 [0.93]  0.97 [1.31]
-#:   256x256     32   0.67 [0.66]  0.72 [0.72]  0.69 [0.74]  0.76 [0.72]  0.76 [0.72]  0.75 [0.73]  0.72 [0.74]  0.71 [0.69]
-#:   256x256    256   0.99 [1.15]  1.00 [1.07]  0.90 [0.92]  0.71 [0.87]  0.77 [0.81]  0.71 [0.70]  0.66 [0.63]  0.61 [0.60]
-#:   1024x1024   32   0.67 [0.54]  0.55 [0.41]  0.42 [0.34]  0.40 [0.32]  0.38 [0.35]  0.24 [0.23]  0.21 [0.21]  0.18 [0.14]
-#:   1024x1024  256   1.14 [1.08]  0.91 [0.88]  0.80 [0.74]  0.68 [0.68]  0.56 [0.53]  0.46 [0.42]  0.37 [0.34]  0.32 [0.32]
-#:   4096x4096   32   0.42 [0.47]  0.34 [0.32]  0.33 [0.42]  0.24 [0.24]  0.21 [0.30]  0.21 [0.21]  0.15 [0.12]  0.08 [0.07]
-#:   4096x4096  256   0.76 [0.73]  0.74 [0.69]  0.75 [0.65]  0.48 [0.56]  0.45 [0.46]  0.32 [0.32]  0.20 [0.21]  0.14 [0.12]
-#:   3928x784   256   1.21 [1.20]  1.03 [0.98]  0.75 [0.70]  0.55 [0.54]  0.47 [0.48]  0.38 [0.37]  0.28 [0.27]  0.19 [0.18]
+#:  out x in batch d=0.5      0.4        0.3        0.25       0.2        0.15       0.1        0.05
+#:     64x64   32 1.11[1.16] 1.08[1.12] 1.11[1.15] 1.12[0.89] 1.12[1.04] 1.14[1.14] 1.11[1.18] 1.26[1.05]
+#:   128x128   32 0.90[0.89] 0.97[0.85] ----[1.18] 0.93[0.93] 0.95[1.16] 0.95[0.93] 0.95[0.95] 0.97[0.98]
+#:   128x128  256 1.20[1.18] 0.97[1.11] 1.07[1.05] 1.06[1.07] 0.86[0.93] 1.04[0.95] 0.94[0.93] 0.97[1.31]
+#:   256x256   32 0.67[0.66] 0.72[0.72] 0.69[0.74] 0.76[0.72] 0.76[0.72] 0.75[0.73] 0.72[0.74] 0.71[0.69]
+#:   256x256  256 0.99[1.15] 1.00[1.07] 0.90[0.92] 0.71[0.87] 0.77[0.81] 0.71[0.70] 0.66[0.63] 0.61[0.60]
+#: 1024x1024   32 0.67[0.54] 0.55[0.41] 0.42[0.34] 0.40[0.32] 0.38[0.35] 0.24[0.23] 0.21[0.21] 0.18[0.14]
+#: 1024x1024  256 1.14[1.08] 0.91[0.88] 0.80[0.74] 0.68[0.68] 0.56[0.53] 0.46[0.42] 0.37[0.34] 0.32[0.32]
+#: 4096x4096   32 0.42[0.47] 0.34[0.32] 0.33[0.42] 0.24[0.24] 0.21[0.30] 0.21[0.21] 0.15[0.12] 0.08[0.07]
+#: 4096x4096  256 0.76[0.73] 0.74[0.69] 0.75[0.65] 0.48[0.56] 0.45[0.46] 0.32[0.32] 0.20[0.21] 0.14[0.12]
+#:  3928x784  256 1.21[1.20] 1.03[0.98] 0.75[0.70] 0.55[0.54] 0.47[0.48] 0.38[0.37] 0.28[0.27] 0.19[0.18]
 #:   (----: a stalled call made the median meaningless.)
 #:
 #: Above 128 x 128 the CSR kernels win below ~0.4 with batch 256 and at every density up
@@ -252,7 +254,8 @@ def sampled_dense_dense(
     numbers at a time, any dtype) or ``"auto"`` (the first where supported).
     """
     if method not in ("auto", "sampled_addmm", "gather"):
-        raise ValueError(f"method must be 'auto', 'sampled_addmm' or 'gather', got {method!r}")
+        raise MapError(f"method must be 'auto', 'sampled_addmm' or 'gather', got {method!r}")
+    ensure_csr_pattern(crow, col, shape, name="sampled_dense_dense")
     if method == "gather" or (method == "auto" and a_t.dtype not in CSR_DTYPES):
         return _sampled_gather(a_t, b_t, crow, col)
     # sampled_addmm computes beta * input + alpha * (mat1 @ mat2) at input's pattern; the
@@ -286,6 +289,7 @@ class SparseLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, values: Tensor, bias: Tensor | None, pattern: CSRPattern) -> Tensor:
         out_f, in_f = pattern.shape
+        ensure_csr_pattern(pattern.crow, pattern.col, pattern.shape, name="CSR pattern")
         x_t = x.t()
         # (in, B) row-major; free when x is itself a transposed view (the output of a
         # previous sparse layer). Then x_t is a view of the input, which a Function may
@@ -317,6 +321,7 @@ class SparseLinearFunction(torch.autograd.Function):
         g_t = g_t.contiguous()  # (out, B); a copy when the upstream gradient is (B, out)
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
+            ensure_csr_pattern(p.crow_t, p.col_t, (in_f, out_f), name="transposed pattern")
             w_t = _csr(p.crow_t, p.col_t, values.index_select(0, p.perm), (in_f, out_f))
             grad_x = _result(in_f, g_t.shape[1], g_t).addmm_(w_t, g_t, beta=0).t()
         if ctx.needs_input_grad[1]:
@@ -327,15 +332,17 @@ class SparseLinearFunction(torch.autograd.Function):
 
 
 class _NativeOp:
-    """The pattern and the loaded library, as one opaque argument: torch.func transforms
-    wrap every tensor they find in a Function's (pytree) arguments, and the kernels need
-    the pattern's real index buffers."""
+    """The pattern, the loaded library and whether the caller vouched for the pattern
+    (``checked``, see :func:`iternn.sparse.native.spmm`), as one opaque argument:
+    torch.func transforms wrap every tensor they find in a Function's (pytree)
+    arguments, and the kernels need the pattern's real index buffers."""
 
-    __slots__ = ("pattern", "lib")
+    __slots__ = ("pattern", "lib", "checked")
 
-    def __init__(self, pattern: CSRPattern, lib) -> None:
+    def __init__(self, pattern: CSRPattern, lib, checked: bool = False) -> None:
         self.pattern = pattern
         self.lib = lib
+        self.checked = checked
 
 
 class NativeSparseLinearFunction(torch.autograd.Function):
@@ -363,7 +370,7 @@ class NativeSparseLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, values: Tensor, bias: Tensor | None, op: _NativeOp) -> Tensor:
         p = op.pattern
-        return native.spmm(op.lib, p.crow, p.col, values, x, p.shape[0], bias)
+        return native.spmm(op.lib, p.crow, p.col, values, x, p.shape[0], bias, checked=op.checked)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -382,6 +389,7 @@ class NativeSparseLinearFunction(torch.autograd.Function):
         lib, p = ctx.op.lib, ctx.op.pattern
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
+            # checked again (a memo look-up): the buffers may have changed since forward
             grad_x = native.spmm(lib, p.crow_t, p.col_t, values.index_select(0, p.perm), g, p.shape[1])
         if ctx.needs_input_grad[1]:
             grad_values = native.sdd(lib, p.crow, p.col, g, x)
@@ -417,10 +425,11 @@ CSR_KERNELS = ("auto", "native", "torch")
 
 def csr_kernel_for(x: Tensor, pattern: CSRPattern, kernel: str = "auto") -> str:
     """``"native"`` or ``"torch"``: the implementation :func:`sparse_linear` uses for this
-    input and pattern. Raises ``ValueError`` for an unknown ``kernel`` and
-    ``RuntimeError`` when ``"native"`` is asked for but does not apply."""
+    input and pattern. Raises :class:`~iternn.errors.MapError` for an unknown ``kernel``
+    and :class:`~iternn.errors.NativeBuildError` (a ``RuntimeError``) when ``"native"`` is
+    asked for but does not apply."""
     if kernel not in CSR_KERNELS:
-        raise ValueError(f"kernel must be one of {CSR_KERNELS}, got {kernel!r}")
+        raise MapError(f"kernel must be one of {CSR_KERNELS}, got {kernel!r}")
     if kernel == "torch":
         return "torch"
     why = None
@@ -435,8 +444,25 @@ def csr_kernel_for(x: Tensor, pattern: CSRPattern, kernel: str = "auto") -> str:
     if why is None:
         return "native"
     if kernel == "native":
-        raise RuntimeError(f"native CSR kernels requested but {why}")
+        raise NativeBuildError(f"native CSR kernels requested but {why}")
     return "torch"
+
+
+def _check_operands(x: Tensor, values: Tensor, bias: Tensor | None, pattern: CSRPattern,
+                    what: str) -> None:
+    """One dtype for every operand and one value per stored entry: a product never
+    mixes dtypes (nor reads past ``values``). Devices need no check here: torch refuses
+    mixed devices itself, and the native kernels check theirs."""
+    if x.dim() < 1 or x.shape[-1] != pattern.shape[1]:
+        raise MapError(f"{what}: x must have shape (*batch, {pattern.shape[1]}), got {tuple(x.shape)}")
+    dtype = x.dtype
+    if values.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        raise MapTypeError(f"{what}: x is {dtype} but values are {values.dtype}"
+                           + ("" if bias is None else f" and the bias {bias.dtype}")
+                           + "; convert one of them")
+    if values.dim() != 1 or values.shape[0] != pattern.col.shape[0]:
+        raise MapError(f"{what}: values must have shape ({pattern.col.numel()},) (one per stored "
+                       f"entry), got {tuple(values.shape)}")
 
 
 def _flatten(x: Tensor, in_features: int) -> tuple[Tensor, tuple[int, ...]]:
@@ -445,14 +471,21 @@ def _flatten(x: Tensor, in_features: int) -> tuple[Tensor, tuple[int, ...]]:
 
 
 def sparse_linear(x: Tensor, values: Tensor, bias: Tensor | None, pattern: CSRPattern,
-                  *, kernel: str = "auto") -> Tensor:
+                  *, kernel: str = "auto", checked: bool = False) -> Tensor:
     """``x W^T + b`` through the CSR kernels, for ``x`` of shape ``(*batch, in)``
     (any number of leading dims, including none); returns ``(*batch, out)``.
 
-    ``kernel``: see :data:`CSR_KERNELS` and :func:`csr_kernel_for`. Dtypes must agree
-    (:data:`CSR_DTYPES`); the caller checks them.
+    ``kernel``: see :data:`CSR_KERNELS` and :func:`csr_kernel_for`. ``x``, ``values``
+    and ``bias`` must share one dtype (:data:`CSR_DTYPES`;
+    :class:`~iternn.errors.MapTypeError` otherwise). Each kernel checks the pattern
+    (:func:`~iternn.sparse.checks.ensure_csr_pattern`) before it reads it, except with
+    ``checked=True``: the caller vouches that the pattern passed
+    :func:`~iternn.sparse.check_csr_pattern` and has not changed since (what
+    ``SparseLinear`` does, from its own record of its buffers); the backward, which may
+    run after the buffers changed, checks them in any case.
     """
     out_f, in_f = pattern.shape
+    _check_operands(x, values, bias, pattern, "sparse_linear")
     which = csr_kernel_for(x, pattern, kernel)
     x2, lead = _flatten(x, in_f)
     if x2.shape[0] == 0 or pattern.nnz == 0:
@@ -466,7 +499,8 @@ def sparse_linear(x: Tensor, values: Tensor, bias: Tensor | None, pattern: CSRPa
     if which == "native":
         values = values.contiguous()
         bias = None if bias is None else bias.contiguous()
-        y2 = NativeSparseLinearFunction.apply(x2, values, bias, _NativeOp(pattern, native.library()))
+        op = _NativeOp(pattern, native.library(), checked)
+        y2 = NativeSparseLinearFunction.apply(x2, values, bias, op)
     else:
         y2 = SparseLinearFunction.apply(x2, values, bias, pattern).t()
     return y2.reshape(*lead, out_f)
@@ -480,7 +514,11 @@ def dense_weight_from_values(values: Tensor, pattern: CSRPattern, flat_index: Te
     recomputing it.
     """
     out_f, in_f = pattern.shape
+    if values.dim() != 1 or values.numel() != pattern.col.numel():
+        raise MapError(f"values must have shape ({pattern.col.numel()},) (one per stored entry), "
+                       f"got {tuple(values.shape)}")
     if flat_index is None:
+        ensure_csr_pattern(pattern.crow, pattern.col, pattern.shape, name="dense weight pattern")
         flat_index = pattern_rows(pattern.crow, pattern.nnz) * in_f + pattern.col.long()
     w = values.new_zeros(out_f * in_f).scatter(0, flat_index, values)
     return w.view(out_f, in_f)
@@ -489,4 +527,5 @@ def dense_weight_from_values(values: Tensor, pattern: CSRPattern, flat_index: Te
 def dense_linear(x: Tensor, values: Tensor, bias: Tensor | None, pattern: CSRPattern,
                  flat_index: Tensor | None = None) -> Tensor:
     """``F.linear(x, W, b)`` with ``W`` materialised by :func:`dense_weight_from_values`."""
+    _check_operands(x, values, bias, pattern, "dense_linear")
     return F.linear(x, dense_weight_from_values(values, pattern, flat_index), bias)

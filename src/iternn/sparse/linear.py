@@ -28,53 +28,61 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.memory import check_bytes, tensor_bytes
+from ..errors import MapError, MapTypeError, PatternError
 from . import kernels
+from .checks import Memo, check_csr_pattern, remember_checked
 from .kernels import CSRPattern
 from .sampling import random_indices
 
 __all__ = ["SparseLinear", "MaskedLinear"]
 
 _BACKENDS = ("auto", "csr", "dense")
+#: SparseLinear's pattern buffers: the CSR pattern (saved), then the transposed pattern
+#: and the permutation derived from it (not saved).
+_PATTERN_BUFFERS = ("crow_indices", "col_indices", "crow_indices_t", "col_indices_t", "perm_t")
+#: SparseLinear modules whose pattern buffers were checked since they last changed.
+_checked = Memo()
 
 
 def _check_features(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise MapTypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
-        raise ValueError(f"{name} must be positive, got {value}")
+        raise MapError(f"{name} must be positive, got {value}")
     return value
 
 
 def _check_dtype(dtype: torch.dtype | None) -> torch.dtype:
     dtype = torch.get_default_dtype() if dtype is None else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        raise MapTypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     return dtype
 
 
 def _check_generator(generator: object) -> torch.Generator | None:
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        raise MapTypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     return generator
 
 
 def _check_density(density: object) -> float:
     if isinstance(density, bool) or not isinstance(density, numbers.Real):
-        raise TypeError(f"density must be a real number in (0, 1], got {type(density).__name__}")
+        raise MapTypeError(f"density must be a real number in (0, 1], got {type(density).__name__}")
     value = float(density)
     if not (0.0 < value <= 1.0):  # also rejects NaN
-        raise ValueError(f"density must be in (0, 1], got {density!r}")
+        raise MapError(f"density must be in (0, 1], got {density!r}")
     return value
 
 
 def _check_indices(indices: object, out_features: int, in_features: int) -> Tensor:
     """Validated ``(2, nnz)`` int64 CPU positions, sorted row-major."""
     if not isinstance(indices, Tensor):
-        raise TypeError(f"indices must be a (2, nnz) integer tensor, got {type(indices).__name__}")
+        raise MapTypeError(f"indices must be a (2, nnz) integer tensor, got {type(indices).__name__}")
     if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
-        raise TypeError(f"indices must be an integer tensor, got dtype {indices.dtype}")
+        raise MapTypeError(f"indices must be an integer tensor, got dtype {indices.dtype}")
     if indices.dim() != 2 or indices.shape[0] != 2:
-        raise ValueError(f"indices must have shape (2, nnz), got {tuple(indices.shape)}")
+        raise PatternError("indices", f"indices must have shape (2, nnz), got {tuple(indices.shape)}")
     idx = indices.detach().to("cpu", torch.long)
     rows, cols = idx[0], idx[1]
     for name, part, size, what in ((0, rows, out_features, "out_features"),
@@ -82,14 +90,15 @@ def _check_indices(indices: object, out_features: int, in_features: int) -> Tens
         if part.numel() and (int(part.min()) < 0 or int(part.max()) >= size):
             bad = part[(part < 0) | (part >= size)][0].item()
             kind = "row" if name == 0 else "column"
-            raise ValueError(
-                f"indices: {kind} index {bad} is out of range [0, {size}) ({what}={size})"
+            raise PatternError(
+                "indices", f"indices: {kind} index {bad} is out of range [0, {size}) ({what}={size})"
             )
     flat, order = torch.sort(rows * in_features + cols)
     dup = flat.diff() == 0
     if bool(dup.any()):
         first = int(flat[1:][dup][0])
-        raise ValueError(
+        raise PatternError(
+            "indices",
             f"indices contain {int(dup.sum())} duplicate position(s), e.g. "
             f"({first // in_features}, {first % in_features})"
         )
@@ -105,14 +114,14 @@ def _row_bounds(row_counts: Tensor) -> Tensor:
 def _check_input(module: nn.Module, x: object, param_name: str, param: Tensor) -> Tensor:
     cls = type(module).__name__
     if not isinstance(x, Tensor):
-        raise TypeError(f"{cls} input must be a tensor, got {type(x).__name__}")
+        raise MapTypeError(f"{cls} input must be a tensor, got {type(x).__name__}")
     if x.dim() < 1 or x.shape[-1] != module.in_features:
-        raise ValueError(
+        raise MapError(
             f"{cls} input must have last dim in_features={module.in_features}, "
             f"got shape {tuple(x.shape)}"
         )
     if x.dtype != param.dtype:
-        raise TypeError(
+        raise MapTypeError(
             f"{cls}.{param_name} has dtype {param.dtype} but the input has dtype {x.dtype}; "
             f"convert the module (.to({x.dtype})) or the input"
         )
@@ -123,19 +132,15 @@ class _PatternCheck:
     """What the two pattern-carrying blocks share: their trainable count (only the
     pattern's entries) and a ``_load_from_state_dict`` guard: pattern buffers must match
     the module's exactly.
-
-    A module built by ``_for_loading`` (a placeholder whose pattern is unknown until the
-    state_dict arrives, as in a file loader) instead adopts the pattern of the first
-    state_dict it loads, after validating it (``_adopt_pattern``).
     """
 
     _pattern_buffers: tuple[str, ...] = ()
-    _adopt_on_load = False
     _weight_name = "weight"  # the parameter holding the pattern's entries
 
-    def _trainable_counts(self) -> dict[str, int]:
+    def trainable_counts(self) -> dict[str, int]:
         """Entries training can change, per own parameter: the weight parameter -> nnz
-        (stored or masked entries only), ``bias`` -> out_features."""
+        (stored or masked entries only), ``bias`` -> out_features
+        (:class:`iternn.core.protocols.CountsTrainable`)."""
         counts = {self._weight_name: self.nnz}
         if self.bias is not None:
             counts["bias"] = self.out_features
@@ -148,10 +153,6 @@ class _PatternCheck:
                                       unexpected_keys, error_msgs)
 
     def _check_loaded_pattern(self, state_dict, prefix: str) -> None:
-        if self._adopt_on_load and all(prefix + n in state_dict for n in self._pattern_buffers):
-            self._adopt_pattern({n: state_dict[prefix + n] for n in self._pattern_buffers})
-            self._adopt_on_load = False
-            return
         for name in self._pattern_buffers:
             key = prefix + name
             if key not in state_dict:
@@ -164,7 +165,8 @@ class _PatternCheck:
             )
             if not same:
                 shape = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
-                raise ValueError(
+                raise PatternError(
+                    key,
                     f"{type(self).__name__}: state_dict buffer {key!r} (shape {shape}) differs "
                     f"from this block's pattern (shape {tuple(own.shape)}); the sparsity "
                     f"pattern is fixed at construction, build the block with the saved pattern"
@@ -177,9 +179,9 @@ class SparseLinear(_PatternCheck, nn.Module):
     ``y = x W^T + b`` where ``W`` (``out_features x in_features``) has ``nnz`` stored
     entries. The pattern is given either by ``density`` (exactly
     ``round(density * in_features * out_features)`` distinct positions -- Python's
-    ``round``, halves to even -- drawn uniformly without replacement with ``generator``) or by ``indices`` (``(2, nnz)`` integer
-    positions ``(row = output index, column = input index)``, distinct and in range, any
-    order).
+    ``round``, halves to even -- drawn uniformly without replacement with ``generator``)
+    or by ``indices`` (``(2, nnz)`` integer positions ``(row = output index, column =
+    input index)``, distinct and in range, any order).
 
     Parameters: ``values`` (``(nnz,)``, in the pattern's row-major order: see
     :meth:`indices`) and ``bias`` (``(out_features,)``, or ``None`` with ``bias=False``).
@@ -187,7 +189,11 @@ class SparseLinear(_PatternCheck, nn.Module):
     the CSR pattern, saved in ``state_dict``; the transposed pattern used by the input
     gradient (``crow_indices_t``, ``col_indices_t`` and the permutation ``perm_t``) is
     derived from it and not saved. Loading a ``state_dict`` whose pattern differs raises a
-    ``ValueError`` naming the buffer. Index buffers are int32 when every index fits (the
+    :class:`~iternn.errors.PatternError` (a ``ValueError``) naming the buffer. The
+    buffers may be edited (in place or by assignment): the next use of the pattern
+    checks it again (:func:`~iternn.sparse.check_csr_pattern`; a ``PatternError`` names
+    the buffer and the bad entry, before any kernel reads it) and derives the transposed
+    buffers from the CSR ones again. Index buffers are int32 when every index fits (the
     form MKL takes), so ``.double()`` and ``.to(dtype)`` convert only values and bias.
 
     ``backend``: ``"csr"`` (compressed kernels, never a dense weight or gradient; float32
@@ -195,8 +201,9 @@ class SparseLinear(_PatternCheck, nn.Module):
     ``torch.sparse``), ``"dense"`` (values scattered into a dense weight, then
     ``F.linear``) or ``"auto"`` (chosen from the shape and density by
     :func:`iternn.sparse.kernels.choose_backend`: CSR at or below the crossover density
-    measured on the development machine for the CSR implementation in use). The resolved choice is the ``backend``
-    attribute; assigning ``"csr"``/``"dense"``/``"auto"`` to it later is allowed.
+    measured on the development machine for the CSR implementation in use). The
+    resolved choice is the ``backend`` attribute; assigning ``"csr"``/``"dense"``/``"auto"``
+    to it later is allowed.
 
     Same ``generator`` seed -> identical pattern, values and bias.
     """
@@ -223,12 +230,12 @@ class SparseLinear(_PatternCheck, nn.Module):
         self.in_features = _check_features(in_features, "in_features")
         self.out_features = _check_features(out_features, "out_features")
         if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+            raise MapTypeError(f"bias must be a bool, got {type(bias).__name__}")
         generator = _check_generator(generator)
         dtype = _check_dtype(dtype)
         self._check_backend(backend)
         if (density is None) == (indices is None):
-            raise ValueError(
+            raise MapError(
                 "give exactly one of density and indices "
                 f"(got {'both' if density is not None else 'neither'})"
             )
@@ -257,12 +264,15 @@ class SparseLinear(_PatternCheck, nn.Module):
         else:
             self.register_parameter("bias", None)
         self.backend = backend
+        if self.col_indices.device.type != "meta":  # checked once here, then on each change
+            self._check_pattern(tuple(self._buffers[n] for n in _PATTERN_BUFFERS),
+                                (out_features, in_features))
 
     # ------------------------------------------------------------------ pattern
     @staticmethod
     def _check_backend(backend: object) -> str:
         if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+            raise MapError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         return backend
 
     @property
@@ -279,9 +289,41 @@ class SparseLinear(_PatternCheck, nn.Module):
 
     @property
     def pattern(self) -> CSRPattern:
-        """The pattern (CSR and transposed CSR) as a :class:`~iternn.sparse.kernels.CSRPattern`."""
-        return CSRPattern(self.crow_indices, self.col_indices, self.crow_indices_t,
-                          self.col_indices_t, self.perm_t, (self.out_features, self.in_features))
+        """The pattern (CSR and transposed CSR) as a :class:`~iternn.sparse.kernels.CSRPattern`,
+        checked: every use of the pattern (:meth:`forward`, :meth:`indices`,
+        :meth:`dense_weight`) goes through here.
+
+        The first call after any change of a pattern buffer (in place, by assignment, by
+        ``load_state_dict``, by ``.to()``) runs
+        :func:`~iternn.sparse.check_csr_pattern` on ``crow_indices`` and ``col_indices``
+        (a :class:`~iternn.errors.PatternError` naming the buffer and the bad entry) and
+        derives the transposed buffers again from them; other calls cost a comparison of
+        the buffers' version counters and data pointers.
+        """
+        b = self._buffers
+        tensors = (b.get("crow_indices"), b.get("col_indices"), b.get("crow_indices_t"),
+                   b.get("col_indices_t"), b.get("perm_t"))
+        shape = (self.out_features, self.in_features)
+        if not _checked.hit(self, tensors, shape):
+            tensors = self._check_pattern(tensors, shape)
+        return CSRPattern(*tensors, shape)
+
+    def _check_pattern(self, tensors: tuple, shape: tuple[int, int]) -> tuple[Tensor, ...]:
+        """Check the CSR buffers, derive the transposed ones again where they differ,
+        remember the result."""
+        crow, col = tensors[:2]
+        check_csr_pattern(crow, col, shape, name=type(self).__name__)
+        derived = kernels.transpose_pattern(crow, col, shape)
+        for name, own, new in zip(_PATTERN_BUFFERS[2:], tensors[2:], derived):
+            same = isinstance(own, Tensor) and own.dtype == new.dtype and own.shape == new.shape \
+                and own.device == new.device and torch.equal(own, new)
+            if not same:
+                setattr(self, name, new)
+        tensors = (crow, col, *(self._buffers[name] for name in _PATTERN_BUFFERS[2:]))
+        remember_checked(crow, col, shape)
+        remember_checked(tensors[2], tensors[3], (shape[1], shape[0]))
+        _checked.add(self, tensors, shape)
+        return tensors
 
     @property
     def nnz(self) -> int:
@@ -296,48 +338,14 @@ class SparseLinear(_PatternCheck, nn.Module):
     def indices(self) -> Tensor:
         """``(2, nnz)`` int64 positions ``(row, column)``, row-major: ``values[k]`` sits at
         ``indices()[:, k]``."""
-        rows = kernels.pattern_rows(self.crow_indices, self.nnz)
-        return torch.stack((rows, self.col_indices.long()))
+        p = self.pattern
+        rows = kernels.pattern_rows(p.crow, p.nnz)
+        return torch.stack((rows, p.col.long()))
 
     def dense_weight(self) -> Tensor:
         """The dense ``(out_features, in_features)`` weight (differentiable in ``values``);
         for tests and inspection, it materialises the whole matrix."""
         return kernels.dense_weight_from_values(self.values, self.pattern)
-
-    @classmethod
-    def _for_loading(cls, in_features: int, out_features: int, nnz: int, *, bias: bool = True,
-                     backend: str = "auto", dtype: torch.dtype | None = None) -> SparseLinear:
-        """A placeholder with ``nnz`` entries whose pattern is taken from the first
-        ``state_dict`` it loads (validated: sorted, distinct, in range). For file loaders
-        (an ``iternn.io`` codec), which build a module before reading its tensors."""
-        flat = torch.arange(nnz)
-        idx = torch.stack((flat // in_features, flat % in_features))
-        m = cls(in_features, out_features, indices=idx, bias=bias, backend=backend, dtype=dtype)
-        m._adopt_on_load = True
-        return m
-
-    def _adopt_pattern(self, tensors: dict[str, Tensor]) -> None:
-        crow, col = tensors["crow_indices"], tensors["col_indices"]
-        out_f, in_f = self.out_features, self.in_features
-        where = "SparseLinear: state_dict pattern"
-        if not (isinstance(crow, Tensor) and isinstance(col, Tensor)) or crow.shape != self.crow_indices.shape \
-                or col.shape != self.col_indices.shape:
-            raise ValueError(f"{where} has the wrong shapes for this placeholder "
-                             f"(crow_indices {tuple(self.crow_indices.shape)}, col_indices {tuple(self.col_indices.shape)})")
-        crow = crow.detach().to("cpu", torch.long)
-        col = col.detach().to("cpu", torch.long)
-        counts = crow.diff()
-        if int(crow[0]) != 0 or int(crow[-1]) != col.numel() or bool((counts < 0).any()):
-            raise ValueError(f"{where}: 'crow_indices' is not a valid CSR row pointer")
-        rows = torch.repeat_interleave(torch.arange(out_f), counts)
-        idx = _check_indices(torch.stack((rows, col)), out_f, in_f)
-        if not torch.equal(idx[1], col):
-            raise ValueError(f"{where}: 'col_indices' are not sorted within each row")
-        p = kernels.csr_pattern(idx, (out_f, in_f))
-        for name, value in (("crow_indices", p.crow), ("col_indices", p.col), ("crow_indices_t", p.crow_t),
-                            ("col_indices_t", p.col_t), ("perm_t", p.perm)):
-            buf = getattr(self, name)
-            buf.copy_(value.to(buf.device))
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: Tensor) -> Tensor:
@@ -345,12 +353,14 @@ class SparseLinear(_PatternCheck, nn.Module):
         if self._backend == "dense":
             return kernels.dense_linear(x, self.values, self.bias, self.pattern)
         if x.dtype not in kernels.CSR_DTYPES:
-            raise TypeError(
+            raise MapTypeError(
                 f"SparseLinear.values has dtype {x.dtype}, which the 'csr' backend does not "
                 f"support (torch's CSR kernels take {[str(d) for d in kernels.CSR_DTYPES]}); "
                 f"use backend='dense' or convert the module"
             )
-        return kernels.sparse_linear(x, self.values, self.bias, self.pattern)
+        # checked: self.pattern has just checked (or found checked and unchanged) all five
+        # pattern buffers, so the kernels need not check them again
+        return kernels.sparse_linear(x, self.values, self.bias, self.pattern, checked=True)
 
     def extra_repr(self) -> str:
         return (
@@ -392,18 +402,21 @@ class MaskedLinear(_PatternCheck, nn.Module):
         self.in_features = _check_features(in_features, "in_features")
         self.out_features = _check_features(out_features, "out_features")
         if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+            raise MapTypeError(f"bias must be a bool, got {type(bias).__name__}")
         generator = _check_generator(generator)
         dtype = _check_dtype(dtype)
         if not isinstance(mask, Tensor):
-            raise TypeError(f"mask must be a bool tensor, got {type(mask).__name__}")
+            raise MapTypeError(f"mask must be a bool tensor, got {type(mask).__name__}")
         if mask.dtype != torch.bool:
-            raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
+            raise MapTypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
         if tuple(mask.shape) != (out_features, in_features):
-            raise ValueError(
+            raise PatternError(
+                "mask",
                 f"mask must have shape (out_features, in_features) = "
                 f"({out_features}, {in_features}), got {tuple(mask.shape)}"
             )
+        check_bytes(tensor_bytes(out_features * in_features, dtype),
+                    f"MaskedLinear({in_features}, {out_features}) weight ({dtype})")
         mask = mask.detach().to("cpu").clone()
         bounds = _row_bounds(mask.sum(1)).to(dtype)
         # In place: a large block's initialisation holds one dense temporary, the weight.
@@ -425,7 +438,7 @@ class MaskedLinear(_PatternCheck, nn.Module):
     @property
     def nnz(self) -> int:
         """Number of masked-in (trainable) weight entries."""
-        return int(self.mask.sum())
+        return int(self._checked_mask().sum())
 
     @property
     def density(self) -> float:
@@ -433,31 +446,36 @@ class MaskedLinear(_PatternCheck, nn.Module):
 
     def indices(self) -> Tensor:
         """``(2, nnz)`` int64 positions of the masked-in entries, row-major."""
-        return self.mask.nonzero().t()
+        return self._checked_mask().nonzero().t()
 
     def dense_weight(self) -> Tensor:
         """``weight * mask`` (differentiable in ``weight``)."""
-        return self.weight * self.mask
+        return self.weight * self._checked_mask()
 
-    @classmethod
-    def _for_loading(cls, in_features: int, out_features: int, *, bias: bool = True,
-                     dtype: torch.dtype | None = None) -> MaskedLinear:
-        """A placeholder whose mask is taken from the first ``state_dict`` it loads."""
-        m = cls(in_features, out_features, mask=torch.ones(out_features, in_features, dtype=torch.bool),
-                bias=bias, dtype=dtype)
-        m._adopt_on_load = True
-        return m
-
-    def _adopt_pattern(self, tensors: dict[str, Tensor]) -> None:
-        mask = tensors["mask"]
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != self.mask.shape:
-            raise ValueError(f"MaskedLinear: state_dict 'mask' must be a bool tensor of shape "
-                             f"{tuple(self.mask.shape)}")
-        self.mask.copy_(mask.to(self.mask.device))
+    def _checked_mask(self) -> Tensor:
+        """The mask, refused unless it is a bool tensor of shape (out_features,
+        in_features) on the weight's device and the weight has that shape too: a float
+        mask would scale entries, a broadcasting one would unmask whole rows or columns."""
+        mask, weight = self._buffers.get("mask"), self.weight
+        shape = (self.out_features, self.in_features)
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != shape:
+            got = f"{mask.dtype}, shape {tuple(mask.shape)}" if isinstance(mask, Tensor) \
+                else type(mask).__name__
+            raise PatternError("mask", f"MaskedLinear.mask must be a torch.bool tensor of shape "
+                                       f"{shape}, got {got}")
+        if weight.shape != shape:
+            raise MapError(f"MaskedLinear.weight must have shape {shape}, got {tuple(weight.shape)}")
+        if mask.device != weight.device:
+            raise MapTypeError(f"MaskedLinear.mask is on {mask.device} but the weight is on "
+                               f"{weight.device}")
+        return mask
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(self, x, "weight", self.weight)
-        return F.linear(x, self.weight * self.mask, self.bias)
+        if self.bias is not None and (self.bias.shape != (self.out_features,) or self.bias.dtype != x.dtype):
+            raise MapTypeError(f"MaskedLinear.bias must be a ({self.out_features},) {x.dtype} tensor, "
+                               f"got {self.bias.dtype}, shape {tuple(self.bias.shape)}")
+        return F.linear(x, self.weight * self._checked_mask(), self.bias)
 
     def extra_repr(self) -> str:
         return (
@@ -465,40 +483,3 @@ class MaskedLinear(_PatternCheck, nn.Module):
             f"nnz={self.nnz}, density={self.density:.4g}, bias={self.bias is not None}"
         )
 
-
-# ---------------------------------------------------------------------------- file codecs
-# Encode/decode pairs in the form ``iternn.io.register_codec`` takes; ``iternn.io``
-# registers them (this package imports only iternn.core and iternn.engine). decode
-# builds a placeholder (``_for_loading``) that adopts the saved pattern on load.
-def _param_dtype(m: nn.Module, enc) -> str:
-    dtypes = {p.dtype for p in m.parameters()}
-    if len(dtypes) != 1:
-        raise enc.unsupported(f"mixes dtypes {sorted(str(d) for d in dtypes)}")
-    return str(dtypes.pop()).removeprefix("torch.")
-
-
-def _dtype_from(name: object) -> torch.dtype:
-    value = getattr(torch, name, None) if isinstance(name, str) else None
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(f"{name!r} is not a floating-point torch dtype name")
-    return value
-
-
-def encode_sparse_linear(m: SparseLinear, enc) -> dict:
-    return {"in_features": m.in_features, "out_features": m.out_features, "nnz": m.nnz,
-            "bias": m.bias is not None, "backend": m.backend, "dtype": _param_dtype(m, enc)}
-
-
-def decode_sparse_linear(cfg: dict, dec=None) -> SparseLinear:
-    return SparseLinear._for_loading(cfg["in_features"], cfg["out_features"], cfg["nnz"], bias=cfg["bias"],
-                                     backend=cfg["backend"], dtype=_dtype_from(cfg["dtype"]))
-
-
-def encode_masked_linear(m: MaskedLinear, enc) -> dict:
-    return {"in_features": m.in_features, "out_features": m.out_features,
-            "bias": m.bias is not None, "dtype": _param_dtype(m, enc)}
-
-
-def decode_masked_linear(cfg: dict, dec=None) -> MaskedLinear:
-    return MaskedLinear._for_loading(cfg["in_features"], cfg["out_features"], bias=cfg["bias"],
-                                     dtype=_dtype_from(cfg["dtype"]))

@@ -41,7 +41,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from ..errors import NativeBuildError
+
+from ..errors import MapError, MapTypeError, NativeBuildError, SizeError
+from .checks import ensure_csr_pattern
 
 __all__ = [
     "NativeBuildError",
@@ -118,7 +120,7 @@ def _cpu_signature() -> str:
     return "\n".join(parts)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiler_version(cc: str) -> str:
     try:
         out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
@@ -275,62 +277,84 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _describe(t: object) -> str:
+    if not isinstance(t, Tensor):
+        return type(t).__name__
+    layout = "" if t.is_contiguous() else "non-contiguous "
+    return f"{layout}shape {tuple(t.shape)}, {t.dtype} on {t.device}"
+
+
 def _check(what: str, crow: Tensor, col: Tensor, dense: dict[str, Tensor],
            vectors: dict[str, Tensor | None]) -> None:
-    """The C kernels trust their pointers: refuse anything they would misread."""
+    """The C kernels trust their pointers: refuse anything they would misread (the
+    pattern's entries themselves are checked by :func:`ensure_csr_pattern`)."""
     for name, t in (("crow", crow), ("col", col)):
-        if t.dtype != torch.int32 or t.device.type != "cpu" or not t.is_contiguous():
-            raise TypeError(f"{what}: '{name}' must be a contiguous int32 CPU tensor, "
-                            f"got {t.dtype} on {t.device}")
+        if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.device.type != "cpu" \
+                or not t.is_contiguous():
+            raise MapTypeError(f"{what}: '{name}' must be a contiguous int32 CPU tensor, "
+                               f"got {_describe(t)}")
     dtype = next(iter(dense.values())).dtype
     if dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{what}: dtype {dtype} is not float32/float64")
+        raise MapTypeError(f"{what}: dtype {dtype} is not float32/float64")
     for name, t in dense.items():
         if t.dim() != 2 or t.device.type != "cpu" or t.dtype != dtype or min(t.stride(), default=0) < 0:
-            raise TypeError(f"{what}: '{name}' must be a 2-D {dtype} CPU tensor, got shape "
-                            f"{tuple(t.shape)}, {t.dtype} on {t.device}")
+            raise MapTypeError(f"{what}: '{name}' must be a 2-D {dtype} CPU tensor with "
+                               f"non-negative strides, got {_describe(t)}")
     for name, t in vectors.items():
         if t is not None and (t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous()):
-            raise TypeError(f"{what}: '{name}' must be a contiguous {dtype} CPU tensor, "
-                            f"got {t.dtype} on {t.device}")
+            raise MapTypeError(f"{what}: '{name}' must be a contiguous {dtype} CPU tensor, "
+                               f"got {_describe(t)}")
 
 
 def spmm(lib: _Library, crow: Tensor, col: Tensor, values: Tensor, x: Tensor, rows: int,
-         bias: Tensor | None = None) -> Tensor:
+         bias: Tensor | None = None, *, checked: bool = False) -> Tensor:
     """``Y[b, i] = bias[i] + sum_k values[k] x[b, col[k]]`` over row ``i``'s entries.
 
     ``x``: ``(B, srcs)`` CPU tensor with any non-negative strides (read in place);
     ``crow`` (rows + 1), ``col`` int32 contiguous; ``values``, ``bias`` contiguous, of
     ``x``'s dtype. Returns a new contiguous ``(B, rows)`` tensor.
+
+    The pattern is checked (:func:`~iternn.sparse.checks.ensure_csr_pattern`, a
+    :class:`~iternn.errors.PatternError`) before the kernel reads it, unless
+    ``checked``: the caller vouches that ``(crow, col)`` passed that check for
+    ``(rows, srcs)`` and has not changed since (``SparseLinear`` does, from its own
+    record of its buffers).
     """
     _check("native spmm", crow, col, {"x": x}, {"values": values, "bias": bias})
-    if crow.numel() != rows + 1 or values.numel() != col.numel() or (bias is not None and bias.numel() != rows):
-        raise ValueError(f"native spmm: {rows} rows need crow of {rows + 1}, values of {col.numel()} "
-                         f"and bias of {rows} entries")
+    if crow.numel() != rows + 1 or values.numel() != col.numel() \
+            or (bias is not None and bias.numel() != rows):
+        raise MapError(f"native spmm: {rows} rows need crow of {rows + 1}, values of {col.numel()} "
+                       f"and bias of {rows} entries")
     batch, srcs = x.shape
+    if not checked:
+        ensure_csr_pattern(crow, col, (rows, srcs), name="native spmm")
     y = x.new_empty(batch, rows)
     rc = lib.spmm[x.dtype](rows, srcs, batch, crow.data_ptr(), col.data_ptr(), values.data_ptr(),
                            x.data_ptr(), x.stride(0), x.stride(1), y.data_ptr(), y.stride(0),
                            y.stride(1), _ptr(bias), _threads())
     if rc:
-        raise MemoryError(f"native CSR product: cannot allocate its work buffer ({srcs} x tile)")
+        raise SizeError(f"native CSR product: cannot allocate its work buffer ({srcs} x tile)")
     return y
 
 
-def sdd(lib: _Library, crow: Tensor, col: Tensor, g: Tensor, x: Tensor) -> Tensor:
+def sdd(lib: _Library, crow: Tensor, col: Tensor, g: Tensor, x: Tensor, *,
+        checked: bool = False) -> Tensor:
     """``dv[k] = sum_b g[b, r_k] x[b, c_k]`` for each stored entry ``(r_k, c_k)``: the
     product ``g^T x`` sampled at the pattern, in its row-major order. ``g`` ``(B, rows)``
-    and ``x`` ``(B, srcs)`` with any non-negative strides; returns ``(nnz,)``."""
+    and ``x`` ``(B, srcs)`` with any non-negative strides; returns ``(nnz,)``.
+    ``checked``: as for :func:`spmm`."""
     _check("native sdd", crow, col, {"g": g, "x": x}, {})
     if g.shape[0] != x.shape[0] or crow.numel() != g.shape[1] + 1:
-        raise ValueError(f"native sdd: g {tuple(g.shape)} and x {tuple(x.shape)} need the same batch "
-                         f"and crow of g.shape[1] + 1 entries")
+        raise MapError(f"native sdd: g {tuple(g.shape)} and x {tuple(x.shape)} need the same batch "
+                       f"and crow of g.shape[1] + 1 entries")
     batch, rows = g.shape
     srcs = x.shape[1]
+    if not checked:
+        ensure_csr_pattern(crow, col, (rows, srcs), name="native sdd")
     dv = x.new_empty(col.numel())
     rc = lib.sdd[x.dtype](rows, srcs, batch, crow.data_ptr(), col.data_ptr(), dv.data_ptr(),
                           g.data_ptr(), g.stride(0), g.stride(1), x.data_ptr(), x.stride(0),
                           x.stride(1), _threads())
     if rc:
-        raise MemoryError("native sampled product: cannot allocate its work buffers")
+        raise SizeError("native sampled product: cannot allocate its work buffers")
     return dv

@@ -88,6 +88,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..core.memory import check_bytes, tensor_bytes
+from ..errors import MapError, MapTypeError, PatternError
+from .linear import SparseLinear
+from .sampling import random_indices
 from .structured import (
     BlockDiagonalLinear,
     DiagonalLinear,
@@ -97,7 +101,6 @@ from .structured import (
     _orthogonal,
     _uniform,
 )
-from ..errors import PatternError
 
 __all__ = ["BlockSpec", "PatternError", "parse_spec", "make_block", "PATTERNS", "INITS"]
 
@@ -243,7 +246,7 @@ class BlockSpec:
         else:
             object.__setattr__(self, "init_args", ())
         if not isinstance(self.trainable, bool):
-            raise TypeError(f"trainable must be a bool, got {type(self.trainable).__name__}")
+            raise MapTypeError(f"trainable must be a bool, got {type(self.trainable).__name__}")
         _check_combination(self.pattern, self.pattern_token, self.init, self.init_token,
                            self.trainable, None)
 
@@ -292,7 +295,7 @@ def parse_spec(text: str) -> BlockSpec:
     depend on the block's shape are raised by :func:`make_block`.
     """
     if not isinstance(text, str):
-        raise TypeError(f"a block spec must be a str, got {type(text).__name__}")
+        raise MapTypeError(f"a block spec must be a str, got {type(text).__name__}")
     tokens = _tokens(text)
     if not tokens:
         raise PatternError(text, "empty spec: it needs a pattern token (e.g. 'W', 'R=0.1')")
@@ -416,14 +419,32 @@ def _shape_error(spec: BlockSpec, rows: int, cols: int, message: str) -> Pattern
 
 def _size(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise MapTypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
-        raise ValueError(f"{name} must be positive, got {value}")
+        raise MapError(f"{name} must be positive, got {value}")
     return value
 
 
 def _counts(index: Tensor, size: int) -> Tensor:
     return torch.bincount(index, minlength=size).to(torch.float64)
+
+
+#: Bytes per stored entry a sparse block needs while it is built: the (2, n) int64
+#: positions, the CSR and transposed pattern with its permutation, the values and their
+#: float64 draws.
+_SPARSE_ENTRY_BYTES = 48
+
+
+def _check_size(spec: BlockSpec, rows: int, cols: int) -> None:
+    """Refuse (:class:`~iternn.errors.SizeError`) a block too large for this machine
+    before anything is allocated, naming the token."""
+    kind, arg = spec.pattern, spec.arg
+    entries = {"W": rows * cols, "D": rows, "I": 0, "LR": (arg or 0) * (rows + cols),
+               "BD": rows * cols // (arg or 1), "R": round((arg or 0) * cols * rows),
+               "S": arg or 0, "Row": rows * (arg or 0)}[kind]
+    # dense kinds: the parameter (default dtype) and the float64 draws of its init
+    per = _SPARSE_ENTRY_BYTES if kind in _SPARSE else tensor_bytes(1, torch.get_default_dtype()) + 8
+    check_bytes(entries * per, f"block {spec.pattern_token!r} ({rows} x {cols}, {entries} entries)")
 
 
 def make_block(
@@ -445,12 +466,14 @@ def make_block(
     docstring for counts, rounding and init formulas. Raises :class:`PatternError` naming
     the token and the shape when the pattern cannot fit the block (``S=n`` with
     ``n > rows*cols``, ``Row=n`` with ``n > cols``, ``D``/``I`` on a non-square block,
-    ``BD=k`` not dividing both sizes, ``LR=r`` with ``r > min(rows, cols)``).
+    ``BD=k`` not dividing both sizes, ``LR=r`` with ``r > min(rows, cols)``), and
+    :class:`~iternn.errors.SizeError` naming the token when the block needs more memory
+    than this machine has (checked before anything is allocated).
     """
     if isinstance(spec, str):
         spec = parse_spec(spec)
     elif not isinstance(spec, BlockSpec):
-        raise TypeError(f"spec must be a BlockSpec or a str, got {type(spec).__name__}")
+        raise MapTypeError(f"spec must be a BlockSpec or a str, got {type(spec).__name__}")
     rows = _size(rows, "rows")
     cols = _size(cols, "cols")
     kind, arg = spec.pattern, spec.arg
@@ -464,18 +487,20 @@ def make_block(
 
     # (parameter, fan-in f, fan-out g) for every weight tensor, in draw order.
     targets: list[tuple[Tensor, Tensor | float, Tensor | float]]
-    if kind in _SPARSE:
-        if kind == "S" and arg > rows * cols:
-            raise _shape_error(spec, rows, cols, f"S=n needs n <= rows*cols = {rows * cols}")
-        if kind == "Row" and arg > cols:
-            raise _shape_error(spec, rows, cols, f"Row=n needs n <= cols = {cols}")
-        from .linear import SparseLinear  # Stream A's module, imported only where needed
+    if kind == "S" and arg > rows * cols:
+        raise _shape_error(spec, rows, cols, f"S=n needs n <= rows*cols = {rows * cols}")
+    if kind == "Row" and arg > cols:
+        raise _shape_error(spec, rows, cols, f"Row=n needs n <= cols = {cols}")
+    if kind == "LR" and arg > min(rows, cols):
+        raise _shape_error(spec, rows, cols, f"LR=r needs r <= min(rows, cols) = {min(rows, cols)}")
+    if kind == "BD" and (rows % arg or cols % arg):
+        raise _shape_error(spec, rows, cols, f"BD=k needs k to divide both {rows} and {cols}")
+    _check_size(spec, rows, cols)
 
+    if kind in _SPARSE:
         if kind == "Row":
             indices = _row_indices(rows, cols, arg, generator)
         else:
-            from .sampling import random_indices
-
             # The same float expression as SparseLinear(density=p): the same count.
             k = round(arg * cols * rows) if kind == "R" else arg
             indices = random_indices(rows, cols, k, generator=generator)
@@ -498,14 +523,9 @@ def make_block(
         block = DiagonalLinear(rows)
         targets = [(block.diagonal, 1.0, 1.0)]
     elif kind == "LR":
-        if arg > min(rows, cols):
-            raise _shape_error(spec, rows, cols,
-                               f"LR=r needs r <= min(rows, cols) = {min(rows, cols)}")
         block = torch.nn.utils.skip_init(LowRankLinear, cols, rows, rank=arg, bias=False)
         targets = [(block.v, float(cols), float(arg)), (block.u, float(arg), float(rows))]
     else:  # BD
-        if rows % arg or cols % arg:
-            raise _shape_error(spec, rows, cols, f"BD=k needs k to divide both {rows} and {cols}")
         block = torch.nn.utils.skip_init(BlockDiagonalLinear, cols, rows, blocks=arg, bias=False)
         targets = [(block.weight, float(cols // arg), float(rows // arg))]
 

@@ -13,6 +13,9 @@ import math
 import torch
 from torch import Tensor
 
+from ..core.memory import check_bytes
+from ..errors import MapError, MapTypeError
+
 __all__ = ["random_indices"]
 
 # Up to this many positions a random permutation of all of them is cheap (8 bytes each).
@@ -23,9 +26,9 @@ _DROP_PERMUTE_MAX = 1 << 16
 
 def _check_count(value: object, name: str, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise MapTypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise MapError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 
@@ -82,19 +85,24 @@ def random_indices(
     positions use one random permutation of all positions.
 
     Raises:
-        TypeError: ``rows``, ``cols`` or ``k`` is not an int.
-        ValueError: ``rows`` or ``cols`` < 1, or ``k`` outside ``[0, rows * cols]``.
+        MapTypeError: ``rows``, ``cols`` or ``k`` is not an int (a ``TypeError``).
+        MapError: ``rows`` or ``cols`` < 1, or ``k`` outside ``[0, rows * cols]``.
+        SizeError: the draw needs more memory than is available (a ``MemoryError``).
     """
     rows = _check_count(rows, "rows", minimum=1)
     cols = _check_count(cols, "cols", minimum=1)
     k = _check_count(k, "k", minimum=0)
     n = rows * cols
     if k > n:
-        raise ValueError(f"k must be <= rows * cols = {n}, got {k}")
+        raise MapError(f"k must be <= rows * cols = {n}, got {k}")
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        raise MapTypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if generator is not None and generator.device.type != "cpu":
-        raise ValueError(f"generator must be a CPU generator, got one on {generator.device}")
+        raise MapTypeError(f"generator must be a CPU generator, got one on {generator.device}")
+    # the (2, k) result, the draws and their sorted copy (int64), or a permutation / mask
+    # of all n positions: refused before any of it is allocated
+    need = 8 * n if n <= _PERMUTE_MAX else 40 * min(k, n - k) + 16 * k + (n if 2 * k > n else 0)
+    check_bytes(need, f"random_indices: {k} entries of a {rows} x {cols} block")
     if n <= _PERMUTE_MAX:
         flat = torch.randperm(n, generator=generator)[:k].sort().values
     elif 2 * k <= n:

@@ -4,7 +4,7 @@ Each block is an ordinary ``nn.Module`` mapping ``(*batch, in_features)`` to
 ``(*batch, out_features)`` (any number of leading batch dimensions, including none),
 with ``in_features``/``out_features`` attributes so a :class:`~iternn.BlockMap` checks
 its shape without probing, ``dense_weight()`` (the ``(out, in)`` matrix the block
-applies, differentiable, for tests and inspection) and ``_trainable_counts()`` (how many
+applies, differentiable, for tests and inspection) and ``trainable_counts()`` (how many
 entries of each of its own parameters training can change when that parameter is
 trainable; :func:`iternn.count_trainable` applies ``requires_grad`` itself). All state is
 in registered parameters, so ``.to()``, ``.double()``, ``state_dict()`` and
@@ -31,6 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..errors import MapError, MapTypeError
 
 __all__ = ["DiagonalLinear", "LowRankLinear", "BlockDiagonalLinear"]
 
@@ -86,17 +88,33 @@ def _fill_(param: Tensor, values: Tensor) -> None:
 
 def _positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise MapTypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
-        raise ValueError(f"{name} must be positive, got {value}")
+        raise MapError(f"{name} must be positive, got {value}")
     return value
 
 
 def _check_input(x: Tensor, n: int, who: str) -> None:
     if not isinstance(x, Tensor):
-        raise TypeError(f"{who} expects a tensor, got {type(x).__name__}")
+        raise MapTypeError(f"{who} expects a tensor, got {type(x).__name__}")
     if x.dim() == 0 or x.shape[-1] != n:
-        raise ValueError(f"{who} expects input of shape (*batch, {n}), got {tuple(x.shape)}")
+        raise MapError(f"{who} expects input of shape (*batch, {n}), got {tuple(x.shape)}")
+
+
+def _check_params(module: nn.Module, x: Tensor, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every parameter of ``module`` named in ``shapes`` has that shape and ``x``'s
+    dtype and device: a replaced parameter of another shape could broadcast (a ``(1,)``
+    diagonal scales every feature alike) and a product never mixes dtypes or devices."""
+    who = type(module).__name__
+    for name, shape in shapes.items():
+        p = module._parameters.get(name)
+        if p is None:
+            continue
+        if p.shape != shape:
+            raise MapError(f"{who}.{name} must have shape {shape}, got {tuple(p.shape)}")
+        if p.dtype != x.dtype or p.device != x.device:
+            raise MapTypeError(f"{who}.{name} is {p.dtype} on {p.device} but the input is "
+                               f"{x.dtype} on {x.device}; convert the module or the input")
 
 
 def _own_counts(module: nn.Module) -> dict[str, int]:
@@ -116,7 +134,7 @@ class DiagonalLinear(nn.Module):
         dtype, device: of the parameters.
 
     Parameters ``diagonal`` ``(n,)`` (default 1, i.e. the identity) and optional
-    ``bias`` ``(n,)`` (default 0). ``_trainable_counts()`` is ``{"diagonal": n}``
+    ``bias`` ``(n,)`` (default 0). ``trainable_counts()`` is ``{"diagonal": n}``
     (plus ``"bias": n``).
     """
 
@@ -141,6 +159,8 @@ class DiagonalLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(x, self.in_features, "DiagonalLinear")
+        n = self.in_features
+        _check_params(self, x, {"diagonal": (n,), "bias": (n,)})
         y = x * self.diagonal
         return y + self.bias if self.bias is not None else y
 
@@ -148,7 +168,7 @@ class DiagonalLinear(nn.Module):
         """The ``(n, n)`` matrix ``diag(diagonal)`` (differentiable)."""
         return torch.diag(self.diagonal)
 
-    def _trainable_counts(self) -> dict[str, int]:
+    def trainable_counts(self) -> dict[str, int]:
         return _own_counts(self)
 
     def extra_repr(self) -> str:
@@ -167,7 +187,7 @@ class LowRankLinear(nn.Module):
 
     Parameters ``u`` ``(out_features, rank)``, ``v`` ``(rank, in_features)`` and
     optional ``bias``. The forward pass never forms ``W``: it costs
-    ``rank * (in + out)`` per input row. ``_trainable_counts()`` counts every entry of
+    ``rank * (in + out)`` per input row. ``trainable_counts()`` counts every entry of
     ``u`` and ``v`` (the parametrisation has ``rank**2`` redundant directions, but all
     stored entries are trained).
     """
@@ -190,7 +210,7 @@ class LowRankLinear(nn.Module):
         out_features = _positive_int(out_features, "out_features")
         rank = _positive_int(rank, "rank")
         if rank > min(in_features, out_features):
-            raise ValueError(
+            raise MapError(
                 f"rank {rank} exceeds min(in_features, out_features) = "
                 f"{min(in_features, out_features)}"
             )
@@ -216,13 +236,15 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(x, self.in_features, "LowRankLinear")
+        _check_params(self, x, {"v": (self.rank, self.in_features),
+                                "u": (self.out_features, self.rank), "bias": (self.out_features,)})
         return F.linear(F.linear(x, self.v), self.u, self.bias)
 
     def dense_weight(self) -> Tensor:
         """The ``(out, in)`` matrix ``u @ v`` (differentiable)."""
         return self.u @ self.v
 
-    def _trainable_counts(self) -> dict[str, int]:
+    def trainable_counts(self) -> dict[str, int]:
         return _own_counts(self)
 
     def extra_repr(self) -> str:
@@ -244,7 +266,7 @@ class BlockDiagonalLinear(nn.Module):
 
     Input chunk ``j`` (features ``j*in/k ... (j+1)*in/k - 1``) feeds only output chunk
     ``j`` through ``weight[j]``. Parameters ``weight`` ``(k, out/k, in/k)`` and optional
-    ``bias``; ``_trainable_counts()`` is ``{"weight": out*in/k}`` (plus ``"bias"``).
+    ``bias``; ``trainable_counts()`` is ``{"weight": out*in/k}`` (plus ``"bias"``).
     """
 
     rowwise = True  # acts on the last dim only: callable on a whole sequence
@@ -265,7 +287,7 @@ class BlockDiagonalLinear(nn.Module):
         out_features = _positive_int(out_features, "out_features")
         blocks = _positive_int(blocks, "blocks")
         if in_features % blocks or out_features % blocks:
-            raise ValueError(
+            raise MapError(
                 f"blocks={blocks} must divide both in_features={in_features} and "
                 f"out_features={out_features}"
             )
@@ -290,6 +312,9 @@ class BlockDiagonalLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(x, self.in_features, "BlockDiagonalLinear")
+        k = self.blocks
+        _check_params(self, x, {"weight": (k, self.out_features // k, self.in_features // k),
+                                "bias": (self.out_features,)})
         xb = x.unflatten(-1, (self.blocks, self.in_features // self.blocks))
         y = torch.einsum("...ki,koi->...ko", xb, self.weight).flatten(-2)
         return y + self.bias if self.bias is not None else y
@@ -298,7 +323,7 @@ class BlockDiagonalLinear(nn.Module):
         """The ``(out, in)`` block-diagonal matrix (differentiable)."""
         return torch.block_diag(*self.weight.unbind(0))
 
-    def _trainable_counts(self) -> dict[str, int]:
+    def trainable_counts(self) -> dict[str, int]:
         return _own_counts(self)
 
     def extra_repr(self) -> str:

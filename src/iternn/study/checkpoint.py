@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ..errors import FormatError, MapTypeError
+
 __all__ = ["save_checkpoint", "load_checkpoint", "atomic_write_bytes", "atomic_write_text"]
 
 _SCALARS = (type(None), bool, int, float, str)
@@ -33,10 +35,10 @@ def _check_plain(obj: Any, where: str) -> None:
         return
     if isinstance(obj, Mapping):
         if not isinstance(obj, dict):
-            raise TypeError(f"checkpoint entry {where} is a {type(obj).__name__}, not a dict")
+            raise MapTypeError(f"checkpoint entry {where} is a {type(obj).__name__}, not a dict")
         for key, value in obj.items():
             if isinstance(key, bool) or not isinstance(key, (str, int)):
-                raise TypeError(
+                raise MapTypeError(
                     f"checkpoint entry {where} has a key of type {type(key).__name__} "
                     "(only str and int keys can be loaded with weights_only=True)"
                 )
@@ -46,7 +48,7 @@ def _check_plain(obj: Any, where: str) -> None:
         for i, value in enumerate(obj):
             _check_plain(value, f"{where}[{i}]")
         return
-    raise TypeError(
+    raise MapTypeError(
         f"checkpoint entry {where} is a {type(obj).__name__}: only tensors, None, bool, int, "
         "float, str and dict/list/tuple of those can be saved"
     )
@@ -96,11 +98,12 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
     """Save ``state`` (a dict of plain values and tensors) to ``path`` atomically.
 
     Raises:
-        TypeError: ``state`` holds something other than tensors and plain containers;
-            the message names the offending entry. Nothing is written then.
+        MapTypeError: ``state`` holds something other than tensors and plain containers
+            (a ``TypeError``); the message names the offending entry. Nothing is written
+            then.
     """
     if not isinstance(state, dict):
-        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        raise MapTypeError(f"state must be a dict, got {type(state).__name__}")
     _check_plain(state, "state")
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -110,9 +113,13 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
 def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
 
+    The safe loader is never switched off: a file it cannot read is damaged (a torn copy,
+    a full disk) or was not written by :func:`save_checkpoint`, and is reported as such.
+
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a readable checkpoint (the message names the file).
+        FormatError: the file is not a readable checkpoint (a ``ValueError``); the message
+            names the file, what is wrong and what to do.
     """
     path = Path(path)
     if not path.is_file():
@@ -120,7 +127,24 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> di
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - reported as one clear error naming the file
-        raise ValueError(f"checkpoint {path} is unreadable: {type(e).__name__}: {e}") from e
+        raise FormatError(f"checkpoint {path} is unreadable ({_reason(e)}): it is damaged or "
+                          f"was not written by iternn; {_ADVICE.format(folder=path.parent)}") from None
     if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
+        raise FormatError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of "
+                          f"tensors; {_ADVICE.format(folder=path.parent)}")
     return state
+
+
+_ADVICE = "delete the run folder {folder} (or train it without resume) to train the run again"
+
+
+def _reason(e: BaseException) -> str:
+    """A short cause from the loader's error, without the loader's advice (which is to
+    load with the safety switched off: never what a damaged file needs)."""
+    text = str(e)
+    if "weights_only" in text or "Weights only load failed" in text:
+        return "it holds objects other than tensors and plain values"
+    if "zip archive" in text or "central directory" in text:
+        return "not a complete checkpoint archive: truncated or overwritten"
+    first = (text.strip().splitlines() or [""])[0][:120]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__

@@ -54,8 +54,9 @@ applications and its ``h <- h`` and ``h <- y`` blocks never reach the output —
 parameters that at low density hold most of the budget
 (:func:`iternn.study.models.live_trainable`); with one extra step every block is live.
 
-:data:`QUICK` and :data:`DEFAULT` are the built-in studies (``iternn study --quick`` and
-``iternn study``); see their docstrings for the expected run time.
+``QUICK`` and ``DEFAULT`` are the built-in studies (``iternn study --quick`` and
+``iternn study``), validated on first use; the comment above them in the source gives
+their expected run time.
 
 ``train.tensorboard = true`` writes each run's per-epoch scalars as TensorBoard events
 (:func:`iternn.study.train.train`, ``tensorboard=True``; needs ``pip install
@@ -78,7 +79,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from ..errors import ConfigError
+
+from ..errors import ConfigError, MapTypeError
 
 __all__ = [
     "ConfigError",
@@ -485,7 +487,7 @@ def _value(v: Any) -> str:
         return "[" + ", ".join(_value(x) for x in v) + "]"
     if isinstance(v, Mapping):
         return "{" + ", ".join(f"{json.dumps(str(k))} = {_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+    raise MapTypeError(f"cannot write {type(v).__name__} to TOML")
 
 
 def dumps(config: StudyConfig) -> str:
@@ -536,21 +538,33 @@ _DEFAULT_DICT: dict[str, Any] = {
     ],
 }
 
-QUICK: StudyConfig = parse_config(_QUICK_DICT)
-"""The quick study (``iternn study --quick``, ``make demo``): digits at three budgets
-(hidden 16, 32, 64) with mlp, mlp_map, dense_map and sparse_map at densities 0.1 and 0.5,
-the maps at the default number of applications and one more (``extra_steps = [0, 1]``),
-3 seeds, 15 epochs; plus a small anomaly run (2000 training sequences, the forced map at
-density 0.5 and 1 against nn.RNN and nn.LSTM, 3 seeds, 15 epochs at lr 0.01). 84 runs in 2
-processes. Measured on the 2-core development machine (shared, partly loaded): 81 s for
-the sweep, 92 s for the whole command including the report."""
+# The quick study (``iternn study --quick``, ``make demo``): digits at three budgets
+# (hidden 16, 32, 64) with mlp, mlp_map, dense_map and sparse_map at densities 0.1 and 0.5,
+# the maps at the default number of applications and one more (``extra_steps = [0, 1]``),
+# 3 seeds, 15 epochs; plus a small anomaly run (2000 training sequences, the forced map at
+# density 0.5 and 1 against nn.RNN and nn.LSTM, 3 seeds, 15 epochs at lr 0.01). 84 runs in 2
+# processes. Measured on the 2-core development machine (shared, partly loaded): 81 s for
+# the sweep, 92 s for the whole command including the report.
+#
+# The default study (``iternn study``): MNIST-1D (hidden 32, 64, 128) and digits (hidden
+# 16, 32, 64) with mlp, mlp_map, dense_map and sparse_map at six densities (0.05 ... 0.75),
+# the maps at the default number of applications and one more; the anomaly task (3000
+# training sequences) with the forced map at densities 0.1, 0.25, 0.5 and 1 against nn.RNN,
+# nn.GRU and nn.LSTM; 3 seeds; up to 100 epochs (60 for anomaly) with early stopping
+# (patience 15). 309 runs in 2 processes. Measured on the 2-core development machine
+# (shared, partly loaded): 33.4 minutes for the sweep, 34 minutes for the whole command; the
+# MNIST-1D sparse maps take about 70 % of the summed run time.
+QUICK: StudyConfig  # built by __getattr__ on first use
+DEFAULT: StudyConfig
+_BUILT_INS = {"QUICK": _QUICK_DICT, "DEFAULT": _DEFAULT_DICT}
+_built: dict[str, StudyConfig] = {}
 
-DEFAULT: StudyConfig = parse_config(_DEFAULT_DICT)
-"""The default study (``iternn study``): MNIST-1D (hidden 32, 64, 128) and digits (hidden
-16, 32, 64) with mlp, mlp_map, dense_map and sparse_map at six densities (0.05 ... 0.75),
-the maps at the default number of applications and one more; the anomaly task (3000
-training sequences) with the forced map at densities 0.1, 0.25, 0.5 and 1 against nn.RNN,
-nn.GRU and nn.LSTM; 3 seeds; up to 100 epochs (60 for anomaly) with early stopping
-(patience 15). 309 runs in 2 processes. Measured on the 2-core development machine
-(shared, partly loaded): 33.4 minutes for the sweep, 34 minutes for the whole command; the
-MNIST-1D sparse maps take about 70 % of the summed run time."""
+
+def __getattr__(name: str) -> StudyConfig:
+    """``QUICK`` and ``DEFAULT``, validated on first use (validating needs the
+    data and model registries, which import torch: a config error must not wait for it)."""
+    if name not in _BUILT_INS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _built:
+        _built[name] = parse_config(_BUILT_INS[name])
+    return _built[name]

@@ -72,11 +72,12 @@ Anomaly sequences
 -----------------
 A sequence holds ``length`` (default 10) *different* samples of one class (drawn without
 replacement; with replacement only if that class has fewer than ``length`` samples in the
-split), drawn from one split of the source dataset (``source="digits"`` by default, or ``"mnist1d"``; the source
-is split as its own loader splits it with the same ``seed``, and train / validation / test
-sequences are built from the train / validation / test source samples only, so no sample
-is shared between splits). Each sequence draws a *recipe* for ``length - 1`` positions and
-a recipe of a **different kind** for the odd position, which is the label. "Different"
+split), drawn from one split of the source dataset (``source="digits"`` by default, or
+``"mnist1d"``; the source is split as its own loader splits it with the same ``seed``,
+and train / validation / test sequences are built from the train / validation / test
+source samples only, so no sample is shared between splits). Each sequence draws a
+*recipe* for ``length - 1`` positions and a recipe of a **different kind** for the odd
+position, which is the label. "Different"
 means a different transform kind from :data:`ANOMALY_RECIPES` — never the same kind with
 other parameters. A recipe is a kind plus parameters drawn once per sequence, so the
 ``length - 1`` ordinary positions share the transform exactly (only the noise realisation
@@ -111,7 +112,7 @@ the number of dimensions), ``NN`` big-endian uint32 sizes, then the elements, bi
 in C order. Gzipped files are recognised by their content (and written when the name ends
 in ``.gz``). Errors: a missing file raises ``FileNotFoundError`` naming it; a bad magic
 number, an unknown type code, or a size that does not match the header (truncated or
-trailing bytes) raises ``ValueError`` naming the file.
+trailing bytes) raises :class:`~iternn.DataError` (a ``ValueError``) naming the file.
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ..errors import DataError, MapTypeError
 
 __all__ = [
     "ANOMALY_RECIPES",
@@ -202,33 +205,33 @@ class Dataset:
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
-            raise ValueError(f"Dataset {self.name!r}: task must be one of {TASKS}, got {self.task!r}")
+            raise DataError(f"Dataset {self.name!r}: task must be one of {TASKS}, got {self.task!r}")
         xdim = 3 if self.task == "sequence" else 2
         for split in SPLITS:
             x, y = self.split(split)
             if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-                raise TypeError(f"Dataset {self.name!r}: x_{split} and y_{split} must be torch tensors")
+                raise MapTypeError(f"Dataset {self.name!r}: x_{split} and y_{split} must be torch tensors")
             if x.dtype != torch.float32 or x.dim() != xdim:
-                raise ValueError(
+                raise DataError(
                     f"Dataset {self.name!r}: x_{split} must be float32 with {xdim} dims, "
                     f"got {x.dtype} {tuple(x.shape)}"
                 )
             if x.shape[1:] != self.x_train.shape[1:]:
-                raise ValueError(f"Dataset {self.name!r}: x_{split} has feature shape {tuple(x.shape[1:])}, "
+                raise DataError(f"Dataset {self.name!r}: x_{split} has feature shape {tuple(x.shape[1:])}, "
                                  f"x_train has {tuple(self.x_train.shape[1:])}")
             if len(y) != len(x):
-                raise ValueError(f"Dataset {self.name!r}: x_{split} has {len(x)} rows, y_{split} {len(y)}")
+                raise DataError(f"Dataset {self.name!r}: x_{split} has {len(x)} rows, y_{split} {len(y)}")
             if self.task == "regression":
                 if y.dtype != torch.float32 or y.dim() != 2:
-                    raise ValueError(
+                    raise DataError(
                         f"Dataset {self.name!r}: regression y_{split} must be float32 (N, outputs)")
             else:
                 if y.dtype != torch.int64 or y.dim() != 1:
-                    raise ValueError(f"Dataset {self.name!r}: y_{split} must be int64 of shape (N,)")
+                    raise DataError(f"Dataset {self.name!r}: y_{split} must be int64 of shape (N,)")
                 if self.n_classes is None or self.n_classes < 1:
-                    raise ValueError(f"Dataset {self.name!r}: task {self.task!r} needs n_classes >= 1")
+                    raise DataError(f"Dataset {self.name!r}: task {self.task!r} needs n_classes >= 1")
                 if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.n_classes):
-                    raise ValueError(
+                    raise DataError(
                         f"Dataset {self.name!r}: y_{split} has labels outside 0..{self.n_classes - 1}")
 
     # -- shapes ----------------------------------------------------------------------------
@@ -256,7 +259,7 @@ class Dataset:
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)`` of split ``"train"``, ``"val"`` or ``"test"``."""
         if name not in SPLITS:
-            raise ValueError(f"unknown split {name!r}; splits are {SPLITS}")
+            raise DataError(f"unknown split {name!r}; splits are {SPLITS}")
         return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
 
     def sizes(self) -> dict[str, int]:
@@ -318,16 +321,16 @@ def load_dataset(name: str, *, seed: int = 0, **options: Any) -> Dataset:
 
     ``seed`` (an int >= 0) fixes the splits and every random draw. ``options`` are the
     dataset's keyword options (:func:`dataset_options` lists them with their defaults).
-    Raises ``ValueError`` for an unknown name (listing the registry), an unknown option
-    (listing the valid ones) or a bad option value (naming it).
+    Raises :class:`~iternn.DataError` (a ``ValueError``) for an unknown name (listing the
+    registry), an unknown option (listing the valid ones) or a bad option value (naming it).
     """
     loader = _lookup(name)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"dataset {name!r}: seed must be an int >= 0, got {seed!r}")
+        raise DataError(f"dataset {name!r}: seed must be an int >= 0, got {seed!r}")
     valid = dataset_options(name)
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"dataset {name!r}: unknown option(s) {', '.join(map(repr, unknown))}; "
             f"valid options: {', '.join(valid) or '(none)'}"
         )
@@ -344,7 +347,7 @@ def dataset_options(name: str) -> dict[str, Any]:
 
 def _lookup(name: str) -> Callable[..., Dataset]:
     if not isinstance(name, str) or name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
+        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
     return DATASETS[name]
 
 
@@ -355,7 +358,7 @@ def _lookup(name: str) -> Callable[..., Dataset]:
 
 def _opt_int(ds: str, opt: str, v: Any, lo: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise ValueError(f"dataset {ds!r}: option {opt!r} must be an int >= {lo}, got {v!r}")
+        raise DataError(f"dataset {ds!r}: option {opt!r} must be an int >= {lo}, got {v!r}")
     return int(v)
 
 
@@ -367,19 +370,19 @@ def _opt_float(ds: str, opt: str, v: Any, lo: float, hi: float, *, lo_open: bool
         ok = np.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
     if not ok:
         lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ValueError(f"dataset {ds!r}: option {opt!r} must be a number in {lb}{lo}, {hi}{rb}, got {v!r}")
+        raise DataError(f"dataset {ds!r}: option {opt!r} must be a number in {lb}{lo}, {hi}{rb}, got {v!r}")
     return v
 
 
 def _opt_bool(ds: str, opt: str, v: Any) -> bool:
     if not isinstance(v, (bool, np.bool_)):
-        raise ValueError(f"dataset {ds!r}: option {opt!r} must be true or false, got {v!r}")
+        raise DataError(f"dataset {ds!r}: option {opt!r} must be true or false, got {v!r}")
     return bool(v)
 
 
 def _opt_choice(ds: str, opt: str, v: Any, choices: Sequence[str]) -> str:
     if v not in choices:
-        raise ValueError(f"dataset {ds!r}: option {opt!r} must be one of {', '.join(choices)}; got {v!r}")
+        raise DataError(f"dataset {ds!r}: option {opt!r} must be one of {', '.join(choices)}; got {v!r}")
     return v
 
 
@@ -529,7 +532,7 @@ def _digits_splits(seed: int, val_fraction: float, test_fraction: float):
 def _check_nonempty(ds: str, xs: list[np.ndarray]) -> None:
     for s, a in zip(SPLITS, xs):
         if len(a) == 0:
-            raise ValueError(f"dataset {ds!r}: the {s} split is empty; use larger split fractions")
+            raise DataError(f"dataset {ds!r}: the {s} split is empty; use larger split fractions")
 
 
 # ---------------------------------------------------------------------------------------
@@ -558,7 +561,7 @@ def _load_digits(seed: int, *, val_fraction: float = 0.2, test_fraction: float =
     val_fraction = _opt_float(ds, "val_fraction", val_fraction, 0.0, 1.0)
     test_fraction = _opt_float(ds, "test_fraction", test_fraction, 0.0, 1.0)
     if val_fraction + test_fraction >= 1.0:
-        raise ValueError(f"dataset {ds!r}: options 'val_fraction' + 'test_fraction' must be < 1, "
+        raise DataError(f"dataset {ds!r}: options 'val_fraction' + 'test_fraction' must be < 1, "
                          f"got {val_fraction} + {test_fraction}")
     standardize = _opt_bool(ds, "standardize", standardize)
     xs, ys = _digits_splits(seed, val_fraction, test_fraction)
@@ -645,7 +648,7 @@ def _load_anomaly(seed: int, *, source: str = "digits", length: int = 10, n_trai
     counts = [_opt_int(ds, k, v) for k, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test))]
     if isinstance(recipes, str) or not isinstance(recipes, Sequence) or len(set(recipes)) < 2 \
             or len(set(recipes)) != len(recipes) or any(r not in ANOMALY_RECIPES for r in recipes):
-        raise ValueError(f"dataset {ds!r}: option 'recipes' must list at least two distinct kinds of "
+        raise DataError(f"dataset {ds!r}: option 'recipes' must list at least two distinct kinds of "
                          f"{', '.join(ANOMALY_RECIPES)}; got {recipes!r}")
     kinds = tuple(recipes)
     standardize = _opt_bool(ds, "standardize", standardize)
@@ -706,7 +709,7 @@ def _load_mnist_idx(seed: int, *, path: str | os.PathLike | None = None, val_fra
                     drop_overlap: bool = True, standardize: bool = True) -> Dataset:
     ds = "mnist_idx"
     if path is None:
-        raise ValueError(f"dataset {ds!r}: option 'path' (the folder with the MNIST IDX files) is required")
+        raise DataError(f"dataset {ds!r}: option 'path' (the folder with the MNIST IDX files) is required")
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(errno.ENOENT, f"dataset {ds!r}: option 'path' is not a folder",
@@ -718,15 +721,15 @@ def _load_mnist_idx(seed: int, *, path: str | os.PathLike | None = None, val_fra
     arrays = [read_idx(f) for f in files]
     for f, a, nd in zip(files, arrays, (3, 1, 3, 1)):
         if a.dtype != np.uint8 or a.ndim != nd:
-            raise ValueError(f"{f}: expected uint8 data with {nd} dimension(s), got {a.dtype} {a.shape}")
+            raise DataError(f"{f}: expected uint8 data with {nd} dimension(s), got {a.dtype} {a.shape}")
     xi, yi, xti, yti = arrays
     for (fx, fy), (a, b) in (((files[0], files[1]), (xi, yi)), ((files[2], files[3]), (xti, yti))):
         if len(a) != len(b):
-            raise ValueError(f"{fx} holds {len(a)} images but {fy} holds {len(b)} labels")
+            raise DataError(f"{fx} holds {len(a)} images but {fy} holds {len(b)} labels")
         if len(b) and int(b.max()) > 9:
-            raise ValueError(f"{fy}: labels must be 0..9, found {int(b.max())}")
+            raise DataError(f"{fy}: labels must be 0..9, found {int(b.max())}")
     if xi.shape[1:] != xti.shape[1:]:
-        raise ValueError(f"{files[0]} has images of shape {xi.shape[1:]}, {files[2]} of {xti.shape[1:]}")
+        raise DataError(f"{files[0]} has images of shape {xi.shape[1:]}, {files[2]} of {xti.shape[1:]}")
     xi, xti = xi.reshape(len(xi), -1), xti.reshape(len(xti), -1)
     dropped = 0
     if drop_overlap:
@@ -775,7 +778,7 @@ _IDX_CODES: dict[int, np.dtype] = {
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (optionally gzipped) into a native-byte-order numpy array.
 
-    Raises ``FileNotFoundError`` (naming the file) if it does not exist and ``ValueError``
+    Raises ``FileNotFoundError`` (naming the file) if it does not exist and :class:`~iternn.DataError`
     (naming the file) for a bad magic number, an unknown type code, a truncated header, a
     data size that does not match the header, or a corrupt gzip stream.
     """
@@ -787,19 +790,19 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as e:
-            raise ValueError(f"{p}: corrupt gzip data ({e})") from e
+            raise DataError(f"{p}: corrupt gzip data ({e})") from e
     if len(raw) < 4:
-        raise ValueError(f"{p}: too short for an IDX header ({len(raw)} bytes)")
+        raise DataError(f"{p}: too short for an IDX header ({len(raw)} bytes)")
     magic = int.from_bytes(raw[:4], "big")
     code, ndim = raw[2], raw[3]
     if raw[0] != 0 or raw[1] != 0 or code not in _IDX_CODES or ndim == 0:
-        raise ValueError(
+        raise DataError(
             f"{p}: bad IDX magic number 0x{magic:08X} (expected 0x0000TTNN with type code TT in "
             f"{', '.join(f'0x{c:02X}' for c in _IDX_CODES)} and NN >= 1 dimensions)"
         )
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(
+        raise DataError(
             f"{p}: truncated IDX header: {ndim} dimensions need {header} bytes, file has {len(raw)}")
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     dtype = _IDX_CODES[code]
@@ -808,7 +811,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     actual = len(raw) - header
     if actual != expected:
         what = "truncated" if actual < expected else "trailing bytes"
-        raise ValueError(f"{p}: size mismatch ({what}): the header gives shape {dims} of {dtype.name} "
+        raise DataError(f"{p}: size mismatch ({what}): the header gives shape {dims} of {dtype.name} "
                          f"= {expected} data bytes, the file has {actual}")
     arr = np.frombuffer(raw, dtype=dtype, count=count, offset=header).reshape(dims)
     return arr.astype(dtype.newbyteorder("="), copy=True)
@@ -818,17 +821,17 @@ def write_idx(path: str | os.PathLike, array: Any) -> Path:
     """Write ``array`` as an IDX file (gzipped when ``path`` ends in ``.gz``), atomically.
 
     Supported dtypes: uint8, int8, int16, int32, float32, float64 (any byte order), with
-    1 to 255 dimensions. Returns the path. Raises ``ValueError`` for another dtype or shape.
+    1 to 255 dimensions. Returns the path. Raises :class:`~iternn.DataError` for another dtype or shape.
     """
     a = np.asarray(array)
     code = next((c for c, dt in _IDX_CODES.items()
                  if a.dtype.kind in "uif" and dt.kind == a.dtype.kind and dt.itemsize == a.dtype.itemsize),
                 None)
     if code is None:
-        raise ValueError(f"write_idx: dtype {a.dtype} is not an IDX type; use one of "
+        raise DataError(f"write_idx: dtype {a.dtype} is not an IDX type; use one of "
                          f"{', '.join(dt.name for dt in _IDX_CODES.values())}")
     if not 1 <= a.ndim <= 255 or any(d >= 2**32 for d in a.shape):
-        raise ValueError(f"write_idx: IDX needs 1..255 dimensions each < 2**32, got shape {a.shape}")
+        raise DataError(f"write_idx: IDX needs 1..255 dimensions each < 2**32, got shape {a.shape}")
     body = (bytes([0, 0, code, a.ndim]) + np.asarray(a.shape, dtype=">u4").tobytes()
             + np.ascontiguousarray(a, dtype=_IDX_CODES[code]).tobytes())
     p = Path(path)

@@ -20,8 +20,8 @@ per-sample losses divided by the global batch size. The gradients are all-reduce
 batch mean* — the same as one process with the same batch (equal to averaging the ranks'
 mean gradients when the shards are equal). Clipping and the optimizer step then run on
 identical gradients, so parameters stay identical on every rank (checked at the end:
-:class:`RuntimeError` if not). Rank 0's initial parameters and buffers are broadcast at
-the start, so the ranks' own initialisations do not matter. The result equals
+:class:`~iternn.StudyError`, a ``RuntimeError``, if not). Rank 0's initial parameters and
+buffers are broadcast at the start, so the ranks' own initialisations do not matter. The result equals
 single-process training up to floating-point summation order.
 
 Not covered by that equality: randomness inside the model (each rank's global RNG is
@@ -46,14 +46,10 @@ is an independent single-process job with its own ``out_dir``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib
-import importlib.util
-import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +57,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .train import TrainConfig, TrainResult, _fit, _resolve_device, train
+from ..errors import StudyError
+from .train import TrainConfig, TrainResult, _fit, _resolve_device
 
 __all__ = ["TorchComm", "train_distributed", "main"]
 
@@ -122,6 +119,7 @@ def train_distributed(
     log: Callable[[str], Any] | None = None,
     on_epoch: Callable[[dict[str, Any]], Any] | None = None,
     tensorboard: bool = False,
+    run_options: Mapping[str, Any] | None = None,
     backend: str | None = None,
     init_method: str | None = None,
     rank: int | None = None,
@@ -134,8 +132,8 @@ def train_distributed(
     from ``init_method`` (e.g. ``"file:///tmp/x"``), ``rank`` and ``world_size``.
 
     Args:
-        model, data, config, out_dir, resume, progress, log, on_epoch, tensorboard: as
-            for ``train``; ``config.batch_size`` is the global batch. Only rank 0 writes
+        model, data, config, out_dir, resume, progress, log, on_epoch, tensorboard,
+            run_options: as for ``train``; ``config.batch_size`` is the global batch. Only rank 0 writes
             files (TensorBoard events included), draws bars and calls ``log`` and
             ``on_epoch``.
         backend: ``"gloo"`` or ``"nccl"``; default ``nccl`` when the device is CUDA.
@@ -172,11 +170,11 @@ def train_distributed(
         comm.broadcast_module(model)
         result = _fit(model, data, config, out_dir=out_dir, resume=resume, progress=progress,
                       log=log, on_epoch=on_epoch, comm=comm, device=device,
-                      tensorboard=tensorboard)
+                      tensorboard=tensorboard, run_options=run_options)
         comm.broadcast_module(model)  # buffers (BatchNorm statistics) as rank 0 has them
         diff = comm.max_param_difference(model)
         if diff != 0.0:
-            raise RuntimeError(f"parameters differ between ranks after training (max {diff})")
+            raise StudyError(f"parameters differ between ranks after training (max {diff})")
         return result
     finally:
         if created:
@@ -186,139 +184,15 @@ def train_distributed(
 # --------------------------------------------------------------------------- command line
 
 
-def _load_callable(spec: str) -> Callable[[], Any]:
-    """``package.module:function`` or ``path/to/file.py:function``."""
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise ValueError(f"--build must be MODULE:FUNCTION or FILE.py:FUNCTION, got {spec!r}")
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise ValueError(f"--build file {target} does not exist")
-        mod_name = f"_iternn_build_{abs(hash(str(path.resolve())))}"
-        spec_obj = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(spec_obj)
-        sys.modules[mod_name] = module
-        spec_obj.loader.exec_module(module)
-    else:
-        module = importlib.import_module(target)
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ValueError(f"--build: {target} has no callable {name!r}")
-    return fn
-
-
-def _mlp(features: int, hidden: Sequence[int], outputs: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    width = features
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    layers.append(nn.Linear(width, outputs))
-    return nn.Sequential(*layers)
-
-
-def _build_from_dataset(args: argparse.Namespace, seed: int) -> tuple[nn.Module, Any]:
-    from .data import load_dataset  # the data stream's module; imported only when needed
-
-    data = load_dataset(args.dataset, seed=args.data_seed)
-    if data.x_train.dim() != 2:
-        raise ValueError(f"--dataset {args.dataset}: inputs are {data.x_train.dim() - 1}-D; "
-                         "the built-in MLP needs flat features (use --build)")
-    outputs = data.n_classes if data.task != "regression" else (
-        1 if data.y_train.dim() == 1 else data.y_train.shape[1])
-    hidden = [int(h) for h in args.hidden.split(",") if h.strip()] if args.hidden else []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = _mlp(data.x_train.shape[1], hidden, outputs)
-    return model, data
-
-
-_OVERRIDES = {  # flag dest -> TrainConfig field
-    "optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay",
-    "momentum": "momentum", "epochs": "epochs", "batch_size": "batch_size",
-    "patience": "patience", "seed": "seed", "loss_on": "loss_on",
-    "max_grad_norm": "max_grad_norm", "lr_schedule": "lr_schedule", "device": "device",
-}
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m iternn.study.distributed",
-        description="Train one model, data-parallel under torchrun (or in one process).")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--build", metavar="MODULE:FUNC",
-                      help="callable returning (model, dataset) or (model, dataset, "
-                           "TrainConfig); MODULE may be a path to a .py file")
-    what.add_argument("--dataset", help="a dataset name of iternn.study.data (MLP model)")
-    p.add_argument("--hidden", default="64", help="MLP hidden widths, comma-separated")
-    p.add_argument("--data-seed", type=int, default=0, help="dataset seed")
-    p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"))
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="global batch size")
-    p.add_argument("--patience", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--loss-on", choices=("last", "all"))
-    p.add_argument("--max-grad-norm", type=float)
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"))
-    p.add_argument("--device")
-    p.add_argument("--backend", choices=("gloo", "nccl"))
-    p.add_argument("--init-method", help="process-group rendezvous, e.g. file:///shared/x "
-                                         "(default env://, as set by torchrun)")
-    p.add_argument("--out", help="output folder (checkpoint, metrics)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="no log lines on stderr")
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry; returns the exit code (0 done, 1 failure, 2 bad usage).
+    """``python -m iternn.study.distributed``: the parser and exit codes of
+    :func:`iternn.cli.distributed_main` (0 done, 1 failed or diverged, 2 bad usage).
 
     Rank 0 prints the result as one JSON line on stdout and log lines on stderr.
     """
-    parser = _parser()
-    args = parser.parse_args(argv)  # exits with 2 on bad usage
-    try:
-        if args.build:
-            built = _load_callable(args.build)()
-            if not isinstance(built, tuple) or len(built) not in (2, 3):
-                raise ValueError("--build must return (model, dataset) or "
-                                 "(model, dataset, TrainConfig)")
-            model, data = built[:2]
-            config = built[2] if len(built) == 3 else TrainConfig()
-        else:
-            config = TrainConfig()
-        overrides = {field: getattr(args, dest) for dest, field in _OVERRIDES.items()
-                     if getattr(args, dest) is not None}
-        config = dataclasses.replace(config, **overrides)
-        if args.dataset:
-            model, data = _build_from_dataset(args, config.seed)
-        if args.resume and not args.out:
-            raise ValueError("--resume needs --out")
-    except (ValueError, TypeError, KeyError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    distributed = "WORLD_SIZE" in os.environ
-    rank = int(os.environ.get("RANK", 0)) if distributed else 0
-    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-    kwargs = dict(out_dir=args.out, resume=args.resume, progress=not args.no_progress, log=log)
-    try:
-        if distributed:
-            result = train_distributed(model, data, config, backend=args.backend,
-                                       init_method=args.init_method, rank=rank,
-                                       world_size=int(os.environ["WORLD_SIZE"]), **kwargs)
-        else:
-            result = train(model, data, config, **kwargs)
-    except (ValueError, TypeError, RuntimeError, OSError) as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    if rank == 0:
-        print(json.dumps(result.to_dict(), allow_nan=False), flush=True)
-    return 0
+    from ..cli import distributed_main
+
+    return distributed_main(argv)
 
 
 if __name__ == "__main__":

@@ -69,8 +69,10 @@ from torch import Tensor, nn
 
 from ..convert.mlp import from_mlp
 from ..core.block_map import BlockMap
+from ..core.memory import check_bytes, tensor_bytes
 from ..core.summary import count_trainable
 from ..engine.iterate import iterate
+from ..errors import DataError, MapError, MapTypeError, StudyError
 from ..sparse.builders import (
     matched_map,
     six_block_counts,
@@ -95,6 +97,7 @@ __all__ = [
     "live_trainable",
     "make_mlp",
     "normalize_hidden",
+    "parameter_bytes",
     "recurrent_count",
     "recurrent_width",
     "register_family",
@@ -143,7 +146,7 @@ FAMILIES: dict[str, Family] = {}
 def register_family(family: Family) -> Family:
     """Add (or replace) a family in :data:`FAMILIES`; returns it."""
     if not isinstance(family, Family):
-        raise TypeError(f"expected a Family, got {type(family).__name__}")
+        raise MapTypeError(f"expected a Family, got {type(family).__name__}")
     FAMILIES[family.name] = family
     return family
 
@@ -154,7 +157,7 @@ def register_family(family: Family) -> Family:
 def _task(data: Any) -> str:
     task = getattr(data, "task", None)
     if task not in FLAT_TASKS + SEQUENCE_TASKS:
-        raise ValueError(f"data.task must be one of {FLAT_TASKS + SEQUENCE_TASKS}, got {task!r}")
+        raise DataError(f"data.task must be one of {FLAT_TASKS + SEQUENCE_TASKS}, got {task!r}")
     return task
 
 
@@ -182,7 +185,7 @@ def _activation_name(task: str, activation: str | None) -> str:
     name = default_activation(task) if activation is None else activation
     allowed = SEQUENCE_ACTIVATIONS if task in SEQUENCE_TASKS else tuple(ACTIVATIONS)
     if name not in allowed:
-        raise ValueError(f"activation must be one of {', '.join(allowed)} for task {task!r}, "
+        raise MapError(f"activation must be one of {', '.join(allowed)} for task {task!r}, "
                          f"got {name!r}")
     return name
 
@@ -190,17 +193,17 @@ def _activation_name(task: str, activation: str | None) -> str:
 def normalize_hidden(hidden: int | Sequence[int], task: str) -> tuple[int, ...]:
     """``hidden`` as a tuple of positive ints: MLP widths (flat), or ``(H,)`` (sequence)."""
     if isinstance(hidden, bool):
-        raise TypeError(f"hidden must be an int or a list of ints, got {hidden!r}")
+        raise MapTypeError(f"hidden must be an int or a list of ints, got {hidden!r}")
     if isinstance(hidden, int):
         widths: tuple[int, ...] = (hidden,)
     elif isinstance(hidden, Sequence) and not isinstance(hidden, str):
         widths = tuple(hidden)
     else:
-        raise TypeError(f"hidden must be an int or a list of ints, got {hidden!r}")
+        raise MapTypeError(f"hidden must be an int or a list of ints, got {hidden!r}")
     if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
-        raise ValueError(f"hidden widths must be ints >= 1, got {list(widths)}")
+        raise MapError(f"hidden widths must be ints >= 1, got {list(widths)}")
     if task in SEQUENCE_TASKS and len(widths) != 1:
-        raise ValueError(f"a sequence task takes one hidden width (the forced map's), got {list(widths)}")
+        raise MapError(f"a sequence task takes one hidden width (the forced map's), got {list(widths)}")
     return widths
 
 
@@ -299,7 +302,7 @@ class ForcedMap(nn.Module):
     def __init__(self, map: BlockMap, *, input: str = "x", output: str = "y") -> None:
         super().__init__()
         if not isinstance(map, BlockMap):
-            raise TypeError(f"map must be a BlockMap, got {type(map).__name__}")
+            raise MapTypeError(f"map must be a BlockMap, got {type(map).__name__}")
         self.map = map
         self.input = input
         self.output = output
@@ -307,7 +310,7 @@ class ForcedMap(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"ForcedMap needs a (batch, time, features) tensor, got {shape}")
+            raise MapError(f"ForcedMap needs a (batch, time, features) tensor, got {shape}")
         seq = x.transpose(0, 1)
         out = iterate(self.map, {}, seq.shape[0], force={self.input: seq}, update="ordered")
         return out[self.output]
@@ -323,7 +326,7 @@ class RecurrentClassifier(nn.Module):
     def __init__(self, kind: str, n_in: int, width: int, n_out: int, activation: str = "tanh") -> None:
         super().__init__()
         if kind not in _GATES:
-            raise ValueError(f"kind must be one of {tuple(_GATES)}, got {kind!r}")
+            raise MapError(f"kind must be one of {tuple(_GATES)}, got {kind!r}")
         self.kind = kind
         if kind == "rnn":
             self.rnn: nn.Module = nn.RNN(n_in, width, batch_first=True, nonlinearity=activation)
@@ -405,24 +408,24 @@ def check_density(family: Family, density: float | None) -> float | None:
     """Validate ``density`` for ``family``; returns the normalised value."""
     if family.density == "none":
         if density is not None:
-            raise ValueError(f"model {family.name!r} takes no density, got {density!r}")
+            raise MapError(f"model {family.name!r} takes no density, got {density!r}")
         return None
     if density is None:
         if family.density == "any":
             return 1.0
-        raise ValueError(f"model {family.name!r} needs a density in (0, 1)")
+        raise MapError(f"model {family.name!r} needs a density in (0, 1)")
     if isinstance(density, bool) or not isinstance(density, (int, float)) or math.isnan(density):
-        raise TypeError(f"density must be a number, got {density!r}")
+        raise MapTypeError(f"density must be a number, got {density!r}")
     hi_ok = family.density == "any"
     if not (0 < density < 1 or (hi_ok and density == 1)):
         rng = "(0, 1]" if hi_ok else "(0, 1)"
-        raise ValueError(f"model {family.name!r} needs a density in {rng}, got {density!r}")
+        raise MapError(f"model {family.name!r} needs a density in {rng}, got {density!r}")
     return float(density)
 
 
 def check_feasible(family: str, data: Any, *, hidden: int | Sequence[int],
                    density: float | None = None) -> None:
-    """Raise ``ValueError`` if ``family`` cannot be built at the budget of ``hidden``.
+    """Raise :class:`~iternn.MapError` if ``family`` cannot be built at the budget of ``hidden``.
 
     A six-block map always holds its ``y <- x`` and ``y <- y`` blocks (``n_y n_x + n_y²``
     entries at density 1) whatever its hidden width, so a small budget can be below the
@@ -446,7 +449,7 @@ def check_feasible(family: str, data: Any, *, hidden: int | Sequence[int],
             solve_hidden_width(target, n_x, n_y, forced_map_densities(d))
     except ValueError as e:
         what = family if d is None else f"{family} at density {d:g}"
-        raise ValueError(f"{what}: {e}") from None
+        raise MapError(f"{what}: {e}") from None
 
 
 def build_model(family: str, data: Any, *, hidden: int | Sequence[int], density: float | None = None,
@@ -458,26 +461,35 @@ def build_model(family: str, data: Any, *, hidden: int | Sequence[int], density:
     times than ``matched_map``'s default (the MLP's number of layers): see
     :func:`live_trainable` for why that matters. With ``check=True`` (default) the
     trainable count is verified against :func:`budget` within :func:`count_tolerance`
-    (``RuntimeError`` otherwise; a built-in family never fails it). Raises ``ValueError``
-    for an unknown family, a family that does not serve the dataset's task, a bad density,
-    hidden width, activation or ``extra_steps``.
+    (:class:`~iternn.StudyError` otherwise; a built-in family never fails it). Raises
+    :class:`~iternn.MapError` for an unknown family, a family that does not serve the
+    dataset's task, a bad density, hidden width, activation or ``extra_steps``, and
+    :class:`~iternn.SizeError` (a ``MemoryError``), before anything is allocated, when the
+    parameters alone of a built-in family at ``hidden`` would not fit in memory
+    (:func:`parameter_bytes`).
     """
     fam = FAMILIES.get(family)
     if fam is None:
-        raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+        raise MapError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
     task = _task(data)
     if task not in fam.tasks:
-        raise ValueError(f"model {family!r} serves tasks {', '.join(fam.tasks)}, not {task!r}")
+        raise MapError(f"model {family!r} serves tasks {', '.join(fam.tasks)}, not {task!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        raise MapError(f"seed must be an int >= 0, got {seed!r}")
     widths = normalize_hidden(hidden, task)
     d = check_density(fam, density)
     act = _activation_name(task, activation)
     if isinstance(extra_steps, bool) or not isinstance(extra_steps, int) or extra_steps < 0:
-        raise ValueError(f"extra_steps must be an int >= 0, got {extra_steps!r}")
+        raise MapError(f"extra_steps must be an int >= 0, got {extra_steps!r}")
     if extra_steps and not fam.iterated:
-        raise ValueError(f"model {family!r} takes no extra_steps (only "
+        raise MapError(f"model {family!r} takes no extra_steps (only "
                          f"{', '.join(f.name for f in FAMILIES.values() if f.iterated)} do)")
+    if family in _BUILTIN:
+        n, nbytes = parameter_bytes(family, data, widths)
+        dtype = str(torch.get_default_dtype()).removeprefix("torch.")
+        also = ", built from an MLP of as many" if _COPIES.get(family, 1) > 1 else ""
+        check_bytes(nbytes, f"hidden {list(widths)} (--hidden: model {family!r} of {n:,} {dtype} "
+                            f"parameters{also})")
     with torch.random.fork_rng(devices=[]):  # no builder may move the caller's global RNG
         torch.manual_seed(seed)
         model = fam.build(data, widths, d, seed, act)
@@ -489,11 +501,25 @@ def build_model(family: str, data: Any, *, hidden: int | Sequence[int], density:
         tol = count_tolerance(family, data, widths, d)
         ok = (0 <= target - got < tol) if family == "dense_map" else abs(got - target) <= tol
         if not ok:  # pragma: no cover - a bug in a builder
-            raise RuntimeError(f"{family}: {got} trainable entries, budget {target} (tolerance {tol})")
+            raise StudyError(f"{family}: {got} trainable entries, budget {target} (tolerance {tol})")
     return model
 
 
 _BUILTIN = frozenset(FAMILIES)
+#: Parameter copies alive while a built-in family is built: the maps made from an MLP hold
+#: the MLP and the map at once.
+_COPIES = {"mlp_map": 2, "dense_map": 2, "sparse_map": 2}
+
+
+def parameter_bytes(family: str, data: Any, hidden: int | Sequence[int]) -> tuple[int, int]:
+    """``(parameters, bytes)``: a built-in family's trainable count at the budget of
+    ``hidden`` (every family is matched to :func:`budget`, up to :func:`count_tolerance`)
+    and the bytes its parameters take in the default dtype while it is built (the MLP and
+    the map at once for the maps made from an MLP). Arithmetic only: a lower bound of what
+    building needs (no index arrays, no activations), so it never refuses a model that fits.
+    """
+    n = budget(data, hidden)
+    return n, tensor_bytes(n * _COPIES.get(family, 1), torch.get_default_dtype())
 
 
 def _nonzero_at_zero(act: nn.Module | None) -> bool:

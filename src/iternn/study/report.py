@@ -433,11 +433,12 @@ def _claims(config: StudyConfig, stats: list[dict], records: list[dict],
             if not hr:
                 continue
             get = {_name(r): r for r in hr}
-            fam = lambda f: [r for r in hr if r["family"] == f]  # noqa: E731
+            fam = lambda f, hr=hr: [r for r in hr if r["family"] == f]  # noqa: E731
             budget = hr[0].get("budget")
             lines.append(f"Budget: hidden {_h(hidden)} = {budget} trainable parameters.")
             lines.append("")
-            cmp = lambda a, b: compare(_values(a, vals), _values(b, vals), higher_better=hib)  # noqa: E731
+            cmp = lambda a, b, vals=vals, hib=hib: compare(  # noqa: E731
+                _values(a, vals), _values(b, vals), higher_better=hib)
             if ds.task != "sequence":
                 mlp, twin = get.get("mlp"), get.get("mlp_map")
                 sparse = [r for r in fam("sparse_map") if r["n_ok"]]
@@ -477,18 +478,18 @@ def _claims(config: StudyConfig, stats: list[dict], records: list[dict],
                     if sp and mlp and mlp["n_ok"]:
                         best = _best_by_val(sp, ds.task)
                         best_per_extra[e] = best
-                        lines.append(pre + _verdict(
-                            cmp(best, mlp), f"*A random-sparse map at the same budget beats the MLP* (best "
-                                            f"density by validation: d={best['density']:g})", best, mlp, chance))
+                        claim = ("*A random-sparse map at the same budget beats the MLP* (best density "
+                                 f"by validation: d={best['density']:g})")
+                        lines.append(pre + _verdict(cmp(best, mlp), claim, best, mlp, chance))
                         wins = [r["density"] for r in sp if cmp(r, mlp)["better"]]
                         lines.append(f"{sub}densities whose mean beats the MLP: "
                                      f"{', '.join(f'{d:g}' for d in wins) if wins else 'none'} "
                                      f"(of {', '.join(format(r['density'], 'g') for r in sp)})")
                     if sp and dn and dn["n_ok"]:
                         best = _best_by_val(sp, ds.task)
-                        lines.append(pre + _verdict(
-                            cmp(best, dn), f"*Some sparsity beats the dense map at the same budget* (best "
-                                           f"density by validation: d={best['density']:g})", best, dn, chance))
+                        claim = ("*Some sparsity beats the dense map at the same budget* (best density "
+                                 f"by validation: d={best['density']:g})")
+                        lines.append(pre + _verdict(cmp(best, dn), claim, best, dn, chance))
                         wins = [r["density"] for r in sp if cmp(r, dn)["better"]]
                         tested = [r["density"] for r in sp]
                         lines.append(f"{sub}densities whose mean beats dense_map: "
@@ -497,11 +498,10 @@ def _claims(config: StudyConfig, stats: list[dict], records: list[dict],
                                      f"{_band_reading(wins, tested)} "
                                      "(the paper's direction: a band of intermediate sparsity beats dense)")
                     if dn and mlp and dn["n_ok"] and mlp["n_ok"]:
-                        lines.append(pre + _verdict(cmp(dn, mlp),
-                                                    "*The dense map beats the MLP at (about) the same budget*",
-                                                    dn, mlp, chance))
-                    dead = [r for r in sp + ([dn] if dn else [])
-                            if r.get("live") is not None and r.get("trainable") and r["live"] < r["trainable"]]
+                        claim = "*The dense map beats the MLP at (about) the same budget*"
+                        lines.append(pre + _verdict(cmp(dn, mlp), claim, dn, mlp, chance))
+                    dead = [r for r in sp + ([dn] if dn else []) if r.get("live") is not None
+                            and r.get("trainable") and r["live"] < r["trainable"]]
                     if dead:
                         lines.append(f"{sub}**caveat: dead parameters.** Only part of these maps' trainable "
                                      "entries can reach the output in their applications: "
@@ -646,7 +646,8 @@ def write_report(config: StudyConfig, out_dir: str | Path, *, records: list[dict
                                      "–" if b is None else b, "–" if t is None else t, diff, live])
     L += _table(["dataset", "hidden", "model", "what", "steps", "budget", "trainable", "vs budget",
                  "live"], fam_rows)
-    dead = [r for r in stats if r.get("live") is not None and r.get("trainable") and r["live"] < r["trainable"]]
+    dead = [r for r in stats
+            if r.get("live") is not None and r.get("trainable") and r["live"] < r["trainable"]]
     if dead:
         L += ["", f"**{len(dead)} model(s) have dead parameters** (live < trainable, in bold above): "
               "a held-input map iterated as many times as the MLP has layers never carries its "
@@ -696,9 +697,11 @@ def write_report(config: StudyConfig, out_dir: str | Path, *, records: list[dict
             if p:
                 pics.append(("Accuracy vs trainable parameters", ds.label, p))
             for hidden in ds.hidden:
-                p = _plot_acc_vs_density(rs, ds.label, hidden, out / f"acc_vs_density_{ds.label}_h{_h(hidden)}.png")
+                name = f"acc_vs_density_{ds.label}_h{_h(hidden)}.png"
+                p = _plot_acc_vs_density(rs, ds.label, hidden, out / name)
                 if p:
-                    pics.append(("Accuracy vs density at a fixed budget", f"{ds.label}, hidden {_h(hidden)}", p))
+                    pics.append(("Accuracy vs density at a fixed budget",
+                                 f"{ds.label}, hidden {_h(hidden)}", p))
             p = _plot_curves(rs, ds.label, out / f"curves_{ds.label}.png")
             if p:
                 pics.append(("Training curves", ds.label, p))

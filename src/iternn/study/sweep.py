@@ -19,11 +19,18 @@ take one) x seeds, in that nesting order. :func:`run_sweep` executes them:
 * **Resumable.** A run whose ``result.json`` exists with the same *fingerprint* (a hash
   of everything that defines it: dataset and options, model, budget, density, seed,
   activation, training options but the logging switch ``tensorboard``) is skipped —
-  unless its status is ``"failed"`` and ``retry_failed`` is on (the default). A run
-  interrupted mid-training (no ``result.json`` yet) continues from its last checkpoint
-  (``train(resume=True)``) if ``spec.json`` shows the checkpoint is this run's; a
-  checkpoint of another definition (other data options, model, training options) is
-  discarded and the run starts fresh.
+  unless its status is ``"failed"`` and ``retry_failed`` is on (the default). Any other
+  run continues from its checkpoint (``train(resume=True)`` with the run's definition as
+  its run options, :mod:`iternn.study.resume`): a run interrupted mid-training goes on
+  from its last epoch, a finished run given more epochs trains on. A checkpoint the run
+  cannot honour (another definition) is discarded and the run starts fresh; an
+  unreadable checkpoint is **quarantined** — its run folder is renamed
+  ``<run_id>.broken-<time>`` (kept for a post-mortem, logged, named in the record) — and
+  the run trains again, so a damaged file never fails a run on every rerun.
+* **One writer, one config.** The sweep runs inside
+  :func:`iternn.study.folder.study_folder`: the folder is locked (a second study on it is
+  a :class:`~iternn.FolderLockedError`) and belongs to the config recorded in
+  ``study.json`` (another config is a :class:`~iternn.ConfigError`).
 * **Results.** :func:`collect` reads the record of every run of the *whole* grid (runs
   without a record are ``"missing"``) and :func:`write_results` writes
   ``OUT/results.json`` (records with per-epoch metrics) and ``OUT/results.csv`` (one row
@@ -59,7 +66,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, StudyConfig, train_config
+from ..errors import ConfigError, FormatError, ResumeError
+from .checkpoint import load_checkpoint
+from .config import StudyConfig, train_config
+from .folder import study_folder
 
 __all__ = [
     "Run",
@@ -70,8 +80,9 @@ __all__ = [
     "expand",
     "load_datasets",
     "parse_shard",
+    "quarantine",
     "run_one",
-    "run_study",
+    "run_options",
     "run_sweep",
     "select_shard",
     "write_results",
@@ -188,14 +199,14 @@ def expand(config: StudyConfig) -> list[Run]:
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` -> ``(i, n)`` with ``1 <= i <= n``; ``ValueError`` otherwise."""
+    """``"i/n"`` -> ``(i, n)`` with ``1 <= i <= n``; :class:`~iternn.ConfigError` otherwise."""
     try:
         a, b = str(text).split("/")
         i, n = int(a), int(b)
     except ValueError:
-        raise ValueError(f"shard must be i/n (e.g. 2/4), got {text!r}") from None
+        raise ConfigError(f"shard must be i/n (e.g. 2/4), got {text!r}") from None
     if not 1 <= i <= n:
-        raise ValueError(f"shard i/n needs 1 <= i <= n, got {text!r}")
+        raise ConfigError(f"shard i/n needs 1 <= i <= n, got {text!r}")
     return i, n
 
 
@@ -205,7 +216,7 @@ def select_shard(runs: Sequence[Run], shard: tuple[int, int] | None) -> list[Run
         return list(runs)
     i, n = shard
     if not 1 <= i <= n:
-        raise ValueError(f"shard i/n needs 1 <= i <= n, got {i}/{n}")
+        raise ConfigError(f"shard i/n needs 1 <= i <= n, got {i}/{n}")
     return list(runs)[i - 1::n]
 
 
@@ -298,9 +309,51 @@ def base_record(run: Run) -> dict[str, Any]:
     return rec
 
 
+def run_options(run: Run) -> dict[str, Any]:
+    """The run options a run stores and compares on resume (:mod:`iternn.study.resume`):
+    its definition (:meth:`Run.spec`) but the training options, which the trainer
+    compares itself."""
+    spec = run.spec()
+    spec.pop("train")
+    return spec
+
+
+def quarantine(run_dir: Path) -> Path:
+    """Rename ``run_dir`` to ``<name>.broken-<UTC time>`` (``-2``, ``-3``, ... if taken);
+    returns the new path."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = run_dir.with_name(f"{run_dir.name}.broken-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = run_dir.with_name(f"{run_dir.name}.broken-{stamp}-{n}")
+    run_dir.rename(target)
+    return target
+
+
+def _unreadable_checkpoint(run_dir: Path) -> str | None:
+    """Why ``run_dir``'s checkpoint cannot be read, or ``None`` (readable, or none)."""
+    from .train import CHECKPOINT_NAME
+
+    path = run_dir / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    try:
+        load_checkpoint(path)
+    except FormatError as e:
+        return str(e)
+    return None
+
+
 def run_one(run: Run, study_dir: str | Path, *, log: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Train one run into ``study_dir/runs/<run_id>``; returns its record (never raises
-    for a failure inside the run: the record says ``"failed"`` and why)."""
+    for a failure inside the run: the record says ``"failed"`` and why).
+
+    The run resumes its checkpoint when it can (same definition; more epochs allowed),
+    starts afresh over a checkpoint of another definition, and quarantines a folder whose
+    checkpoint is unreadable (:func:`quarantine`; the record's ``quarantined`` names the
+    new folder) before training again.
+    """
     import torch
 
     from ..core.summary import count_trainable
@@ -308,12 +361,20 @@ def run_one(run: Run, study_dir: str | Path, *, log: Callable[[str], Any] | None
     from .train import train
 
     run_dir = Path(study_dir) / RUNS_DIR / run.run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / ERROR_NAME).unlink(missing_ok=True)
     t0 = time.perf_counter()
     rec = base_record(run)
     old_threads = torch.get_num_threads()
     try:
+        broken = _unreadable_checkpoint(run_dir)
+        if broken is not None:
+            moved = quarantine(run_dir)
+            rec["quarantined"] = str(moved)
+            if log is not None:
+                log(f"{run.run_id}: {broken}; moved the run folder to {moved.name} and training "
+                    "the run again")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ERROR_NAME).unlink(missing_ok=True)
+        _atomic_json(run_dir / SPEC_NAME, {"fingerprint": run.fingerprint(), "run": run.spec()})
         torch.set_num_threads(run.threads)
         data = dataset_for(run)
         cfg = train_config(run.train, run.seed)
@@ -325,22 +386,13 @@ def run_one(run: Run, study_dir: str | Path, *, log: Callable[[str], Any] | None
             rec["live"] = live_trainable(model)
             rec["steps"] = getattr(model, "steps", None)
             return train(model, data, cfg, out_dir=run_dir, resume=resume, progress=False, log=None,
-                         tensorboard=bool(run.train.get("tensorboard", False)))
+                         tensorboard=bool(run.train.get("tensorboard", False)),
+                         run_options=run_options(run))
 
-        # Resume only a checkpoint this very run wrote (same fingerprint): a folder left by a
-        # run with other data options or model would otherwise "resume" the wrong model.
-        spec_path = run_dir / SPEC_NAME
         try:
-            same = json.loads(spec_path.read_text()).get("fingerprint") == run.fingerprint()
-        except (OSError, ValueError, AttributeError):
-            same = False
-        _atomic_json(spec_path, {"fingerprint": run.fingerprint(), "run": run.spec()})
-        try:
-            res = fit(resume=same)
-        except ValueError as e:
-            if not str(e).startswith("cannot resume from") and "is not a training checkpoint" not in str(e):
-                raise
-            res = fit(resume=False)  # a checkpoint of other options: start afresh
+            res = fit(resume=True)
+        except ResumeError:  # a checkpoint of another definition (or version): start afresh
+            res = fit(resume=False)
         best = None
         if res.best_epoch is not None:
             best = next((m for m in res.metrics if m.get("epoch") == res.best_epoch), None)
@@ -363,6 +415,7 @@ def run_one(run: Run, study_dir: str | Path, *, log: Callable[[str], Any] | None
     if rec.get("wall_time_s") is None:
         rec["wall_time_s"] = rec["run_time_s"]
     rec = _clean(rec)
+    run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_json(run_dir / RESULT_NAME, rec)
     if log is not None:
         log(_run_line(rec))
@@ -381,6 +434,8 @@ def _run_line(rec: dict[str, Any]) -> str:
         parts.append(f"test_loss {rec['test_loss']:.4g}")
     if rec.get("error"):
         parts.append(rec["error"])
+    if rec.get("quarantined"):
+        parts.append(f"unreadable checkpoint: run folder moved to {Path(rec['quarantined']).name}")
     if rec.get("wall_time_s") is not None:
         parts.append(f"{rec['wall_time_s']:.1f}s")
     return ", ".join(parts)
@@ -407,7 +462,10 @@ def run_sweep(config: StudyConfig, out_dir: str | Path, *, jobs: int | None = No
     """Run the (shard of the) grid into ``out_dir``; see the module docstring.
 
     ``jobs`` defaults to ``config.jobs``. Datasets are loaded (and validated) first, in this
-    process; their summaries go to ``out_dir/datasets.json``. Returns a
+    process; then the folder is locked and checked against the config
+    (:func:`~iternn.study.folder.study_folder`: :class:`~iternn.FolderLockedError`,
+    :class:`~iternn.ConfigError`), and the dataset summaries go to
+    ``out_dir/datasets.json``. Returns a
     :class:`SweepResult` whose ``records`` cover the whole grid (``"missing"`` for runs of
     other shards not present on disk); ``results.json``/``results.csv`` are written.
     """
@@ -415,14 +473,21 @@ def run_sweep(config: StudyConfig, out_dir: str | Path, *, jobs: int | None = No
     emit = log or (lambda line: None)
     jobs = config.jobs if jobs is None else jobs
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+        raise ConfigError(f"jobs must be an int >= 1, got {jobs!r}")
     datasets = load_datasets(config)
     check_grid(config, datasets)
-    _atomic_json(out / DATASETS_JSON, _clean({lab: d.summary() for lab, d in datasets.items()}))
     runs = expand(config)
     selected = select_shard(runs, shard)
+    with study_folder(config, out_dir, grid={r.run_id: r.fingerprint() for r in runs}) as out:
+        _atomic_json(out / DATASETS_JSON, _clean({lab: d.summary() for lab, d in datasets.items()}))
+        return _sweep(config, out, runs, selected, jobs=jobs, shard=shard,
+                      retry_failed=retry_failed, emit=emit, t0=t0)
+
+
+def _sweep(config: StudyConfig, out: Path, runs: list[Run], selected: list[Run], *, jobs: int,
+           shard: tuple[int, int] | None, retry_failed: bool, emit: Callable[[str], Any],
+           t0: float) -> SweepResult:
+    """The body of :func:`run_sweep`, inside the locked study folder."""
     todo: list[Run] = []
     skipped = 0
     for r in selected:
@@ -539,15 +604,3 @@ def write_results(records: list[dict[str, Any]], out_dir: str | Path) -> tuple[P
         w.writerow([_csv_cell(rec.get(k)) for k in RECORD_FIELDS])
     atomic_write_text(pc, buf.getvalue())
     return pj, pc
-
-
-def run_study(config: StudyConfig, out_dir: str | Path, *, jobs: int | None = None,
-              shard: tuple[int, int] | None = None, log: Callable[[str], Any] | None = None,
-              pictures: bool = True) -> tuple[SweepResult, Path]:
-    """:func:`run_sweep` then :func:`iternn.study.report.write_report`; returns both."""
-    from .report import write_report
-
-    sweep = run_sweep(config, out_dir, jobs=jobs, shard=shard, log=log)
-    report = write_report(config, out_dir, records=sweep.records, pictures=pictures,
-                          sweep=sweep)
-    return sweep, report

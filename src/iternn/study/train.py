@@ -37,14 +37,22 @@ validation loss stops the run with status ``"diverged"``; no exception is raised
 completed epochs' metrics are kept, ``diverged_at`` says where, and the best weights so
 far (or the initial ones, if no epoch completed) are restored.
 
-**Files** (with ``out_dir``): ``checkpoint.pt`` (written atomically after every epoch:
-model, optimizer, scheduler, RNG states, early-stopping state, best weights, metrics),
+**Files** (with ``out_dir``): ``run.json`` (the run options and the config, written
+when the run starts: :mod:`iternn.study.resume`), ``checkpoint.pt`` (written atomically
+after every epoch: model, optimizer, scheduler, RNG states, early-stopping state, best
+weights, metrics; the finished run's checkpoint keeps them too, with the result),
 ``metrics.csv`` (header + one row per completed epoch) and ``metrics.json`` (the
 :meth:`TrainResult.to_dict` snapshot; ``status`` is ``"running"`` until the run ends;
-non-finite numbers are written as ``null``). ``resume=True`` continues from
-``checkpoint.pt`` at the next epoch and reaches exactly the numbers an uninterrupted run
-would (``time_s`` and ``wall_time_s`` aside); resuming a finished run returns its result.
-A fresh run (``resume=False``) deletes these files first.
+non-finite numbers are written as ``null``). While a run trains, ``out_dir`` is locked
+(:class:`~iternn.study.lock.FolderLock`): a second run into it is a
+:class:`~iternn.FolderLockedError`. ``resume=True`` continues from ``checkpoint.pt`` at
+the next epoch and reaches exactly the numbers an uninterrupted run would (``time_s`` and
+``wall_time_s`` aside). It refuses (:class:`~iternn.ResumeError`) options that differ from
+the stored ones, but for ``epochs`` (more epochs continue a finished run too, to the
+result of an uninterrupted run of that length; not with the cosine schedule),
+``patience`` and ``device``: see :mod:`iternn.study.resume`. Resuming a finished run with
+nothing left to do returns its result. A fresh run (``resume=False``) deletes these files
+first.
 
 **TensorBoard** (optional: ``pip install 'iternn[tensorboard]'``). With
 ``tensorboard=True`` (and an ``out_dir``) every completed epoch's scalars are written with
@@ -82,7 +90,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,8 +102,17 @@ from torch import Tensor, nn
 from ..core.summary import count_trainable
 from ..engine.iterate import iterate
 from ..engine.map_module import MapModule
+from ..errors import (
+    ConfigError,
+    DataError,
+    MapError,
+    MapTypeError,
+    ResumeError,
+    TensorBoardMissingError,
+)
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from ..errors import TensorBoardMissingError
+from .lock import FolderLock
+from .resume import read_run_options, resume_differences, write_run_options
 
 __all__ = [
     "TrainConfig",
@@ -131,10 +148,8 @@ TENSORBOARD_DIR = "tensorboard"
 TENSORBOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "val_acc": "accuracy/val",
                     "time_s": "time/epoch_s", "lr": "lr"}
 _EVENTS_PREFIX = "events.out.tfevents."
-_FORMAT = "iternn.train/1"
+_FORMAT = "iternn.train/2"
 _EVAL_CHUNK = 1024
-# Keys that may differ between the run that wrote a checkpoint and the one resuming it.
-_RESUME_FREE = ("device",)
 
 
 # --------------------------------------------------------------------------- config
@@ -186,8 +201,8 @@ class TrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        def bad(key: str, what: str) -> ValueError:
-            return ValueError(f"TrainConfig.{key} must be {what}, got {getattr(self, key)!r}")
+        def bad(key: str, what: str) -> ConfigError:
+            return ConfigError(f"TrainConfig.{key} must be {what}, got {getattr(self, key)!r}")
 
         for key, choices in (("optimizer", OPTIMIZERS), ("loss_on", LOSS_ON),
                              ("lr_schedule", LR_SCHEDULES)):
@@ -231,13 +246,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, options: dict[str, Any]) -> TrainConfig:
-        """Build from a dict; an unknown key is a ``ValueError`` that names it."""
+        """Build from a dict; an unknown key is a :class:`~iternn.ConfigError` that names it."""
         if not isinstance(options, dict):
-            raise TypeError(f"options must be a dict, got {type(options).__name__}")
+            raise MapTypeError(f"options must be a dict, got {type(options).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known, key=str)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown TrainConfig key {unknown[0]!r} (known: {', '.join(sorted(known))})"
             )
         return cls(**options)
@@ -370,23 +385,23 @@ class _LocalComm:
 def _check_data(data: Any) -> None:
     for name in ("x_train", "y_train", "x_val", "y_val", "task"):
         if not hasattr(data, name):
-            raise TypeError(f"data has no attribute {name!r} (expected a Dataset-like object)")
+            raise MapTypeError(f"data has no attribute {name!r} (expected a Dataset-like object)")
     if data.task not in TASKS:
-        raise ValueError(f"data.task must be one of {', '.join(TASKS)}, got {data.task!r}")
+        raise DataError(f"data.task must be one of {', '.join(TASKS)}, got {data.task!r}")
     for split in ("train", "val", "test"):
         x, y = getattr(data, f"x_{split}", None), getattr(data, f"y_{split}", None)
         if split == "test" and x is None and y is None:
             continue
         if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-            raise TypeError(f"data.x_{split} and data.y_{split} must be tensors")
+            raise MapTypeError(f"data.x_{split} and data.y_{split} must be tensors")
         if x.shape[0] != y.shape[0]:
-            raise ValueError(
+            raise DataError(
                 f"data.x_{split} has {x.shape[0]} samples but data.y_{split} has {y.shape[0]}"
             )
         if split != "test" and x.shape[0] == 0:
-            raise ValueError(f"data.x_{split} is empty")
+            raise DataError(f"data.x_{split} is empty")
         if data.task != "regression" and y.is_floating_point():
-            raise ValueError(
+            raise DataError(
                 f"data.y_{split} must hold integer class labels for task {data.task!r}, "
                 f"got dtype {y.dtype}"
             )
@@ -416,14 +431,14 @@ def _per_sample_loss(out: Tensor, y: Tensor, task: str) -> Tensor:
     if task == "regression":
         if out.shape != y.shape:
             if out.numel() != y.numel():
-                raise ValueError(
+                raise MapError(
                     f"model output {tuple(out.shape)} does not match targets {tuple(y.shape)}"
                 )
             y = y.reshape(out.shape)
         loss = F.mse_loss(out, y, reduction="none")
         return loss.reshape(loss.shape[0], -1).mean(1)
     if out.dim() != 2:
-        raise ValueError(
+        raise MapError(
             f"for task classification/sequence the model must return (N, n_classes) logits, "
             f"got shape {tuple(out.shape)}"
         )
@@ -436,7 +451,7 @@ def _outputs_all(model: nn.Module, x: Tensor) -> list[Tensor] | None:
     if callable(forward_all):
         outs = list(forward_all(x))
         if not outs:
-            raise ValueError("model.forward_all returned no outputs")
+            raise MapError("model.forward_all returned no outputs")
         return outs
     if isinstance(model, MapModule) and model.steps >= 1:
         traj = iterate(model.map, {model.input: x}, model.steps, hold=(model.input,),
@@ -482,7 +497,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, task: str) -> dict[str, flo
     """``{"loss", "acc"}`` of ``model`` on ``(x, y)`` for ``task`` (``acc`` is ``None`` for
     regression), in eval mode and without gradients, on the model's device and dtype."""
     if task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        raise DataError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     p = next(model.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     x, y = _prepare(x, y, task, _float_dtype(model), device)
@@ -595,6 +610,7 @@ def train(
     log: Callable[[str], Any] | None = None,
     on_epoch: Callable[[dict[str, Any]], Any] | None = None,
     tensorboard: bool = False,
+    run_options: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` (see the module docstring for every rule).
 
@@ -604,10 +620,11 @@ def train(
         data: a Dataset-like object (``x_train, y_train, x_val, y_val, x_test, y_test,
             task``).
         config: the options; ``None`` means ``TrainConfig()``.
-        out_dir: folder for ``checkpoint.pt``, ``metrics.csv``, ``metrics.json``
-            (created); ``None`` writes nothing.
+        out_dir: folder for ``checkpoint.pt``, ``metrics.csv``, ``metrics.json`` and
+            ``run.json`` (created, and locked while the run trains); ``None`` writes nothing.
         resume: continue from ``out_dir/checkpoint.pt`` if it exists (a fresh run
-            otherwise). The checkpoint's config must equal ``config`` (``device`` aside).
+            otherwise), under the rules of :mod:`iternn.study.resume`: ``epochs`` may
+            grow, ``patience`` and ``device`` may change, nothing else.
         progress: draw tqdm bars when stderr is a TTY.
         log: receives one line per epoch and per event (resume, early stop, divergence,
             end); default: no output.
@@ -618,276 +635,386 @@ def train(
             events in ``out_dir/tensorboard``; needs ``out_dir`` and the ``tensorboard``
             package (``pip install 'iternn[tensorboard]'``). A resumed run writes from the
             epoch after its checkpoint on (see the module docstring).
+        run_options: what defines the run besides ``config`` (JSON-ready values: the
+            dataset and its options, the model family, widths, activation, ...), stored
+            in ``out_dir/run.json`` and compared on resume.
 
     Raises:
-        ValueError / TypeError: bad data, config, or a checkpoint from another config;
-            ``tensorboard=True`` without ``out_dir``.
+        MapTypeError / ConfigError / DataError: a bad model, config or data set;
+            ``tensorboard=True`` or ``resume=True`` without ``out_dir``.
+        ResumeError: ``resume=True`` with options the checkpoint cannot honour (the
+            message names each one with its stored and new value), or a folder without
+            stored options.
+        FormatError: an unreadable checkpoint (the message names the file).
+        FolderLockedError: another process trains into ``out_dir``.
         TensorBoardMissingError: ``tensorboard=True`` without the ``tensorboard``
             package (an ``ImportError``), raised before training starts.
     """
     return _fit(model, data, config, out_dir=out_dir, resume=resume, progress=progress,
-                log=log, on_epoch=on_epoch, comm=_LocalComm(), tensorboard=tensorboard)
+                log=log, on_epoch=on_epoch, comm=_LocalComm(), tensorboard=tensorboard,
+                run_options=run_options)
 
 
 def _fit(model: nn.Module, data: Any, config: TrainConfig | None, *, out_dir, resume: bool,
          progress: bool, log, comm: Any, device: torch.device | None = None,
-         on_epoch=None, tensorboard: bool = False) -> TrainResult:
+         on_epoch=None, tensorboard: bool = False,
+         run_options: Mapping[str, Any] | None = None) -> TrainResult:
+    """:func:`train` with a communicator (``comm``): the checks, the folder lock, the run."""
     session_start = time.perf_counter()
-    if config is None:
-        config = TrainConfig()
+    config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        raise MapTypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise MapTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_data(data)
     if resume and out_dir is None:
-        raise ValueError("resume=True needs out_dir (where the checkpoint is)")
+        raise ConfigError("resume=True needs out_dir (where the checkpoint is)")
     if not isinstance(tensorboard, bool):
-        raise TypeError(f"tensorboard must be True or False, got {tensorboard!r}")
+        raise MapTypeError(f"tensorboard must be True or False, got {tensorboard!r}")
     if tensorboard and out_dir is None:
-        raise ValueError(f"tensorboard=True needs out_dir (the events go to OUT/{TENSORBOARD_DIR})")
+        raise ConfigError(f"tensorboard=True needs out_dir (the events go to OUT/{TENSORBOARD_DIR})")
+    if run_options is not None and not isinstance(run_options, Mapping):
+        raise MapTypeError(f"run_options must be a mapping, got {type(run_options).__name__}")
     # on every rank, so that all of them stop before the first collective
     writer_class = summary_writer_class() if tensorboard else None
     out = Path(out_dir) if out_dir is not None else None
-    rank0 = comm.rank == 0
-    emit_raw = log if (log is not None and rank0) else None
+    run = _Run(model, data, config, out=out, comm=comm, device=device, log=log,
+               on_epoch=on_epoch, session_start=session_start)
+    try:
+        # the global RNG (in-model randomness) is seeded, and restored for the caller at the end
+        with torch.random.fork_rng(devices=run.cuda_devices):
+            finished = run.start(resume, run_options)
+            if finished is not None:
+                return finished
+            return run.train(progress=progress, writer_class=writer_class, resume=resume)
+    finally:
+        run.release()
 
-    task = data.task
-    device = device if device is not None else _resolve_device(config.device)
-    model.to(device)
-    dtype = _float_dtype(model)
-    x_train, y_train = _prepare(data.x_train, data.y_train, task, dtype, device)
-    x_val, y_val = _prepare(data.x_val, data.y_val, task, dtype, device)
-    x_test = getattr(data, "x_test", None)
-    has_test = x_test is not None and x_test.shape[0] > 0
-    if has_test:
-        x_test, y_test = _prepare(data.x_test, data.y_test, task, dtype, device)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    trainable = count_trainable(model)
-    opt = _make_optimizer(params, config)
-    sched = _make_scheduler(opt, config)
-    shuffle = torch.Generator()
-    shuffle.manual_seed(config.seed)
-    n_train = x_train.shape[0]
-    batch = config.batch_size
-    n_batches = -(-n_train // batch)
-    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
+class _Run:
+    """One training session: the data on the device, the optimizer and the RNGs, the
+    early-stopping state, and the steps :func:`_fit` takes — :meth:`start` (lock the
+    folder, then restore or start fresh), :meth:`train` (the epochs, each an
+    :meth:`epoch_pass`, then :meth:`finish`) and :meth:`release` (the lock)."""
 
-    ckpt_path = out / CHECKPOINT_NAME if out is not None else None
-    config_dict = config.to_dict()
+    def __init__(self, model: nn.Module, data: Any, config: TrainConfig, *, out: Path | None,
+                 comm: Any, device: torch.device | None, log, on_epoch,
+                 session_start: float) -> None:
+        self.model, self.config, self.out, self.comm = model, config, out, comm
+        self.rank0 = comm.rank == 0
+        self.emit = log if (log is not None and self.rank0) else None
+        self.on_epoch = on_epoch
+        self.session_start = session_start
+        self.task = task = data.task
+        self.device = device = device if device is not None else _resolve_device(config.device)
+        model.to(device)
+        dtype = _float_dtype(model)
+        self.x_train, self.y_train = _prepare(data.x_train, data.y_train, task, dtype, device)
+        self.x_val, self.y_val = _prepare(data.x_val, data.y_val, task, dtype, device)
+        x_test = getattr(data, "x_test", None)
+        self.has_test = x_test is not None and x_test.shape[0] > 0
+        if self.has_test:
+            self.x_test, self.y_test = _prepare(data.x_test, data.y_test, task, dtype, device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise MapError("the model has no trainable parameters")
+        self.trainable = count_trainable(model)
+        self.opt = _make_optimizer(self.params, config)
+        self.sched = _make_scheduler(self.opt, config)
+        self.shuffle = torch.Generator()
+        self.shuffle.manual_seed(config.seed)
+        self.cuda_devices = [device.index if device.index is not None
+                             else torch.cuda.current_device()] if device.type == "cuda" else []
+        self.ckpt_path = out / CHECKPOINT_NAME if out is not None else None
+        self.config_dict = config.to_dict()
+        # the state every epoch changes (saved in the checkpoints)
+        self.epoch = 0
+        self.metrics: list[dict[str, Any]] = []
+        self.best_epoch: int | None = None
+        self.best_val = math.inf
+        self.bad_epochs = 0
+        self.best_state = _state_copy(model)  # the initial weights until an epoch completes
+        self.wall_before = 0.0
+        self.resumed_from: int | None = None
+        self.warned_all = False
+        # rank 0 writes the files: it holds the folder's lock from start() to release()
+        self._lock = FolderLock(out, what="run folder") if out is not None and self.rank0 else None
 
-    with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(config.seed + comm.rank)
-        epoch = 0
-        metrics: list[dict[str, Any]] = []
-        best_epoch: int | None = None
-        best_val = math.inf
-        bad_epochs = 0
-        best_state = _state_copy(model)  # the initial weights until an epoch completes
-        wall_before = 0.0
-        resumed_from: int | None = None
+    def release(self) -> None:
+        """Release the folder's lock (if this rank holds it)."""
+        if self._lock is not None:
+            self._lock.release()
 
-        # ---- resume or start fresh
-        ckpt = None
+    # ---------------------------------------------------------------- start or restore
+    def start(self, resume: bool, run_options: Mapping[str, Any] | None) -> TrainResult | None:
+        """Lock the folder and read the checkpoint (rank 0; shared with every rank), or
+        clear the folder for a fresh run; seed the global RNG, restore the checkpoint's
+        state. Returns the stored result when a finished run has nothing left to do."""
+        outcome: tuple[str, Any] = ("fresh", None)
+        if self.rank0 and self.out is not None:
+            try:
+                self._lock.acquire()
+                outcome = self._open_folder(resume, run_options)
+            except Exception as e:  # noqa: BLE001 - raised on every rank below
+                outcome = ("error", e)
+        if self.comm.world_size > 1 and self.out is not None:
+            outcome = self.comm.broadcast_object(outcome)
+        kind, ckpt = outcome
+        if kind == "error":
+            raise ckpt
+        torch.manual_seed(self.config.seed + self.comm.rank)
+        return None if kind == "fresh" else self._restore(ckpt)
+
+    def _open_folder(self, resume: bool, run_options: Mapping[str, Any] | None) -> tuple[str, Any]:
+        out = self.out
+        if resume and self.ckpt_path.is_file():
+            ckpt = load_checkpoint(self.ckpt_path)
+            if ckpt.get("format") != _FORMAT:
+                raise ResumeError(f"cannot resume {out}: {self.ckpt_path} is not a training checkpoint "
+                                  f"of this version (format {ckpt.get('format')!r}, expected "
+                                  f"{_FORMAT!r}); delete the folder to train the run again")
+            stored = read_run_options(out)
+            diffs = resume_differences(stored, run_options, self.config_dict,
+                                       epochs_done=int(ckpt["epoch"]), metrics=ckpt["metrics"])
+            if diffs:
+                raise ResumeError(f"cannot resume {out}: {len(diffs)} option(s) differ from the "
+                                  f"stored run: {'; '.join(diffs)} (train without resume, or "
+                                  "into another folder, to start over)")
+            write_run_options(out, run_options, self.config_dict)
+            return "resume", ckpt
         if resume:
-            if rank0 and ckpt_path.is_file():
-                ckpt = load_checkpoint(ckpt_path)
-            ckpt = comm.broadcast_object(ckpt)
-        elif out is not None and rank0:
+            _emit(self.emit, f"no checkpoint in {out}: starting a fresh run")
+        else:
             for name in (CHECKPOINT_NAME, METRICS_CSV, METRICS_JSON):
                 (out / name).unlink(missing_ok=True)
             _remove_events(out / TENSORBOARD_DIR)
-        if resume and ckpt is None:
-            _emit(emit_raw, f"no checkpoint in {out}: starting a fresh run")
-        if ckpt is not None:
-            _check_checkpoint(ckpt, ckpt_path, config_dict)
-            epoch = int(ckpt["epoch"])
-            resumed_from = epoch
-            model.load_state_dict(ckpt["model"])
-            if ckpt.get("finished"):
-                result = TrainResult._from_state(ckpt["result"])
-                result.resumed_from = epoch
-                _emit(emit_raw, f"{ckpt_path} is a finished run (status {result.status}): "
-                      "nothing to do")
-                return result
-            opt.load_state_dict(ckpt["optimizer"])
-            if sched is not None:
-                sched.load_state_dict(ckpt["scheduler"])
-            rng = ckpt["rng"]
-            shuffle.set_state(rng["shuffle"])
-            if len(rng["torch"]) == comm.world_size:
-                torch.set_rng_state(rng["torch"][comm.rank])
-                if cuda_devices and rng.get("cuda") and len(rng["cuda"]) == comm.world_size:
-                    torch.cuda.set_rng_state(rng["cuda"][comm.rank], cuda_devices[0])
-            else:
-                torch.manual_seed(config.seed + comm.rank + 7919 * epoch)
-                _emit(emit_raw,
-                      f"the checkpoint was written by {len(rng['torch'])} processes, not "
-                      f"{comm.world_size}: in-model randomness is reseeded (not bit-exact)")
-            best = ckpt["best"]
-            best_epoch, best_val, bad_epochs = best["epoch"], best["val_loss"], best["bad_epochs"]
-            best_state = ckpt["best_model"]
-            metrics = [dict(r) for r in ckpt["metrics"]]
-            wall_before = float(ckpt["wall_time_s"])
-            _emit(emit_raw, f"resumed from {ckpt_path} at epoch {epoch}")
+        write_run_options(out, run_options, self.config_dict)
+        return "fresh", None
 
-        def snapshot(status: str, test=None, diverged_at=None) -> TrainResult:
-            return TrainResult(
-                status=status, epochs_run=len(metrics), best_epoch=best_epoch,
-                best_val_loss=None if best_epoch is None else best_val,
-                metrics=[dict(r) for r in metrics], test=test,
-                wall_time_s=wall_before + time.perf_counter() - session_start,
-                trainable=trainable, diverged_at=diverged_at, resumed_from=resumed_from,
-                world_size=comm.world_size, config=config_dict,
-                out_dir=None if out is None else str(out))
+    def _restore(self, ckpt: dict[str, Any]) -> TrainResult | None:
+        comm = self.comm
+        self.epoch = self.resumed_from = int(ckpt["epoch"])
+        self.metrics = [dict(r) for r in ckpt["metrics"]]
+        best = ckpt["best"]
+        self.best_epoch, self.best_val, self.bad_epochs = \
+            best["epoch"], best["val_loss"], best["bad_epochs"]
+        self.best_state = ckpt["best_model"]
+        self.wall_before = float(ckpt["wall_time_s"])
+        if ckpt.get("finished") and (ckpt.get("train_state") is None or not self._continues()):
+            self.model.load_state_dict(ckpt["best_model"])
+            result = TrainResult._from_state(ckpt["result"])
+            result.resumed_from = self.epoch
+            _emit(self.emit, f"{self.ckpt_path} is a finished run (status {result.status}): "
+                  "nothing to do")
+            return result
+        state = ckpt["train_state"]
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.sched is not None:
+            self.sched.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        self.shuffle.set_state(rng["shuffle"])
+        if len(rng["torch"]) == comm.world_size:
+            torch.set_rng_state(rng["torch"][comm.rank])
+            if self.cuda_devices and rng.get("cuda") and len(rng["cuda"]) == comm.world_size:
+                torch.cuda.set_rng_state(rng["cuda"][comm.rank], self.cuda_devices[0])
+        else:
+            torch.manual_seed(self.config.seed + comm.rank + 7919 * self.epoch)
+            _emit(self.emit, f"the checkpoint was written by {len(rng['torch'])} processes, not "
+                  f"{comm.world_size}: in-model randomness is reseeded (not bit-exact)")
+        _emit(self.emit, f"resumed from {self.ckpt_path} at epoch {self.epoch}")
+        return None
 
-        def write_files(result: TrainResult) -> None:
-            atomic_write_text(out / METRICS_CSV, _csv_text(result.metrics))
-            atomic_write_text(out / METRICS_JSON,
-                              json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+    def _continues(self) -> bool:
+        """Whether another epoch would run (not out of epochs, not early-stopped)."""
+        return self.epoch < self.config.epochs and not self._early_stop_due()
 
-        def rng_states() -> dict[str, Any]:
-            states = {"shuffle": shuffle.get_state(),
-                      "torch": comm.all_gather_object(torch.get_rng_state()), "cuda": None}
-            if cuda_devices:
-                states["cuda"] = comm.all_gather_object(
-                    torch.cuda.get_rng_state(cuda_devices[0]).cpu())
-            return states
+    def _early_stop_due(self) -> bool:
+        return (self.best_epoch is not None and self.config.patience is not None
+                and self.bad_epochs >= self.config.patience)
 
-        bar = _Progress(progress and rank0 and _isatty(sys.stderr), config.epochs, epoch)
-        emit = (lambda line: bar.write(emit_raw, line)) if emit_raw is not None else None
-        status = "ok"
-        diverged_at = None
-        warned_all = False
+    # ---------------------------------------------------------------- the epochs
+    def train(self, *, progress: bool, writer_class: type | None, resume: bool) -> TrainResult:
+        """The epochs until the end, then :meth:`finish`."""
+        status, diverged_at = self._epochs(progress, writer_class, resume)
+        return self.finish(status, diverged_at)
+
+    def _epochs(self, progress: bool, writer_class: type | None,
+                resume: bool) -> tuple[str, dict[str, Any] | None]:
+        config = self.config
+        n_batches = -(-self.x_train.shape[0] // config.batch_size)
+        bar = _Progress(progress and self.rank0 and _isatty(sys.stderr), config.epochs, self.epoch)
+        emit = (lambda line: bar.write(self.emit, line)) if self.emit is not None else None
         tb = None
         try:
-            if writer_class is not None and rank0:
+            if writer_class is not None and self.rank0:
                 # purge_step: TensorBoard hides points a killed session wrote past the
                 # checkpoint (epochs >= epoch + 1), which this session writes again
-                tb = writer_class(log_dir=str(out / TENSORBOARD_DIR),
-                                  purge_step=epoch + 1 if resume else None)
-            model.train()
-            while True:
-                if epoch >= config.epochs:
-                    break
-                if best_epoch is not None and config.patience is not None \
-                        and bad_epochs >= config.patience:
-                    status = "early_stopped"
-                    _emit(emit, f"early stop after epoch {epoch}: no lower validation "
-                          f"loss for {bad_epochs} epochs (best epoch {best_epoch})")
-                    break
-                epoch += 1
+                tb = writer_class(log_dir=str(self.out / TENSORBOARD_DIR),
+                                  purge_step=self.epoch + 1 if resume else None)
+            self.model.train()
+            while self.epoch < config.epochs:
+                if self._early_stop_due():
+                    _emit(emit, f"early stop after epoch {self.epoch}: no lower validation "
+                          f"loss for {self.bad_epochs} epochs (best epoch {self.best_epoch})")
+                    return "early_stopped", None
+                self.epoch += 1
                 t0 = time.perf_counter()
-                lr = opt.param_groups[0]["lr"]  # what this epoch trains with
-                bar.start_epoch(epoch, n_batches)
-                perm = torch.randperm(n_train, generator=shuffle).to(device)
-                loss_total = 0.0
-                for b in range(n_batches):
-                    idx = perm[b * batch:(b + 1) * batch]
-                    global_n = idx.numel()
-                    local = idx.tensor_split(comm.world_size)[comm.rank] \
-                        if comm.world_size > 1 else idx
-                    opt.zero_grad(set_to_none=True)
-                    if local.numel():
-                        xb, yb = x_train[local], y_train[local]
-                        outs = _outputs_all(model, xb) if config.loss_on == "all" else None
-                        if outs is None:
-                            if config.loss_on == "all" and not warned_all:
-                                warned_all = True
-                                _emit(emit, f"loss_on='all': {type(model).__name__} has "
-                                      "no forward_all, using its single output")
-                            outs = [model(xb)]
-                        if len(outs) == 1:
-                            per_sample = _per_sample_loss(outs[0], yb, task)
-                        else:
-                            per_sample = torch.stack(
-                                [_per_sample_loss(o, yb, task) for o in outs]).mean(0)
-                        loss_sum = per_sample.sum()
-                        (loss_sum / global_n).backward()
-                        loss_sum = loss_sum.detach()
-                    else:
-                        loss_sum = torch.zeros((), device=device)
-                    if comm.world_size > 1:
-                        loss_value = _all_reduce_grads(params, loss_sum, comm, device)
-                    else:
-                        loss_value = float(loss_sum)
-                    if not math.isfinite(loss_value):
-                        diverged_at = {"epoch": epoch, "batch": b + 1,
-                                       "loss": loss_value / global_n}
-                        break
-                    if config.max_grad_norm is not None:
-                        nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                    opt.step()
-                    loss_total += loss_value
-                    bar.batch()
+                lr = self.opt.param_groups[0]["lr"]  # what this epoch trains with
+                bar.start_epoch(self.epoch, n_batches)
+                loss_total, diverged_at = self.epoch_pass(bar, emit)
                 if diverged_at is not None:
-                    status = "diverged"
-                    _emit(emit, f"diverged at epoch {epoch}, batch "
+                    _emit(emit, f"diverged at epoch {self.epoch}, batch "
                           f"{diverged_at['batch']}: loss {diverged_at['loss']}")
-                    break
-                if sched is not None:
-                    sched.step()
-                val_loss, val_acc = _evaluate(model, x_val, y_val, task, comm, device)
-                row = {"epoch": epoch, "train_loss": loss_total / n_train, "val_loss": val_loss,
-                       "val_acc": val_acc, "time_s": time.perf_counter() - t0}
-                metrics.append(row)
+                    return "diverged", diverged_at
+                if self.sched is not None:
+                    self.sched.step()
+                val_loss, val_acc = _evaluate(self.model, self.x_val, self.y_val, self.task,
+                                              self.comm, self.device)
+                row = {"epoch": self.epoch, "train_loss": loss_total / self.x_train.shape[0],
+                       "val_loss": val_loss, "val_acc": val_acc, "time_s": time.perf_counter() - t0}
+                self.metrics.append(row)
                 bar.end_epoch(row)
                 if tb is not None:
-                    _write_scalars(tb, {**row, "lr": lr}, epoch)
+                    _write_scalars(tb, {**row, "lr": lr}, self.epoch)
                 if not math.isfinite(val_loss):
-                    status = "diverged"
-                    diverged_at = {"epoch": epoch, "batch": None, "loss": val_loss}
-                    _emit(emit, f"diverged at epoch {epoch}: validation loss {val_loss}")
-                    break
-                if val_loss < best_val:
-                    best_val, best_epoch, bad_epochs = val_loss, epoch, 0
-                    best_state = _state_copy(model)
+                    _emit(emit, f"diverged at epoch {self.epoch}: validation loss {val_loss}")
+                    return "diverged", {"epoch": self.epoch, "batch": None, "loss": val_loss}
+                if val_loss < self.best_val:
+                    self.best_val, self.best_epoch, self.bad_epochs = val_loss, self.epoch, 0
+                    self.best_state = _state_copy(self.model)
                 else:
-                    bad_epochs += 1
-                # a collective: every rank takes part (out_dir is the same on every rank)
-                rng = rng_states() if out is not None else None
-                if out is not None and rank0:
-                    save_checkpoint(ckpt_path, {
-                        "format": _FORMAT, "epoch": epoch, "finished": False,
-                        "config": config_dict, "world_size": comm.world_size,
-                        "model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": None if sched is None else sched.state_dict(),
-                        "rng": rng, "best_model": best_state,
-                        "best": {"epoch": best_epoch, "val_loss": best_val,
-                                 "bad_epochs": bad_epochs},
-                        "metrics": metrics,
-                        "wall_time_s": wall_before + time.perf_counter() - session_start,
-                    })
-                    write_files(snapshot("running"))
-                _emit(emit, f"epoch {epoch}/{config.epochs}  train_loss "
+                    self.bad_epochs += 1
+                self.save_checkpoint()
+                _emit(emit, f"epoch {self.epoch}/{config.epochs}  train_loss "
                       f"{_fmt(row['train_loss'])}  val_loss {_fmt(val_loss)}  val_acc "
                       f"{_fmt(val_acc)}  {row['time_s']:.2f}s")
-                if on_epoch is not None and rank0:
-                    on_epoch(dict(row))
+                if self.on_epoch is not None and self.rank0:
+                    self.on_epoch(dict(row))
+            return "ok", None
         finally:
             bar.close()
             if tb is not None:
                 tb.close()
 
-        # ---- the end: best weights back, test metrics, final files
-        model.load_state_dict(best_state)
+    def epoch_pass(self, bar: _Progress, emit) -> tuple[float, dict[str, Any] | None]:
+        """One pass over the shuffled training set: ``(summed loss, diverged_at)``, where
+        ``diverged_at`` is set (and the pass stopped) at the first non-finite batch loss."""
+        config, comm, model = self.config, self.comm, self.model
+        batch = config.batch_size
+        n_train = self.x_train.shape[0]
+        perm = torch.randperm(n_train, generator=self.shuffle).to(self.device)
+        loss_total = 0.0
+        for b in range(-(-n_train // batch)):
+            idx = perm[b * batch:(b + 1) * batch]
+            global_n = idx.numel()
+            local = idx.tensor_split(comm.world_size)[comm.rank] if comm.world_size > 1 else idx
+            self.opt.zero_grad(set_to_none=True)
+            if local.numel():
+                xb, yb = self.x_train[local], self.y_train[local]
+                outs = _outputs_all(model, xb) if config.loss_on == "all" else None
+                if outs is None:
+                    if config.loss_on == "all" and not self.warned_all:
+                        self.warned_all = True
+                        _emit(emit, f"loss_on='all': {type(model).__name__} has "
+                              "no forward_all, using its single output")
+                    outs = [model(xb)]
+                if len(outs) == 1:
+                    per_sample = _per_sample_loss(outs[0], yb, self.task)
+                else:
+                    per_sample = torch.stack(
+                        [_per_sample_loss(o, yb, self.task) for o in outs]).mean(0)
+                loss_sum = per_sample.sum()
+                (loss_sum / global_n).backward()
+                loss_sum = loss_sum.detach()
+            else:
+                loss_sum = torch.zeros((), device=self.device)
+            if comm.world_size > 1:
+                loss_value = _all_reduce_grads(self.params, loss_sum, comm, self.device)
+            else:
+                loss_value = float(loss_sum)
+            if not math.isfinite(loss_value):
+                return loss_total, {"epoch": self.epoch, "batch": b + 1,
+                                    "loss": loss_value / global_n}
+            if config.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
+            self.opt.step()
+            loss_total += loss_value
+            bar.batch()
+        return loss_total, None
+
+    # ---------------------------------------------------------------- checkpoints, end
+    def _rng_states(self) -> dict[str, Any]:
+        """Every RNG state (a collective: every rank calls it)."""
+        states = {"shuffle": self.shuffle.get_state(),
+                  "torch": self.comm.all_gather_object(torch.get_rng_state()), "cuda": None}
+        if self.cuda_devices:
+            states["cuda"] = self.comm.all_gather_object(
+                torch.cuda.get_rng_state(self.cuda_devices[0]).cpu())
+        return states
+
+    def _checkpoint(self, *, finished: bool, train_state: dict[str, Any] | None) -> dict[str, Any]:
+        return {"format": _FORMAT, "epoch": self.epoch, "finished": finished,
+                "config": self.config_dict, "world_size": self.comm.world_size,
+                "train_state": train_state, "best_model": self.best_state,
+                "best": {"epoch": self.best_epoch, "val_loss": self.best_val,
+                         "bad_epochs": self.bad_epochs},
+                "metrics": self.metrics,
+                "wall_time_s": self.wall_before + time.perf_counter() - self.session_start}
+
+    def _train_state(self, rng: dict[str, Any]) -> dict[str, Any]:
+        """What continuing needs beyond the early-stopping state: weights, optimizer,
+        schedule, RNGs."""
+        return {"model": _state_copy(self.model), "optimizer": self.opt.state_dict(),
+                "scheduler": None if self.sched is None else self.sched.state_dict(), "rng": rng}
+
+    def save_checkpoint(self) -> None:
+        """After an epoch: the checkpoint and the metric files (rank 0; the RNG states are
+        a collective, so every rank calls this)."""
+        if self.out is None:
+            return
+        rng = self._rng_states()
+        if self.rank0:
+            save_checkpoint(self.ckpt_path, self._checkpoint(finished=False,
+                                                             train_state=self._train_state(rng)))
+            self._write_files(self._snapshot("running"))
+
+    def _snapshot(self, status: str, test=None, diverged_at=None) -> TrainResult:
+        return TrainResult(
+            status=status, epochs_run=len(self.metrics), best_epoch=self.best_epoch,
+            best_val_loss=None if self.best_epoch is None else self.best_val,
+            metrics=[dict(r) for r in self.metrics], test=test,
+            wall_time_s=self.wall_before + time.perf_counter() - self.session_start,
+            trainable=self.trainable, diverged_at=diverged_at, resumed_from=self.resumed_from,
+            world_size=self.comm.world_size, config=self.config_dict,
+            out_dir=None if self.out is None else str(self.out))
+
+    def _write_files(self, result: TrainResult) -> None:
+        atomic_write_text(self.out / METRICS_CSV, _csv_text(result.metrics))
+        atomic_write_text(self.out / METRICS_JSON,
+                          json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+
+    def finish(self, status: str, diverged_at: dict[str, Any] | None) -> TrainResult:
+        """The best weights back, the test metrics, the finished checkpoint (which keeps
+        the last epoch's state, so that more epochs can follow; not after a divergence)
+        and the final files."""
+        train_state = None
+        if self.out is not None and status != "diverged" and self.metrics:
+            rng = self._rng_states()
+            train_state = self._train_state(rng) if self.rank0 else None
+        self.model.load_state_dict(self.best_state)
         test = None
-        if best_epoch is not None and has_test:
-            test_loss, test_acc = _evaluate(model, x_test, y_test, task, comm, device)
+        if self.best_epoch is not None and self.has_test:
+            test_loss, test_acc = _evaluate(self.model, self.x_test, self.y_test, self.task,
+                                            self.comm, self.device)
             test = {"test_loss": test_loss, "test_acc": test_acc}
-        result = snapshot(status, test, diverged_at)
-        if out is not None and rank0:
-            save_checkpoint(ckpt_path, {
-                "format": _FORMAT, "epoch": epoch, "finished": True, "config": config_dict,
-                "world_size": comm.world_size, "model": model.state_dict(),
-                "result": dataclasses.asdict(result),
-            })
-            write_files(result)
-        _emit(emit, _done_line(result))
+        result = self._snapshot(status, test, diverged_at)
+        if self.out is not None and self.rank0:
+            state = self._checkpoint(finished=True, train_state=train_state)
+            state["result"] = dataclasses.asdict(result)
+            save_checkpoint(self.ckpt_path, state)
+            self._write_files(result)
+        _emit(self.emit, _done_line(result))
         return result
 
 
@@ -905,21 +1032,6 @@ def _done_line(r: TrainResult) -> str:
             parts.append(f"test_acc {_fmt(r.test['test_acc'])}")
     parts.append(f"{r.wall_time_s:.1f}s")
     return ", ".join(parts)
-
-
-def _check_checkpoint(ckpt: dict[str, Any], path: Path, config_dict: dict[str, Any]) -> None:
-    if ckpt.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a training checkpoint of this version "
-                         f"(format {ckpt.get('format')!r}, expected {_FORMAT!r})")
-    saved = ckpt.get("config", {})
-    for key in config_dict:
-        if key in _RESUME_FREE:
-            continue
-        if saved.get(key) != config_dict[key]:
-            raise ValueError(
-                f"cannot resume from {path}: it was written with {key}={saved.get(key)!r}, "
-                f"this run has {key}={config_dict[key]!r}"
-            )
 
 
 def _all_reduce_grads(params: list[Tensor], loss_sum: Tensor, comm: Any,

@@ -1,0 +1,49 @@
+"""The hooks a block module may offer the core, as ``typing.Protocol``\\ s.
+
+A block ``F[d, s]`` of a :class:`~iternn.BlockMap` is any ``nn.Module``; these protocols
+name the two things a block class can say about itself beyond that, so the core asks
+for them by name (``isinstance(block, CountsTrainable)``) instead of probing attributes:
+
+* :class:`CountsTrainable` — how many entries of its own parameters training can change
+  (a masked or structured weight counts its pattern, not its storage); read by
+  :func:`iternn.core.summary.count_entries` and the per-block density of a summary.
+* :class:`RowwiseBlock` — whether it acts on each row (the last dim) alone, whatever the
+  leading dims are; read by :func:`iternn.core.rowwise.is_rowwise`, which lets the engine
+  call such a block once on a whole ``(T, *batch, n)`` sequence.
+
+Both are ``runtime_checkable``; a class satisfies them by defining the member, no
+inheritance needed.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol, runtime_checkable
+
+__all__ = ["CountsTrainable", "RowwiseBlock"]
+
+
+@runtime_checkable
+class CountsTrainable(Protocol):
+    """A module that says how many entries of its own parameters training can change."""
+
+    def trainable_counts(self) -> dict[str, int]:
+        """``{name: count}`` for the module's direct parameters (``self._parameters``).
+
+        ``count`` is the number of entries of parameter ``name`` that training can
+        change: its mask's non-zeros for a masked weight, ``numel`` for a plain one. A
+        parameter left out counts ``numel``; submodules report their own parameters.
+        """
+        ...
+
+
+@runtime_checkable
+class RowwiseBlock(Protocol):
+    """A block class that declares whether it treats every leading dim as batch.
+
+    ``rowwise = True`` promises ``block(z)[i] == block(z[i])`` for any leading index
+    ``i``: the block reads only the last dim of each row (a linear layer, a masked or
+    sparse weight). The engine then evaluates it once over a whole sequence instead of
+    step by step. ``False`` (or no attribute) keeps the step-by-step call.
+    """
+
+    rowwise: ClassVar[bool]
