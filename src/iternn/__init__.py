@@ -25,7 +25,10 @@ from .errors import (
     IterNNError,
     MapError,
     MapTypeError,
+    MissingDependencyError,
+    MissingFileError,
     NativeBuildError,
+    NotRegisteredError,
     PatternError,
     ResumeError,
     SizeError,
@@ -112,6 +115,9 @@ __all__ = [
     "FolderLockedError",
     "NativeBuildError",
     "TensorBoardMissingError",
+    "MissingDependencyError",
+    "MissingFileError",
+    "NotRegisteredError",
     "__version__",
 ]
 

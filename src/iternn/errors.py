@@ -31,6 +31,9 @@ __all__ = [
     "FolderLockedError",
     "NativeBuildError",
     "TensorBoardMissingError",
+    "MissingDependencyError",
+    "MissingFileError",
+    "NotRegisteredError",
 ]
 
 
@@ -136,5 +139,22 @@ class FolderLockedError(IterNNError, RuntimeError):
     """Another process holds the lock of a study or run folder."""
 
 
-class TensorBoardMissingError(IterNNError, ImportError):
+class MissingDependencyError(IterNNError, ImportError):
+    """An optional package that the requested feature needs is not installed; the message
+    names the package and the ``pip install`` line that brings it."""
+
+
+class TensorBoardMissingError(MissingDependencyError):
     """TensorBoard logging was requested, and the ``tensorboard`` package is not installed."""
+
+
+# ---------------------------------------------------------------------- files, registries
+class MissingFileError(IterNNError, FileNotFoundError):
+    """A file or folder the caller named does not exist (``.filename`` is its path)."""
+
+
+class NotRegisteredError(IterNNError, KeyError):
+    """A name or class that no registry entry (codec, solver) is known by."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""

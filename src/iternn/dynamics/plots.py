@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ..core.block_map import BlockMap
 from ..core.rowwise import ELEMENTWISE
 from ..engine.iterate import iterate
-from ..errors import DynamicsError
+from ..errors import DynamicsError, MissingDependencyError
 from .impulse import ImpulseResponse
 from .validate import as_block_map, check_hold, check_int, check_state, check_update
 
@@ -82,7 +82,7 @@ def _matplotlib():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:  # pragma: no cover - exercised only without matplotlib
-        raise ImportError(
+        raise MissingDependencyError(
             "iternn's pictures need matplotlib, which is not installed: "
             "pip install 'iternn[plots]' (or pip install matplotlib)"
         ) from exc

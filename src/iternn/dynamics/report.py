@@ -21,6 +21,7 @@ is an error.
 from __future__ import annotations
 
 import copy
+import errno
 import math
 import os
 import sys
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from ..core.block_map import BlockMap
 from ..core.state import parameter_spec
 from ..engine.iterate import iterate
-from ..errors import DynamicsError, MapTypeError
+from ..errors import DynamicsError, FormatError, MapTypeError, MissingFileError
 from .fixed_points import find_fixed_points, fixed_point
 from .impulse import impulse_response
 from .jacobian import eigenvalues, singular_values, spectral_radius
@@ -107,9 +108,9 @@ def _load(source: object) -> tuple[nn.Module, str, str, str]:
 
         path = Path(source)
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no such file")
+            raise MissingFileError(errno.ENOENT, "no such file", str(path))
         if path.is_dir():
-            raise IsADirectoryError(f"{path} is a folder, not a saved map")
+            raise FormatError(f"{path}: is a folder, not a saved map")
         module = load(path)
         return module, path.stem, f"`{path.name}` ({type(module).__name__})", str(path)
     if isinstance(source, nn.Module):

@@ -19,6 +19,7 @@ in order without gaps or overlaps), plus ``"__metadata__"``: a ``str -> str`` ma
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import FormatError
+from ..errors import FormatError, MissingFileError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -215,8 +216,8 @@ def read_header(path: str) -> Header:
     """
     try:
         st = os.stat(path)
-    except FileNotFoundError:
-        raise
+    except FileNotFoundError as exc:
+        raise MissingFileError(errno.ENOENT, "no such file", str(path)) from exc
     except OSError as exc:
         raise FormatError(f"cannot open: {exc.strerror or exc}") from exc
     if stat.S_ISDIR(st.st_mode):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..errors import FormatError, MapError, MapTypeError
+from ..errors import FormatError, MapError, MapTypeError, NotRegisteredError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .structure import Decoder, Encoder
@@ -107,7 +107,7 @@ def unregister_codec(cls_or_name: type | str) -> Codec:
     """Remove a registration (by class or by name) and return it; ``KeyError`` if none."""
     codec = _BY_NAME.get(cls_or_name) if isinstance(cls_or_name, str) else _BY_TYPE.get(cls_or_name)
     if codec is None:
-        raise KeyError(f"no codec registered for {cls_or_name!r}")
+        raise NotRegisteredError(f"no codec registered for {cls_or_name!r}")
     del _BY_TYPE[codec.cls]
     del _BY_NAME[codec.name]
     return codec

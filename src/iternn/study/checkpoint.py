@@ -15,6 +15,7 @@ or the new complete file, never a torn one. A killed writer may leave its tempor
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..errors import FormatError, MapTypeError
+from ..errors import FormatError, MapTypeError, MissingFileError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "atomic_write_bytes", "atomic_write_text"]
 
@@ -123,7 +124,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> di
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise MissingFileError(errno.ENOENT, "no checkpoint", str(path))
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - reported as one clear error naming the file

@@ -134,7 +134,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DataError, MapTypeError
+from ..errors import DataError, MapTypeError, MissingDependencyError, MissingFileError
 
 __all__ = [
     "ANOMALY_RECIPES",
@@ -483,7 +483,8 @@ def _mnist1d_raw(generator_seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("dataset 'mnist1d' needs the 'mnist1d' package: pip install 'iternn[study]'") from e
+        raise MissingDependencyError(
+            "dataset 'mnist1d' needs the 'mnist1d' package: pip install 'iternn[study]'") from e
     args = get_dataset_args()  # an ObjectView; overwrite every field with the pinned values
     for k, v in MNIST1D_ARGS.items():
         setattr(args, k, list(v) if isinstance(v, list) else v)
@@ -508,7 +509,8 @@ def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("dataset 'digits' needs scikit-learn: pip install 'iternn[study]'") from e
+        raise MissingDependencyError(
+            "dataset 'digits' needs scikit-learn: pip install 'iternn[study]'") from e
     d = load_digits()
     x, y = np.asarray(d.data, dtype=np.float64), np.asarray(d.target, dtype=np.int64)
     x.setflags(write=False)
@@ -622,7 +624,7 @@ def _draw_recipe(kind: str, rng: np.random.Generator, shape: tuple[int, ...], un
             sizes = tuple(max(1, s // 2) for s in shape)
         starts = tuple(int(rng.integers(0, s - m + 1)) for s, m in zip(shape, sizes))
         return {"kind": kind, "window": tuple(slice(a, a + m) for a, m in zip(starts, sizes))}
-    raise AssertionError(kind)  # pragma: no cover - kinds are validated before
+    raise DataError(f"unknown transform kind {kind!r}")  # pragma: no cover - validated before
 
 
 def _apply_recipe(r: dict, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -701,7 +703,7 @@ def _find_mnist_file(directory: Path, base: str) -> Path:
         p = directory / cand
         if p.is_file():
             return p
-    raise FileNotFoundError(errno.ENOENT, f"MNIST IDX file {base!r} (or {base}.gz) not found in {directory}",
+    raise MissingFileError(errno.ENOENT, f"MNIST IDX file {base!r} (or {base}.gz) not found in {directory}",
                             str(directory / base))
 
 
@@ -712,7 +714,7 @@ def _load_mnist_idx(seed: int, *, path: str | os.PathLike | None = None, val_fra
         raise DataError(f"dataset {ds!r}: option 'path' (the folder with the MNIST IDX files) is required")
     directory = Path(path)
     if not directory.is_dir():
-        raise FileNotFoundError(errno.ENOENT, f"dataset {ds!r}: option 'path' is not a folder",
+        raise MissingFileError(errno.ENOENT, f"dataset {ds!r}: option 'path' is not a folder",
                                 str(directory))
     val_fraction = _opt_float(ds, "val_fraction", val_fraction, 0.0, 1.0)
     drop_overlap = _opt_bool(ds, "drop_overlap", drop_overlap)
@@ -784,7 +786,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(errno.ENOENT, "IDX file not found", str(p))
+        raise MissingFileError(errno.ENOENT, "IDX file not found", str(p))
     raw = p.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         try:
