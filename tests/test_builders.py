@@ -198,6 +198,26 @@ def test_matched_map_whose_drawn_entries_do_not_connect_is_refused():
         matched_map(_small_mlp(), density=4e-4, seed=0)
 
 
+@pytest.mark.parametrize("seed", [0, 1, "generator"])
+def test_a_refused_matched_map_names_a_density_that_connects_with_its_seed(seed):
+    import re
+
+    from iternn.errors import MapError
+
+    def make_seed():
+        return torch.Generator().manual_seed(7) if seed == "generator" else seed
+
+    # 4e-4 gives the path blocks entries that miss each other; the message names the
+    # smallest density (as printed) that connects with this seed, above the one given
+    with pytest.raises(MapError, match="drawn entries do not connect") as info:
+        matched_map(_small_mlp(), density=4e-4, seed=make_seed())
+    found = re.search(r"the smallest density that connects \(.*\) is ([0-9.e+-]+)$", str(info.value))
+    p = float(found.group(1))
+    assert p > 4e-4
+    twin = matched_map(_small_mlp(), density=p, seed=make_seed())
+    assert iternn.count_trainable(twin) == 404
+
+
 def test_matched_map_counts_paths_within_its_applications():
     from iternn.errors import MapError
 

@@ -294,6 +294,52 @@ def test_ctrl_c_in_analyze_exits_130_without_a_traceback(tmp_path):
     assert "Traceback" not in err and "report written" not in out
 
 
+_LONG_STUDY = """name = "long"
+seeds = [0, 1]
+jobs = 2
+[train]
+epochs = 500
+[[datasets]]
+name = "regression"
+models = ["mlp"]
+hidden = [4]
+"""
+
+
+def test_ctrl_c_in_a_parallel_study_stops_it_and_its_workers_at_once(tmp_path):
+    import os
+
+    (tmp_path / "long.toml").write_text(_LONG_STUDY)
+    # a terminal's Ctrl-C reaches the whole process group: the study and its workers
+    proc = subprocess.Popen([sys.executable, "-m", "iternn", "study", "--config", "long.toml",
+                             "--out", "s", "--no-pictures"], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert "runs in the grid" in proc.stdout.readline()  # the workers are starting now
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        waited = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    # one line, no worker's traceback, and no wait for the queued runs of 500 epochs
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert err.strip() == "iternn: interrupted", err
+    assert waited < 20
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # no worker outlives the study
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("a process of the study's group is still running")
+
+
 # --------------------------------------------------------------------------- fast answers
 
 

@@ -909,6 +909,21 @@ def test_sparse_and_structured_blocks_check_sizes_before_building(tmp_path, bloc
     assert peak_rss_bytes() - before < 200e6
 
 
+def test_a_sparse_block_declaring_a_huge_input_is_refused_before_its_pattern_is_built(tmp_path):
+    # in_features is not bound by any stored tensor (the columns only need to be below
+    # it), yet the transposed pattern needs a row pointer per input: 8 TB here.
+    m = nn.Sequential(iternn.SparseLinear(6, 4, density=0.5, generator=torch.Generator().manual_seed(0)))
+    path = tmp_path / "m.safetensors"
+    save(m, path)
+    tensors, doc, meta = tensors_and_doc(path)
+    doc["modules"][1]["config"]["in_features"] = 10**12
+    write_bad(path, tensors, doc, meta)
+    before = peak_rss_bytes()
+    refused(path, "bad config for 0 (codec 'iternn.SparseLinear')", "SizeError",
+            "SparseLinear(in_features=1000000000000, out_features=4)")
+    assert peak_rss_bytes() - before < 200e6
+
+
 def test_deeply_nested_json_is_a_format_error(tmp_path, good):
     tensors, doc, meta = good
     deep = "[" * 10000 + "]" * 10000

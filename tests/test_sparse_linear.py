@@ -304,6 +304,20 @@ def test_indices_out_of_range(idx, word):
         SparseLinear(4, 3, indices=torch.tensor(idx))
 
 
+def test_sizes_are_checked_before_the_pattern_is_built():
+    from iternn.errors import SizeError
+
+    # One entry, but the transposed pattern needs a row pointer per input: 8 TB.
+    for kwargs in ({"density": 1e-15}, {"indices": torch.tensor([[0], [0]])}):
+        with pytest.raises(SizeError, match=r"SparseLinear\(in_features=1000000000000, out_features=4\)"):
+            SparseLinear(10**12, 4, **kwargs)
+    # int32 columns against a bound beyond int32: no wrap-around in the range check
+    from iternn.sparse import check_csr_pattern
+
+    crow, col = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([1], dtype=torch.int32)
+    check_csr_pattern(crow, col, (1, 10**12), name="wide")
+
+
 def test_indices_wrong_shape_and_dtype():
     with pytest.raises(ValueError, match="indices must have shape"):
         SparseLinear(4, 3, indices=torch.tensor([[0, 1, 2]]))

@@ -53,6 +53,7 @@ from .errors import (
     DataError,
     FormatError,
     IterNNError,
+    MapError,
     MapTypeError,
     SizeError,
     StudyError,
@@ -150,25 +151,23 @@ def run_command(handler: Callable[[argparse.Namespace], None], args: argparse.Na
 # --------------------------------------------------------------------------- argument types
 
 
-def positive_int(text: str) -> int:
-    """An int >= 1 (argparse type)."""
+def _int_at_least(text: str, low: int) -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    if v < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
     return v
+
+
+def positive_int(text: str) -> int:
+    """An int >= 1 (argparse type)."""
+    return _int_at_least(text, 1)
 
 
 def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+    return _int_at_least(text, 0)
 
 
 def _finite_float(text: str, *, positive: bool) -> float:
@@ -428,23 +427,14 @@ def distributed_parser() -> argparse.ArgumentParser:
 
 def check_device(device: str, flag: str = "--device") -> None:
     """:class:`ConfigError` unless this machine has ``device`` (imports torch)."""
-    import torch
+    if device == "auto":
+        return
+    from .core.device import available_device
 
-    if device.startswith("cuda"):
-        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
-            raise ConfigError(f"{flag} {device}: this torch build has no CUDA support "
-                              f"(torch {torch.__version__}); use --device cpu")
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(f"{flag} {device}: no CUDA device is visible to this process")
-        index = int(device.partition(":")[2] or 0)
-        if index >= count:
-            raise ConfigError(f"{flag} {device}: this machine has {count} CUDA device(s), "
-                              f"cuda:0 to cuda:{count - 1}")
-    elif device == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ConfigError(f"{flag} mps: the MPS backend is not available here")
+    try:
+        available_device(device, what=flag)
+    except MapError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _say(args: argparse.Namespace) -> Callable[[str], None] | None:

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.block_map import BlockMap
+from ..core.memory import check_bytes
 from ..core.rowwise import ELEMENTWISE
 from ..errors import DynamicsError
 from .functional import MapFunction
@@ -317,6 +318,10 @@ def _jacobian_at(bm, g, z, batch, *, method="auto", sparse=False, block_kwargs=N
     why = _structure(bm, g, block_kwargs) if method != "autograd" else "autograd requested"
     if method == "structured" and why is not None:
         raise DynamicsError(f"method='structured' does not apply: {why}")
+    if not (sparse and why is None):  # a dense (*batch, N, N) matrix will be built
+        check_bytes(math.prod(batch) * g.size * g.size * z.element_size(),
+                    f"the Jacobian over {g.size} free units (batch {tuple(batch)}, {z.dtype})",
+                    device=z.device)
     with torch.no_grad():
         if why is None:
             return _structured(bm, g, z, batch, sparse)

@@ -100,6 +100,11 @@ def _check_memory(
     ``steps x batch x n_s`` entries of every computed slot. (The messages are built
     only for sizes :func:`check_bytes` checks at all.)
     """
+    row_bytes = math.prod(batch) * dtype.itemsize
+    # Cheap bound first (every slot new, every step kept): the usual small iteration
+    # returns here without looking at the slots one by one.
+    if row_bytes * m.size * (steps if sequence and steps > 1 else 1) < memory.ALWAYS_AVAILABLE:
+        return
     slots = m.slots
     n_new = n_computed = 0
     for s, n in slots.items():
@@ -108,7 +113,6 @@ def _check_memory(
             n_new += n
         elif s in missing:
             n_new += n
-    row_bytes = math.prod(batch) * dtype.itemsize
     state_bytes = row_bytes * n_new
     seq_bytes = steps * row_bytes * n_computed if sequence else 0
     if max(state_bytes, seq_bytes) < memory.ALWAYS_AVAILABLE:

@@ -321,6 +321,8 @@ def write_atomic(path: str, tensors: dict[str, Tensor], metadata: dict[str, str]
 
     folder = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
+    if not os.path.isdir(folder):
+        raise MissingFileError(errno.ENOENT, f"cannot save {path}: no such folder", folder)
     while True:  # reserve a fresh name; the kernel applies umask (and default ACLs)
         tmp = os.path.join(folder, f".{base}.{secrets.token_hex(8)}.tmp")
         try:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.device import available_device
 from ..core.memory import check_bytes
 from ..errors import FormatError, MapError, MapTypeError
 from .format import (
@@ -294,7 +295,8 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None) -
     have allocates nothing.
 
     Raises:
-        FileNotFoundError: nothing is at ``path`` (the OS's error, naming the path).
+        MissingFileError: (a ``FileNotFoundError``) nothing is at ``path``.
+        MapError: ``device`` is not a device this process can use (checked first).
         FormatError: (a ``ValueError``) anything else that is wrong: a folder, an
             unreadable or truncated file, not a safetensors file, no or invalid iternn
             metadata (bad JSON, nested too deep, wrong field types), an unsupported
@@ -305,12 +307,13 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None) -
             available.
     """
     path = os.fspath(path)
+    target = None if device is None else available_device(device, what="load(device=...)")
     try:
         model = _load(path)
     except FormatError as exc:
         raise FormatError(f"{path}: {exc}") from exc
-    if device is not None:
-        model.to(device)
+    if target is not None:
+        model.to(target)
     return model
 
 

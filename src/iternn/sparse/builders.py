@@ -392,6 +392,34 @@ def _min_scale(budget: int, n_x: int, n_y: int, d: dict[str, float], steps: int)
     return hi
 
 
+def _round_up(x: float) -> float:
+    """``x`` rounded up to 3 significant digits: a number a message prints exactly."""
+    step = 10.0 ** (math.floor(math.log10(x)) - 2)
+    return float(f"{math.ceil(round(x / step, 6)) * step:.3g}")
+
+
+def _first_connecting(budget: int, n_x: int, n_y: int, steps: int, draw, densities,
+                      start: float, top: float) -> float | None:
+    """The first ``q`` of ``start * 2**(k/2)``, ``k = 0, 1, ...``, each rounded up to 3
+    digits and capped at ``top``, whose matched map with ``densities(q)``, drawn by
+    ``draw(size, densities, extra)``, carries the input to the output within ``steps``
+    applications; None when none does."""
+    q = start
+    while True:
+        q = min(top, _round_up(q))
+        d = densities(q)
+        try:
+            h, extra, _ = _matched_plan(budget, n_x, n_y, d)
+        except MapError:  # the budget cannot pay for this map at all
+            h = None
+        if h is not None and reachable_units(draw({"x": n_x, "h": h, "y": n_y}, d, extra),
+                                             "x", "y", steps=steps) > 0:
+            return q
+        if q >= top:
+            return None
+        q *= math.sqrt(2)
+
+
 def matched_map(
     mlp: nn.Sequential,
     *,
@@ -416,7 +444,10 @@ def matched_map(
     a map without a single weight), or entries that happen not to connect. The message
     gives the smallest density (for a mapping: the smallest factor on all densities)
     at which every block of some ``x -> y`` path gets an entry for this MLP's budget,
-    found by bisection with the hidden width solved again at each density.
+    found by bisection with the hidden width solved again at each density, and the
+    smallest density (tried upwards in steps of a factor ``sqrt(2)``, each rounded up to
+    the 3 digits printed) whose map drawn with this ``seed`` does connect: passing that
+    number with the same seed gives a map.
     """
     g = _generator(seed)
     widths, act = mlp_sizes(mlp)
@@ -426,7 +457,13 @@ def matched_map(
     d = _densities(density)
     h, extra, _ = _matched_plan(budget, n_x, n_y, d)
     size = {"x": n_x, "h": h, "y": n_y}
+    drawn_from = g.get_state()
     m, counts = _six_block_map(size, d, act, True, extra, g, backend)
+
+    def draw(size: dict[str, int], densities: dict[str, float], extra: int) -> BlockMap:
+        again = torch.Generator(device=g.device)
+        again.set_state(drawn_from)  # the draw this call made, at other densities
+        return _six_block_map(size, densities, None, True, extra, again, "dense")[0]
 
     def advice() -> str:
         scale = _min_scale(budget, n_x, n_y, d, steps)
@@ -440,9 +477,23 @@ def matched_map(
             need = f"densities of at least about {scaled} (every density times {scale:.3g})"
         else:
             need = f"a density of at least about {scale * d['hx']:.3g}"
+        # the given densities (factor 1) failed; below the threshold no draw can work
+        start = scale if scale > 1 else math.sqrt(2)
+        if isinstance(density, Mapping):  # q: a factor on every density
+            unit, top = "every density times ", 1.0 / max(d.values())
+            works = _first_connecting(budget, n_x, n_y, steps, draw,
+                                      lambda q: {b: min(1.0, v * q) for b, v in d.items()}, start, top)
+        else:  # q: the density of every block
+            unit = ""
+            works = _first_connecting(budget, n_x, n_y, steps, draw, lambda q: dict.fromkeys(d, q),
+                                      start * d["hx"], 1.0)
+            start *= d["hx"]
+        drawn = (f"with this seed no larger density connects x to y within {steps} application(s)"
+                 if works is None else
+                 f"with this seed the smallest density that connects (tried in steps of a factor "
+                 f"sqrt(2) from {unit}{_round_up(start):.3g}) is {unit}{works:.3g}")
         return (f"for this MLP's budget of {budget} trainable entries, {need} gives every block "
-                f"of an x -> y path an entry ({how}); just above it the drawn entries may still "
-                f"fail to connect")
+                f"of an x -> y path an entry ({how}); {drawn}")
 
     _check_connected(m, counts, size, steps, advice)
     ref = next(iter(mlp.parameters()), None)

@@ -17,7 +17,8 @@ A valid pattern of a ``rows x cols`` block (row = destination, column = source):
 :func:`ensure_csr_pattern` is the same check with a memo: it runs again only when one of
 the two tensors was replaced or changed in place (keyed on the tensors themselves, their
 ``_version`` counters, data pointers and sizes), so calling it on every product costs a
-dictionary look-up (about 2 us).
+dictionary look-up (about 2 us). An in-place write through ``t.data`` or a NumPy view
+bumps no version counter and is not seen.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def check_csr_pattern(crow_indices: Tensor, col_indices: Tensor, shape: tuple[in
                            f"crow_indices[{i}] = {int(crow[i])}: row pointers must not decrease")
     if nnz == 0:
         return
-    out = (col < 0) | (col >= cols)
+    # A bound beyond the index dtype's range would wrap when compared with it.
+    out = (col < 0) | (col >= cols) if cols <= torch.iinfo(col.dtype).max else col < 0
     if bool(out.any()):
         k = _first(out)
         raise PatternError(token["col_indices"],
@@ -185,8 +187,10 @@ def remember_checked(crow_indices: Tensor, col_indices: Tensor, shape: tuple[int
 def ensure_csr_pattern(crow_indices: Tensor, col_indices: Tensor, shape: tuple[int, int], *,
                        name: str) -> None:
     """:func:`check_csr_pattern`, skipped when these very tensors passed it for this
-    ``shape`` and have not changed since (in place, by ``.data`` assignment or
-    otherwise). What every CSR product calls before handing a pattern to a kernel."""
+    ``shape`` and have not changed since (in place or by ``.data`` assignment). Writes
+    that bypass the tensor's version counter -- into ``t.data[...]``, a NumPy view or
+    raw memory -- are not seen. What every CSR product calls before handing a pattern
+    to a kernel."""
     tensors = (crow_indices, col_indices)
     if isinstance(col_indices, Tensor) and isinstance(crow_indices, Tensor) \
             and _memo.hit(col_indices, tensors, shape):

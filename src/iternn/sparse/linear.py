@@ -245,6 +245,13 @@ class SparseLinear(_PatternCheck, nn.Module):
             idx = random_indices(out_features, in_features, k, generator=generator)
         else:
             idx = _check_indices(indices, out_features, in_features)
+        nnz = idx.shape[1]
+        # The pattern and its transpose hold a row pointer per output and per input (the
+        # int64 counts they are built from), three int64 index arrays of nnz and the values.
+        check_bytes(8 * (2 * (out_features + in_features + 2) + 3 * nnz)
+                    + tensor_bytes(nnz + out_features, dtype),
+                    f"SparseLinear(in_features={in_features}, out_features={out_features}) "
+                    f"with {nnz} entries ({dtype})")
         pattern = kernels.csr_pattern(idx, (out_features, in_features))
         del idx  # (2, nnz) int64: the largest temporary of a big block
         self.register_buffer("crow_indices", pattern.crow.to(device))
@@ -254,7 +261,6 @@ class SparseLinear(_PatternCheck, nn.Module):
         self.register_buffer("perm_t", pattern.perm.to(device), persistent=False)
 
         bounds = _row_bounds(pattern.crow.diff()).to(dtype)
-        nnz = pattern.nnz
         entry_bounds = bounds.repeat_interleave(pattern.crow.diff().long(), output_size=nnz)
         values = torch.rand(nnz, generator=generator, dtype=dtype).mul_(2).sub_(1).mul_(entry_bounds)
         self.values = nn.Parameter(values.to(device))

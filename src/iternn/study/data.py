@@ -134,6 +134,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.memory import check_bytes
 from ..errors import DataError, MapTypeError, MissingDependencyError, MissingFileError
 
 __all__ = [
@@ -585,11 +586,13 @@ def _load_regression(seed: int, *, n_train: int = 2000, n_val: int = 500, n_test
     hidden = _opt_int(ds, "hidden", hidden)
     noise = _opt_float(ds, "noise", noise, 0.0, np.inf, lo_open=False)
     standardize = _opt_bool(ds, "standardize", standardize)
+    n = n_train + n_val + n_test
+    check_bytes(n * (n_features + n_outputs + hidden) * 8,
+                f"dataset {ds!r} (n_train + n_val + n_test = {n} rows of {n_features} features)")
     rng = _rng(seed, _SALT_REGRESSION)
     w1 = rng.normal(0.0, 1.5 / np.sqrt(n_features), size=(n_features, hidden))
     b1 = rng.uniform(-1.0, 1.0, size=hidden)
     w2 = rng.normal(0.0, 1.0 / np.sqrt(hidden), size=(hidden, n_outputs))
-    n = n_train + n_val + n_test
     x = rng.normal(size=(n, n_features))
     y = np.tanh(x @ w1 + b1) @ w2 + noise * rng.normal(size=(n, n_outputs))
     cuts = np.cumsum([n_train, n_val])
@@ -662,6 +665,8 @@ def _load_anomaly(seed: int, *, source: str = "digits", length: int = 10, n_trai
     else:
         xs, ys = _mnist1d_splits(seed, 0.1, 42)
         shape = (xs[0].shape[1],)
+    check_bytes(sum(counts) * length * int(np.prod(shape)) * 8,
+                f"dataset {ds!r} ({sum(counts)} sequences of length {length})")
     unit = float(xs[0].std())
     rng = _rng(seed, _SALT_ANOMALY)
     seq_x, seq_y = [], []

@@ -42,13 +42,13 @@ _FORMAT = "iternn.study/1"
 _HOW = ("jobs", "threads")  # how the study runs, not what it computes
 # runs continue under a change of these (or do not depend on them: tensorboard)
 _FREE = ("train.epochs", "train.patience", "train.tensorboard")
+_RUNS_DIR = "runs"
+_RESULT_NAME = "result.json"
 
 
 def _free(difference: str) -> bool:
     key = difference.split(":", 1)[0]
     return any(key == k or key.endswith("." + k) for k in _FREE)
-_RUNS_DIR = "runs"
-_RESULT_NAME = "result.json"
 
 
 def _what(config: StudyConfig) -> dict[str, Any]:
@@ -110,7 +110,7 @@ def _claim(config: StudyConfig, out: Path, grid: Mapping[str, str]) -> None:
                           "folder holds this config's runs") from None
     if record is not None:
         old = record.get("config") if isinstance(record, dict) else None
-        if record.get("format") != _FORMAT or not isinstance(old, dict):
+        if not isinstance(old, dict) or record.get("format") != _FORMAT:
             raise ConfigError(f"study folder {out}: {path} is not a study record of this version")
         diffs = [d for d in config_differences(old, new) if not _free(d)]
         if not diffs:

@@ -52,13 +52,15 @@ large run can itself be data-parallel under ``torchrun``, see
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import multiprocessing
+import signal
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
@@ -528,12 +530,56 @@ def _sweep(config: StudyConfig, out: Path, runs: list[Run], selected: list[Run],
         wall_time_s=time.perf_counter() - t0, records=records)
 
 
+_SIGMASK = hasattr(signal, "pthread_sigmask")
+
+
+def _ignore_sigint() -> None:
+    """Worker initializer: Ctrl-C is the parent's to handle (see :func:`_pool`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if _SIGMASK:  # blocked while the worker started (see _submit_all); now ignored
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _submit_all(pool: ProcessPoolExecutor, runs: Sequence[Run], out: Path,
+                worker: Callable[[Run, str], dict]) -> dict[Any, Run]:
+    """Submit every run. The pool starts its workers here; SIGINT is blocked meanwhile,
+    which they inherit, so a Ctrl-C while a worker still imports torch stays pending
+    until its initializer ignores it (no traceback from the worker); the parent gets it
+    when this returns."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if _SIGMASK else None
+    try:
+        return {pool.submit(worker, r, str(out)): r for r in runs}
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def _pool(workers: int, ctx: Any) -> Iterator[ProcessPoolExecutor]:
+    """A process pool whose workers ignore Ctrl-C. Leaving it by an exception (Ctrl-C
+    included) cancels the runs not started and terminates the workers, whose
+    checkpoints are written atomically, so the process exits at once instead of waiting
+    for every queued run (the next study resumes them)."""
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_ignore_sigint)
+    try:
+        yield pool
+    except BaseException:
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.join(5)
+        raise
+    pool.shutdown(wait=True)
+
+
 def _run_parallel(todo: list[Run], out: Path, jobs: int, note: Callable[[dict], None],
                   worker: Callable[[Run, str], dict] = _worker) -> None:
     ctx = multiprocessing.get_context("spawn")
     broken: list[Run] = []
-    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx) as pool:
-        futures = {pool.submit(worker, r, str(out)): r for r in todo}
+    with _pool(min(jobs, len(todo)), ctx) as pool:
+        futures = _submit_all(pool, todo, out, worker)
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -547,8 +593,9 @@ def _run_parallel(todo: list[Run], out: Path, jobs: int, note: Callable[[dict], 
                     note(_failed_record(r, out, _one_line(e)))
     for r in sorted(broken, key=lambda r: r.index):  # retry each alone, once
         try:
-            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-                note(pool.submit(worker, r, str(out)).result())
+            with _pool(1, ctx) as pool:
+                (future,) = _submit_all(pool, [r], out, worker)
+                note(future.result())
         except BrokenProcessPool:
             note(_failed_record(r, out, "worker process died (killed or out of memory)"))
         except Exception as e:  # noqa: BLE001
