@@ -140,9 +140,25 @@ def test_study_config_errors_exit_2(tmp_path, capsys):
     bad.write_text('nmae = "typo"\n[[datasets]]\nname = "digits"\n')
     assert main(["study", "--config", str(bad)]) == EXIT_USAGE
     assert "nmae" in _err_line(capsys)
+    bad.write_bytes(b"\x00\xe8binary")  # not text at all: still a config error naming the file
+    assert main(["study", "--config", str(bad)]) == EXIT_USAGE
+    assert "bad.toml is not UTF-8 text" in _err_line(capsys)
     with pytest.raises(ConfigError):  # --debug: the exception, not the line
         main(["--debug", "study", "--config", str(bad)])
     assert not list(tmp_path.glob("iternn-study-*"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["study", "--quick"],
+    ["train", "--dataset", "regression", "--model", "mlp", "--epochs", "1"],
+    ["analyze", "m.safetensors"],
+])
+def test_an_out_that_is_a_file_is_a_usage_error_naming_it(tmp_path, capsys, argv):
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    assert main([*argv, "--out", str(taken), "--quiet"]) == EXIT_USAGE
+    assert _err_line(capsys).endswith(f"--out {taken}: is a file, not a folder")
+    assert taken.read_text() == "keep me"
 
 
 @pytest.mark.parametrize("extra, words", [

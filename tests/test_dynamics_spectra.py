@@ -619,3 +619,33 @@ def test_non_finite_jacobian_is_named_by_its_block():
     jac[1, 3, 1] = float("inf")  # row 3 is in b (rows 2..4), column 1 in a
     with pytest.raises(DynamicsError, match=r"J holds inf \(first at the block 'b' <- 'a'\)"):
         check_matrix_finite(jac, "J", ("a", "b"), (2, 3))
+
+
+# ----------------------------------------------------------------------------- sizes
+def _wide_map(n=10**7):
+    """x and a 10**7-unit h fed back through an identity: dense n x n matrices of it
+    (400 TB in float32) fit no machine; the state itself is 40 MB."""
+    m = iternn.BlockMap({"x": 2, "h": n})
+    m.connect("h", "h", nn.Identity())
+    m.set_activation("h", nn.Tanh())
+    return m, {"x": torch.zeros(2), "h": torch.zeros(n)}
+
+
+@pytest.mark.parametrize("fn, named", [
+    (lambda m, s: jacobian(m, s, hold="x"), r"the Jacobian over 10000000 free units"),
+    (lambda m, s: eigenvalues(m, s, hold="x"), r"the Jacobian over 10000000 free units"),
+    (lambda m, s: singular_values(m, s, hold="x"), r"the Jacobian over 10000000 free units"),
+    (lambda m, s: jacobian(m, s, hold="x", sparse=True),
+     r"the dense weight of block 'h' <- 'h' \(Identity, 10000000 x 10000000"),
+    (lambda m, s: lyapunov_spectrum(m, s, steps=2, hold="x"),
+     r"the tangent basis \(k=10000000 exponents over 10000000 free units"),
+    (lambda m, s: iternn.dynamics.find_fixed_points(m, {"x": s["x"], "h": s["h"][None]}, hold="x",
+                                                    opt_steps=0),
+     r"the Newton polish \(polish_steps\) of 1 point\(s\) over 10000000 free units"),
+])
+def test_dense_matrices_are_sized_before_they_are_allocated(fn, named):
+    from iternn.errors import SizeError
+
+    m, s = _wide_map()
+    with pytest.raises(SizeError, match=named + r".* needs .* TB of memory"):
+        fn(m, s)

@@ -511,3 +511,20 @@ def test_a_custom_solver_must_report_a_known_reason():
     why = "tired"
     with pytest.raises(DynamicsError, match="solver 'lazy' returned reason 'tired'"):
         solve(lambda z: z + 1, torch.zeros(2, 1, dtype=F64), solver=lazy)
+
+
+@pytest.mark.parametrize("make", [lambda k: Anderson(m=k), lambda k: Broyden(memory=k)])
+def test_solver_memory_is_bounded_by_max_steps_and_checked_before_allocating(make):
+    from iternn.errors import SizeError
+
+    m, _ = tanh_map()
+    x = {"x": torch.randn(3, 3, dtype=F64, generator=torch.Generator().manual_seed(1))}
+    # a memory longer than max_steps keeps nothing more: same answer, no 10**12 buffers
+    z_long, info_long = fixed_point(m, x, hold=["x"], solver=make(10**12), max_steps=40)
+    z_short, info_short = fixed_point(m, x, hold=["x"], solver=make(40), max_steps=40)
+    assert torch.equal(z_long["h"], z_short["h"]) and info_long.steps == info_short.steps
+    assert float(info_long.residual.max()) < 1e-3  # it did iterate towards the fixed point
+    # where max_steps allows it all, the history is refused by its size, named
+    name = type(make(1)).__name__
+    with pytest.raises(SizeError, match=rf"{name}\((m|memory)=1000000000000\) .* needs .* TB"):
+        fixed_point(m, x, hold=["x"], solver=make(10**12), max_steps=10**12)

@@ -52,3 +52,20 @@ def test_everything_held():
     m = iternn.BlockMap({"x": 1})
     with pytest.raises(DynamicsError, match="nothing to iterate"):
         MapFunction(m, {"x": torch.zeros(1, 1)}, hold=["x"])
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, s: MapFunction(m, s),
+    lambda m, s: iternn.dynamics.fixed_point(m, s, hold=["x"]),
+    lambda m, s: iternn.dynamics.jacobian(m, s, hold=["x"]),
+    lambda m, s: iternn.dynamics.eigenvalues(m, s, hold=["x"]),
+    lambda m, s: iternn.dynamics.spectral_radius(m, s, hold=["x"]),
+    lambda m, s: iternn.dynamics.lyapunov_spectrum(m, s, hold=["x"], steps=3),
+    lambda m, s: iternn.dynamics.impulse_response(m, s, steps=3),
+    lambda m, s: iternn.dynamics.DEQ(m, input="x", output="h"),
+], ids=["MapFunction", "fixed_point", "jacobian", "eigenvalues", "spectral_radius",
+        "lyapunov_spectrum", "impulse_response", "DEQ"])
+def test_a_module_that_is_not_a_map_is_the_same_type_error_everywhere(call):
+    state = {"x": torch.zeros(3, dtype=torch.float64)}
+    with pytest.raises(iternn.MapTypeError, match="Linear"):
+        call(nn.Linear(3, 3), state)

@@ -504,6 +504,22 @@ def test_two_studies_on_one_folder_never_lose_or_mix_results(tmp_path):
     assert json.loads((out / "results.json").read_text()) == records
 
 
+@pytest.mark.parametrize("text, words", [
+    ("{not json", "study.json is unreadable"),
+    ("[1, 2]", "is not a study record of this version"),  # valid JSON, not a record
+    ('{"format": "iternn.study/0", "config": {}}', "is not a study record of this version"),
+])
+def test_a_damaged_study_record_is_a_config_error_naming_it(tmp_path, text, words):
+    from iternn.study.folder import study_folder
+
+    (tmp_path / "study.json").write_text(text)
+    cfg = loads(_WRITER_TOML.format(n=48))
+    with pytest.raises(ConfigError, match=f"study folder {re.escape(str(tmp_path))}.*{words}"):
+        with study_folder(cfg, tmp_path, grid={}):
+            pass
+    assert not (tmp_path / "iternn.lock").exists()  # the lock went with the refusal
+
+
 def test_an_unreadable_checkpoint_is_quarantined_and_the_run_retrained(tmp_path):
     cfg = loads(_WRITER_TOML.format(n=48))
     first = run_sweep(cfg, tmp_path).records[0]

@@ -26,7 +26,7 @@ Every command runs through :func:`run_command`, so every command exits the same 
   stderr; ``--debug`` shows the traceback instead.
 * 2: usage or configuration: bad flags (argparse), a bad config file or key
   (:class:`~iternn.errors.ConfigError`, :class:`~iternn.errors.ResumeError`), a missing
-  or unreadable input file, a map file that is not one
+  or unreadable input file, an ``--out`` that is a file, a map file that is not one
   (:class:`~iternn.errors.FormatError`), a data set that cannot be read
   (:class:`~iternn.errors.DataError`), a request too large for this machine
   (:class:`~iternn.errors.SizeError`), a ``--device`` this machine does not have.
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
             "a report folder: report.md with tables, plots and a reading of the paper's claims, "
             "results.csv/json and one folder per run. Runs already present are reused, so an "
             "interrupted study continues where it stopped. Without --config and --quick the "
-            "built-in default study runs (see iternn.study.config.DEFAULT for its run time). "
+            "built-in default study runs (about 34 minutes on 2 CPU cores; see iternn.study.config). "
             "Exits 1 when a run failed or every run diverged (the report is written anyway)."),
         epilog="Several machines: give each the same config and --shard i/n (i = 1..n), then copy "
                "all runs/ folders into one --out and run the study once more to get one report.")
@@ -437,6 +437,15 @@ def check_device(device: str, flag: str = "--device") -> None:
         raise ConfigError(str(exc)) from None
 
 
+def _out_folder(value: str | None, default: str, flag: str = "--out") -> Path:
+    """The folder a command writes (``value``, else ``default``); :class:`ConfigError`
+    naming ``flag`` when a file already stands at that path."""
+    path = Path(value) if value else Path(default)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a file, not a folder")
+    return path
+
+
 def _say(args: argparse.Namespace) -> Callable[[str], None] | None:
     if getattr(args, "quiet", False):
         return None
@@ -470,7 +479,7 @@ def _cmd_study(args: argparse.Namespace) -> None:
         config = study_config.QUICK if args.quick else study_config.DEFAULT
     from .study import run_study
 
-    out = Path(args.out) if args.out else Path(f"iternn-study-{config.name}")
+    out = _out_folder(args.out, f"iternn-study-{config.name}")
     sweep, report = run_study(config, out, jobs=args.jobs, shard=args.shard, log=_say(args),
                               pictures=args.pictures)
     note = ""
@@ -527,6 +536,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
         raise ConfigError(f"--model {args.model!r} serves {'/'.join(family.tasks)} datasets; "
                           f"--dataset {args.dataset!r} is a {task} dataset")
     check_device(args.device)
+    name = args.model + ("" if args.density is None else f"-d{args.density:g}") \
+        + (f"-e{args.extra_steps}" if args.extra_steps else "")
+    out = _out_folder(args.out, f"iternn-train-{args.dataset}-{name}")
     if args.tensorboard:
         from .study.train import summary_writer_class
 
@@ -551,9 +563,6 @@ def _cmd_train(args: argparse.Namespace) -> None:
                             extra_steps=args.extra_steps)
     except (ValueError, TypeError) as e:  # density, width, activation, extra steps refused
         raise _flag_error(f"--model {args.model}", e) from None
-    name = args.model + ("" if args.density is None else f"-d{args.density:g}") \
-        + (f"-e{args.extra_steps}" if args.extra_steps else "")
-    out = Path(args.out) if args.out else Path(f"iternn-train-{args.dataset}-{name}")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank = int(os.environ.get("RANK", "0") or 0)
     log = _say(args) if rank == 0 else None
@@ -626,7 +635,7 @@ def default_report_dir(map_path: str) -> Path:
 def _cmd_analyze(args: argparse.Namespace) -> None:
     from .dynamics.report import PICTURES, REPORT_NAME, analyze
 
-    out = Path(args.out) if args.out is not None else default_report_dir(args.map)
+    out = _out_folder(args.out, str(default_report_dir(args.map)))
     try:
         folder = analyze(args.map, out, seed=args.seed, steps=args.steps, quick=args.quick,
                          pictures=args.pictures, progress=not args.quiet)
@@ -723,6 +732,8 @@ def _cmd_distributed(args: argparse.Namespace) -> None:
 
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out")
+    if args.out:
+        _out_folder(args.out, args.out)
     if args.device is not None:
         check_device(args.device)
     if args.build:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..core.block_map import BlockMap
-from ..errors import ConvergenceError, DynamicsError
+from ..errors import ConvergenceError, DynamicsError, MapTypeError
 from .functional import MapFunction
 from .solvers import SolverInfo, SolverLike, as_solver, solve
 from .validate import check_fraction, check_int, check_positive, check_stop_mode, check_update
@@ -174,7 +174,7 @@ class DEQ(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(m, BlockMap):
-            raise DynamicsError(f"DEQ needs a BlockMap, got {type(m).__name__}")
+            raise MapTypeError(f"DEQ needs a BlockMap, got {type(m).__name__}")
         if input not in m.slots:
             raise DynamicsError(f"input slot {input!r} is not a slot of the map {list(m.slots)}")
         if output is not None and output not in m.slots:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..core.block_map import BlockMap
+from ..core.memory import check_bytes
 from ..core.state import check_state
 from ..errors import ConvergenceError, DynamicsError
 from .functional import MapFunction
@@ -373,6 +374,9 @@ def _newton(g, z: Tensor, steps: int, radius: float) -> Tensor:
     """Newton on ``G(z) - z`` with capped, backtracked steps that must decrease ``q``."""
     z = z.detach().clone()
     n = z.shape[-1]
+    check_bytes((z.shape[0] + 1) * n * n * z.element_size(),
+                f"the Newton polish (polish_steps) of {z.shape[0]} point(s) over {n} free units "
+                f"(a {n} x {n} Jacobian each, {z.dtype})", device=z.device)
     eye = torch.eye(n, dtype=z.dtype, device=z.device)
     with torch.no_grad():
         q = _speed(g, z)

@@ -114,17 +114,22 @@ def _elementwise(act: nn.Module | None) -> bool:
     return type(act) in ELEMENTWISE
 
 
-def _affine(block: nn.Module, n_out: int, n_in: int):
+def _affine(block: nn.Module, n_out: int, n_in: int, where: str):
     """``(W, bias, indices)`` of an affine block ``x -> x W^T + bias``, else ``None``.
 
     ``indices`` is the ``(2, nnz)`` stored pattern: ``indices()`` where the block has
     it, the diagonal of an identity block, the non-zeros of ``dense_weight()`` for
     other structured blocks, and ``None`` (every entry) for a dense ``nn.Linear``.
+    A weight that must be made dense is checked against the memory available first
+    (a :class:`~iternn.SizeError` naming ``where``, the block).
     """
     if block._forward_hooks or block._forward_pre_hooks:
         return None
     if type(block) is nn.Linear:
         return block.weight, block.bias, None
+    dtype = next(iter(block.parameters()), torch.empty(0)).dtype
+    check_bytes(n_out * n_in * dtype.itemsize,
+                f"the dense weight of block {where} ({type(block).__name__}, {n_out} x {n_in}, {dtype})")
     if type(block) is nn.Identity:
         eye = torch.eye(n_out, n_in)
         idx = torch.arange(n_out).repeat(2, 1)
@@ -156,7 +161,7 @@ def _structure(m: BlockMap, g: MapFunction, block_kwargs) -> str | None:
         key = f"{d}<-{s}"
         if block_kwargs and key in block_kwargs:
             return f"block {d!r} <- {s!r} takes block_kwargs"
-        if _affine(m.block(d, s), m.slots[d], m.slots[s]) is None:
+        if _affine(m.block(d, s), m.slots[d], m.slots[s], f"{d!r} <- {s!r}") is None:
             kind = type(m.block(d, s)).__name__
             return (
                 f"block {d!r} <- {s!r} ({kind}) is not affine (nn.Linear, nn.Identity or a "
@@ -183,7 +188,7 @@ def _structured(m: BlockMap, g: MapFunction, z: Tensor, batch, sparse: bool) -> 
     parts: dict[str, list] = {d: [] for d in g.free}
     for d, s in m.edges:
         if d in parts:
-            w, b, idx = _affine(m.block(d, s), m.slots[d], m.slots[s])
+            w, b, idx = _affine(m.block(d, s), m.slots[d], m.slots[s], f"{d!r} <- {s!r}")
             parts[d].append((s, w.to(dtype=dtype, device=device), b, idx))
     if sparse:
         rows, cols, vals = [], [], []
@@ -315,13 +320,18 @@ def jacobian(
 
 def _jacobian_at(bm, g, z, batch, *, method="auto", sparse=False, block_kwargs=None) -> Tensor:
     """The Jacobian of a prepared ``G`` at packed ``z`` (``(*batch, N)``)."""
-    why = _structure(bm, g, block_kwargs) if method != "autograd" else "autograd requested"
-    if method == "structured" and why is not None:
-        raise DynamicsError(f"method='structured' does not apply: {why}")
-    if not (sparse and why is None):  # a dense (*batch, N, N) matrix will be built
+    def check_dense() -> None:  # a dense (*batch, N, N) matrix will be built
         check_bytes(math.prod(batch) * g.size * g.size * z.element_size(),
                     f"the Jacobian over {g.size} free units (batch {tuple(batch)}, {z.dtype})",
                     device=z.device)
+
+    if not sparse:  # before the blocks' weights are made dense to find the path
+        check_dense()
+    why = _structure(bm, g, block_kwargs) if method != "autograd" else "autograd requested"
+    if method == "structured" and why is not None:
+        raise DynamicsError(f"method='structured' does not apply: {why}")
+    if sparse and why is not None:
+        check_dense()
     with torch.no_grad():
         if why is None:
             return _structured(bm, g, z, batch, sparse)

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ..core.block_map import BlockMap
 from ..core.graph import BlockGraph
+from ..core.memory import check_bytes
 from ..engine.iterate import iterate
 from ..errors import DynamicsError
 from .functional import MapFunction
@@ -157,6 +158,9 @@ def lyapunov_spectrum(
         # trajectory is exactly 0, so the tangent volume collapses: every exponent is
         # -inf (numerically the QR method would only give large negative numbers).
         return torch.full((*batch, k), -math.inf, dtype=torch.float64, device=ref.device)
+    check_bytes(2 * math.prod(batch) * n * k * 8,
+                f"the tangent basis (k={k} exponents over {n} free units, batch {tuple(batch)}, "
+                f"float64)", device=ref.device)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     basis = torch.randn(*batch, n, k, generator=gen, dtype=torch.float64, device=gen.device)
     q = torch.linalg.qr(basis.to(ref.device)).Q

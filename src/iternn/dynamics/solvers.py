@@ -65,6 +65,7 @@ from typing import ClassVar, Protocol
 import torch
 from torch import Tensor
 
+from ..core.memory import check_bytes, tensor_bytes
 from ..errors import ConvergenceError, DynamicsError
 from .linalg import verified_solve
 from .validate import (
@@ -347,6 +348,17 @@ def _run(name: str, f, z0: Tensor, tol: float, max_steps: int, stop_mode: str, u
     return loop.finish(name, k)
 
 
+def _history(length: int, max_steps: int, shape: tuple[int, int], z0: Tensor, what: str) -> int:
+    """The number of kept iterates of a solver whose memory is ``length``: no more than
+    the ``max_steps`` updates can fill (at least 1), its two ``(batch, length, n)``
+    buffers checked against the memory available first (naming ``what``)."""
+    length = max(1, min(length, max_steps))
+    b, n = shape
+    check_bytes(2 * tensor_bytes(b * length * n, z0.dtype),
+                f"{what} (2 x {b} x {length} x {n}, {z0.dtype})", device=z0.device)
+    return length
+
+
 # ---------------------------------------------------------------------- solvers
 class Solver(abc.ABC):
     """Base of the built-in solvers: frozen dataclasses, options checked when made.
@@ -392,7 +404,9 @@ class Anderson(Solver):
     """Anderson acceleration (see the module docs).
 
     Args:
-        m: memory, the number of past iterates mixed (``>= 1``).
+        m: memory, the number of past iterates mixed (``>= 1``; no more than
+            ``max_steps`` are kept, and their buffers are checked against the memory
+            available before they are allocated: a :class:`~iternn.SizeError`).
         lam: Tikhonov weight of the mixing system, relative to the mean squared residual
             in memory (``>= 0``).
         beta: damping of the mixed step in ``(0, 1]``.
@@ -410,8 +424,10 @@ class Anderson(Solver):
 
     def __call__(self, f, z0: Tensor, *, tol: float, max_steps: int,
                  stop_mode: str = "abs") -> tuple[Tensor, SolverInfo]:
-        m, lam, beta = self.m, self.lam, self.beta
+        lam, beta = self.lam, self.beta
         b, n = z0.shape
+        # at most max_steps updates: a longer memory than that holds nothing more
+        m = _history(self.m, max_steps, (b, n), z0, f"Anderson(m={self.m}) history")
         xs = z0.new_zeros(b, m, n)
         fs = z0.new_zeros(b, m, n)
         tiny = torch.finfo(torch.float64).tiny
@@ -448,7 +464,8 @@ class Broyden(Solver):
     """Limited-memory good Broyden on ``g(z) = f(z) - z`` (see the module docs).
 
     Args:
-        memory: rank of the inverse-Jacobian update ``U V^T`` (``>= 1``).
+        memory: rank of the inverse-Jacobian update ``U V^T`` (``>= 1``; bounded and
+            checked like :class:`Anderson`'s ``m``).
     """
 
     memory: int = 30
@@ -459,8 +476,8 @@ class Broyden(Solver):
 
     def __call__(self, f, z0: Tensor, *, tol: float, max_steps: int,
                  stop_mode: str = "abs") -> tuple[Tensor, SolverInfo]:
-        memory = self.memory
         b, n = z0.shape
+        memory = _history(self.memory, max_steps, (b, n), z0, f"Broyden(memory={self.memory}) rank")
         us = z0.new_zeros(b, n, memory)  # H = -I + U V^T
         vs = z0.new_zeros(b, n, memory)
         prev: dict[str, Tensor] = {}

@@ -53,7 +53,7 @@ def as_block_map(m: object) -> BlockMap:
     inner = getattr(m, "map", None)
     if isinstance(m, nn.Module) and isinstance(inner, BlockMap):
         return inner
-    raise DynamicsError(f"expected a BlockMap (or a module with one as .map), got {type(m).__name__}")
+    raise MapTypeError(f"expected a BlockMap (or a module with one as .map), got {type(m).__name__}")
 
 
 def check_update(update: object) -> str:

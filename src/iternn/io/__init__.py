@@ -14,7 +14,8 @@ file, parses the JSON with bounded nesting, rebuilds the module on the ``meta`` 
 file's tensors (keys, shapes, dtypes), and only then reads each tensor once into its own
 memory and puts it in place; then it restores the tying. Every refusal is a
 :class:`FormatError` whose message starts with the path and names the key, module or
-tensor at fault (a missing file is the OS's ``FileNotFoundError``).
+tensor at fault (a missing file is a :class:`~iternn.errors.MissingFileError`, also a
+``FileNotFoundError``).
 
 The structure is described by *codecs*, one per module class, kept in a public
 registry (:func:`register_codec`). A codec has a ``name`` (written in the file), an

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.files import fsync_dir
 from ..errors import FormatError, MissingFileError
 
 __all__ = [
@@ -209,10 +210,11 @@ def _check_entry(name: str, entry: Any, data_len: int) -> TensorInfo:
 def read_header(path: str) -> Header:
     """Read and check the header of the safetensors file at ``path``.
 
-    Raises ``FileNotFoundError`` when nothing is at ``path`` and :class:`FormatError`
-    (naming what is wrong; the caller adds the path) for a folder, an unreadable file, a
-    file too short or not safetensors, a header larger than ``MAX_HEADER_BYTES`` or than
-    the file, and entries whose dtype, shape or byte range are bad or do not tile the data.
+    Raises :class:`MissingFileError` (a ``FileNotFoundError``) when nothing is at
+    ``path`` and :class:`FormatError` (naming what is wrong; the caller adds the path)
+    for a folder, an unreadable file, a file too short or not safetensors, a header
+    larger than ``MAX_HEADER_BYTES`` or than the file, and entries whose dtype, shape or
+    byte range are bad or do not tile the data.
     """
     try:
         st = os.stat(path)
@@ -344,13 +346,4 @@ def write_atomic(path: str, tensors: dict[str, Tensor], metadata: dict[str, str]
         except FileNotFoundError:
             pass
         raise
-    try:  # make the rename itself durable, where the platform allows
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    fsync_dir(folder)

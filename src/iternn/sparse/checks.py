@@ -23,6 +23,7 @@ bumps no version counter and is not seen.
 
 from __future__ import annotations
 
+import re
 import threading
 import weakref
 
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from ..errors import MapTypeError, PatternError
 
-__all__ = ["check_csr_pattern", "ensure_csr_pattern", "remember_checked", "stamp", "Memo",
+__all__ = ["check_csr_pattern", "check_csr_buffers", "ensure_csr_pattern", "remember_checked", "stamp", "Memo",
            "INDEX_DTYPES"]
 
 #: Index dtypes a pattern may have (int32: what MKL and the native kernels take).
@@ -120,6 +121,23 @@ def check_csr_pattern(crow_indices: Tensor, col_indices: Tensor, shape: tuple[in
                            f"col_indices[{k + 1}] = {int(col[k + 1])} {what} col_indices[{k}] = "
                            f"{int(col[k])} in row {row}: columns must be strictly increasing "
                            f"within a row (sorted, no duplicate position)")
+
+
+def check_csr_buffers(crow_indices: Tensor, col_indices: Tensor, shape: tuple[int, int], *,
+                      name: str, buffers: tuple[str, str] = ("crow_indices", "col_indices"),
+                      note: str = "") -> None:
+    """:func:`check_csr_pattern` for a pattern whose two buffers go by other names
+    (``buffers``, e.g. ``("crow_indices_t", "col_indices_t")``): the error's token is
+    ``"<name>.<buffer>"`` and its message names the buffer and the entry. ``note`` is
+    appended to the message."""
+    try:
+        check_csr_pattern(crow_indices, col_indices, shape, name="")
+    except PatternError as e:
+        buffer = buffers[0] if e.token == "crow_indices" else buffers[1]
+        message = str(e).split(": ", 1)[-1]
+        message = re.sub(r"\bcrow_indices\b", buffers[0], message)
+        message = re.sub(r"\bcol_indices\b", buffers[1], message)
+        raise PatternError(f"{name}.{buffer}" if name else buffer, message + note) from None
 
 
 # ------------------------------------------------------------------------------- memo

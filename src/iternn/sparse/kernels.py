@@ -56,9 +56,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..errors import MapError, MapTypeError, NativeBuildError
+from ..errors import MapError, MapTypeError, NativeBuildError, PatternError
 from . import native
-from .checks import ensure_csr_pattern
+from .checks import check_csr_buffers, ensure_csr_pattern
 
 __all__ = [
     "CSRPattern",
@@ -215,6 +215,30 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> T
     return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
+def _check_for_torch(crow: Tensor, col: Tensor, shape: tuple[int, int], *, name: str,
+                     buffers: tuple[str, str] = ("crow_indices", "col_indices")) -> None:
+    """The check before a pattern goes to torch.sparse. On CPU the full
+    :func:`check_csr_pattern` on every call: torch's CPU CSR kernels read out of range
+    (SIGSEGV) on a bad index, and a write through ``.data`` or a NumPy view escapes
+    :func:`ensure_csr_pattern`'s memo (the native kernels check their indices themselves
+    instead). Elsewhere the memo (a full check there costs several device syncs)."""
+    if crow.device.type == "cpu":
+        check_csr_buffers(crow, col, shape, name=name, buffers=buffers)
+    else:
+        ensure_csr_pattern(crow, col, shape, name=name)
+
+
+def _permuted(values: Tensor, perm: Tensor, name: str) -> Tensor:
+    """``values[perm]`` (the values in the transposed pattern's order); an out-of-range
+    ``perm`` is a :class:`~iternn.errors.PatternError` naming it."""
+    try:
+        return values.index_select(0, perm)
+    except IndexError:
+        raise PatternError(f"{name}.perm_t", f"perm_t holds an entry outside [0, {values.numel()})"
+                                             f" (the pattern changed after it was checked, "
+                                             f"without its version counter)") from None
+
+
 # ----------------------------------------------------------------------------- kernels
 #: Entries per chunk of the gather fallback of the sampled product are chosen so that a
 #: chunk's two gathered (chunk, B) operands hold at most this many numbers.
@@ -255,7 +279,13 @@ def sampled_dense_dense(
     """
     if method not in ("auto", "sampled_addmm", "gather"):
         raise MapError(f"method must be 'auto', 'sampled_addmm' or 'gather', got {method!r}")
-    ensure_csr_pattern(crow, col, shape, name="sampled_dense_dense")
+    _check_for_torch(crow, col, shape, name="sampled_dense_dense")
+    return _sampled_dense_dense(a_t, b_t, crow, col, shape, method)
+
+
+def _sampled_dense_dense(a_t: Tensor, b_t: Tensor, crow: Tensor, col: Tensor,
+                         shape: tuple[int, int], method: str = "auto") -> Tensor:
+    """:func:`sampled_dense_dense` of a pattern the caller has just checked."""
     if method == "gather" or (method == "auto" and a_t.dtype not in CSR_DTYPES):
         return _sampled_gather(a_t, b_t, crow, col)
     # sampled_addmm computes beta * input + alpha * (mat1 @ mat2) at input's pattern; the
@@ -287,9 +317,10 @@ class SparseLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, values: Tensor, bias: Tensor | None, pattern: CSRPattern) -> Tensor:
+    def forward(ctx, x: Tensor, values: Tensor, bias: Tensor | None, pattern: CSRPattern,
+                name: str = "CSR pattern") -> Tensor:
         out_f, in_f = pattern.shape
-        ensure_csr_pattern(pattern.crow, pattern.col, pattern.shape, name="CSR pattern")
+        _check_for_torch(pattern.crow, pattern.col, pattern.shape, name=name)
         x_t = x.t()
         # (in, B) row-major; free when x is itself a transposed view (the output of a
         # previous sparse layer). Then x_t is a view of the input, which a Function may
@@ -306,6 +337,7 @@ class SparseLinearFunction(torch.autograd.Function):
             y_t = bias.unsqueeze(1).expand(out_f, x_t.shape[1]).clone(
                 memory_format=torch.contiguous_format).addmm_(w, x_t)
         ctx.pattern = pattern
+        ctx.name = name
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x if ctx.saved_input else x_t, values)
         return y_t
@@ -321,14 +353,16 @@ class SparseLinearFunction(torch.autograd.Function):
         g_t = g_t.contiguous()  # (out, B); a copy when the upstream gradient is (B, out)
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
-            ensure_csr_pattern(p.crow_t, p.col_t, (in_f, out_f), name="transposed pattern")
-            w_t = _csr(p.crow_t, p.col_t, values.index_select(0, p.perm), (in_f, out_f))
+            _check_for_torch(p.crow_t, p.col_t, (in_f, out_f), name=ctx.name,
+                             buffers=("crow_indices_t", "col_indices_t"))
+            w_t = _csr(p.crow_t, p.col_t, _permuted(values, p.perm, ctx.name), (in_f, out_f))
             grad_x = _result(in_f, g_t.shape[1], g_t).addmm_(w_t, g_t, beta=0).t()
         if ctx.needs_input_grad[1]:
-            grad_values = sampled_dense_dense(g_t, x_t, p.crow, p.col, p.shape)
+            _check_for_torch(p.crow, p.col, p.shape, name=ctx.name)
+            grad_values = _sampled_dense_dense(g_t, x_t, p.crow, p.col, p.shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g_t.sum(1)
-        return grad_x, grad_values, grad_bias, None
+        return grad_x, grad_values, grad_bias, None, None
 
 
 class _NativeOp:
@@ -337,12 +371,14 @@ class _NativeOp:
     torch.func transforms wrap every tensor they find in a Function's (pytree)
     arguments, and the kernels need the pattern's real index buffers."""
 
-    __slots__ = ("pattern", "lib", "checked")
+    __slots__ = ("pattern", "lib", "checked", "name")
 
-    def __init__(self, pattern: CSRPattern, lib, checked: bool = False) -> None:
+    def __init__(self, pattern: CSRPattern, lib, checked: bool = False,
+                 name: str = "CSR pattern") -> None:
         self.pattern = pattern
         self.lib = lib
         self.checked = checked
+        self.name = name  # the owner, in the tokens of the kernels' PatternErrors
 
 
 class NativeSparseLinearFunction(torch.autograd.Function):
@@ -370,7 +406,8 @@ class NativeSparseLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, values: Tensor, bias: Tensor | None, op: _NativeOp) -> Tensor:
         p = op.pattern
-        return native.spmm(op.lib, p.crow, p.col, values, x, p.shape[0], bias, checked=op.checked)
+        return native.spmm(op.lib, p.crow, p.col, values, x, p.shape[0], bias, checked=op.checked,
+                           name=op.name)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -386,13 +423,14 @@ class NativeSparseLinearFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g: Tensor):
         x, values = ctx.saved_tensors
-        lib, p = ctx.op.lib, ctx.op.pattern
+        lib, p, name = ctx.op.lib, ctx.op.pattern, ctx.op.name
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
             # checked again (a memo look-up): the buffers may have changed since forward
-            grad_x = native.spmm(lib, p.crow_t, p.col_t, values.index_select(0, p.perm), g, p.shape[1])
+            grad_x = native.spmm(lib, p.crow_t, p.col_t, _permuted(values, p.perm, name), g,
+                                 p.shape[1], name=name, buffers=("crow_indices_t", "col_indices_t"))
         if ctx.needs_input_grad[1]:
-            grad_values = native.sdd(lib, p.crow, p.col, g, x)
+            grad_values = native.sdd(lib, p.crow, p.col, g, x, name=name)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         return grad_x, grad_values, grad_bias, None
@@ -471,7 +509,7 @@ def _flatten(x: Tensor, in_features: int) -> tuple[Tensor, tuple[int, ...]]:
 
 
 def sparse_linear(x: Tensor, values: Tensor, bias: Tensor | None, pattern: CSRPattern,
-                  *, kernel: str = "auto", checked: bool = False) -> Tensor:
+                  *, kernel: str = "auto", checked: bool = False, name: str = "CSR pattern") -> Tensor:
     """``x W^T + b`` through the CSR kernels, for ``x`` of shape ``(*batch, in)``
     (any number of leading dims, including none); returns ``(*batch, out)``.
 
@@ -482,7 +520,11 @@ def sparse_linear(x: Tensor, values: Tensor, bias: Tensor | None, pattern: CSRPa
     ``checked=True``: the caller vouches that the pattern passed
     :func:`~iternn.sparse.check_csr_pattern` and has not changed since (what
     ``SparseLinear`` does, from its own record of its buffers); the backward, which may
-    run after the buffers changed, checks them in any case.
+    run after the buffers changed, checks them in any case. ``name``: the pattern's
+    owner, in the token of a :class:`~iternn.errors.PatternError` that the native
+    kernels raise when an index is out of range after all (a buffer written through
+    ``.data`` or a NumPy view, which the checks' memo does not see); the torch.sparse
+    path checks the whole pattern on every CPU call instead.
     """
     out_f, in_f = pattern.shape
     _check_operands(x, values, bias, pattern, "sparse_linear")
@@ -499,10 +541,10 @@ def sparse_linear(x: Tensor, values: Tensor, bias: Tensor | None, pattern: CSRPa
     if which == "native":
         values = values.contiguous()
         bias = None if bias is None else bias.contiguous()
-        op = _NativeOp(pattern, native.library(), checked)
+        op = _NativeOp(pattern, native.library(), checked, name)
         y2 = NativeSparseLinearFunction.apply(x2, values, bias, op)
     else:
-        y2 = SparseLinearFunction.apply(x2, values, bias, pattern).t()
+        y2 = SparseLinearFunction.apply(x2, values, bias, pattern, name).t()
     return y2.reshape(*lead, out_f)
 
 

@@ -366,7 +366,8 @@ class SparseLinear(_PatternCheck, nn.Module):
             )
         # checked: self.pattern has just checked (or found checked and unchanged) all five
         # pattern buffers, so the kernels need not check them again
-        return kernels.sparse_linear(x, self.values, self.bias, self.pattern, checked=True)
+        return kernels.sparse_linear(x, self.values, self.bias, self.pattern, checked=True,
+                                     name=type(self).__name__)
 
     def extra_repr(self) -> str:
         return (

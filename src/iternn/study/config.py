@@ -463,6 +463,9 @@ def load_config(path: str | Path) -> StudyConfig:
         raise ConfigError(f"config file {p} does not exist") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}): not a TOML "
+                          "config") from None
     try:
         return loads(text)
     except ConfigError as e:

@@ -6,7 +6,10 @@ take one) x seeds, in that nesting order. :func:`run_sweep` executes them:
 
 * **Sequentially** (``jobs=1``, in this process) or **in parallel** (``jobs=N``: a
   ``ProcessPoolExecutor`` with the ``spawn`` start method; each worker sets its own torch
-  thread count, ``config.threads``, and loads each dataset once).
+  thread count, ``config.threads``, and loads each dataset once). Ctrl-C stops a
+  parallel sweep at once: the workers leave SIGINT to the parent, which cancels the
+  queued runs and terminates the workers (checkpoints are written atomically, so the
+  next study continues the interrupted runs).
 * **Every run in its own folder** ``OUT/runs/<run_id>/``: the trainer's ``checkpoint.pt``,
   ``metrics.csv``, ``metrics.json``, ``spec.json`` (the run's definition and fingerprint),
   the run's record ``result.json`` (written atomically when the run ends), plus
