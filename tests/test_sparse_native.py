@@ -391,3 +391,98 @@ def test_native_products_refuse_a_bad_pattern_before_reading_it():
     col[2] = -7
     with pytest.raises(PatternError, match=r"col_indices\[2\] = -7"):
         native.spmm(lib, p.crow, col, values, x, 2)
+
+
+# ==================================================== writes that bypass the pattern check
+_BYPASS_CHILD = r"""
+import os, sys
+import torch
+torch.set_num_threads(2)
+from iternn.errors import PatternError
+from iternn.sparse import native
+from iternn.sparse.linear import SparseLinear
+
+WRITES = {  # name: (write, buffer the error must name, whether forward already fails)
+    "crow .data": ("sl.crow_indices.data[3] = 10**6", "crow_indices", True),
+    "crow numpy": ("sl.crow_indices.numpy()[-1] += 1000", "crow_indices", True),
+    "col .data": ("sl.col_indices.data[-1] = 10**6", "col_indices", True),
+    "col numpy": ("sl.col_indices.numpy()[0] = -5", "col_indices", True),
+    "crow_t .data": ("sl.crow_indices_t.data[5] = 10**6", "crow_indices_t", False),
+    "col_t .data": ("sl.col_indices_t.data[-1] = 10**6", "col_indices_t", False),
+    "col_t numpy": ("sl.col_indices_t.numpy()[7] = -1", "col_indices_t", False),
+    "perm_t .data": ("sl.perm_t.data[0] = 10**9", "perm_t", False),
+}
+failures = []
+
+def run(path, dtype, batch):
+    for name, (write, buffer, in_forward) in WRITES.items():
+        for between in (False, True):  # the write before the forward, or between it and backward
+            sl = SparseLinear(130, 70, density=0.2, backend="csr", dtype=dtype,
+                              generator=torch.Generator().manual_seed(0))
+            x = torch.randn(batch, 130, dtype=dtype, requires_grad=True)
+            sl(x).sum().backward()  # checked and remembered
+            where = f"{path} {dtype} batch {batch}: {name}{' between' if between else ''}"
+            y = None
+            try:
+                if not between:
+                    exec(write)
+                y = sl(x)
+                if between:
+                    exec(write)
+                y.sum().backward()
+            except PatternError as e:
+                named = buffer == "perm_t" or buffer + "[" in str(e)
+                if e.token != "SparseLinear." + buffer or not named:
+                    failures.append(f"{where}: wrong error {e}")
+                elif not between and in_forward and y is not None:
+                    failures.append(f"{where}: forward returned")
+            except Exception as e:
+                failures.append(f"{where}: {type(e).__name__}: {e}")
+            else:
+                failures.append(f"{where}: no error")
+            print(where, "done", flush=True)
+
+for dtype in (torch.float64, torch.float32):
+    for batch in (1, 5):  # the small-batch path and the tiled one
+        run("native", dtype, batch)
+
+# the kernels themselves, handed a pattern the Python check never saw (checked=True)
+sl = SparseLinear(130, 70, density=0.2, backend="csr", generator=torch.Generator().manual_seed(0))
+p, lib = sl.pattern, native.library()
+x = torch.randn(4, 130)
+for crow, col, token in ((p.crow, torch.where(p.col == p.col[9], 130, p.col), "col_indices"),
+                         (torch.cat([p.crow[:-1], p.crow[-1:] - 1]), p.col, "crow_indices")):
+    for call in (lambda: native.spmm(lib, crow, col, sl.values.detach(), x, 70, checked=True),
+                 lambda: native.sdd(lib, crow, col, torch.randn(4, 70), x, checked=True)):
+        try:
+            call()
+            failures.append(f"direct {token}: no error")
+        except PatternError as e:
+            if not e.token.endswith(token):
+                failures.append(f"direct {token}: wrong error {e}")
+
+# the torch.sparse path
+os.environ["ITERNN_NATIVE"] = "0"
+native._reset()
+assert not native.available()
+for dtype in (torch.float64, torch.float32):
+    for batch in (1, 5):
+        run("torch", dtype, batch)
+print("FAILURES:", *failures, sep="\n")
+sys.exit(1 if failures else 0)
+"""
+
+
+def test_writes_that_bypass_the_pattern_check_raise_instead_of_crashing():
+    # A write through .data or a NumPy view bumps no version counter: the pattern memo
+    # does not see it, so the kernels (native: their own index checks; torch.sparse: a
+    # full check on every CPU call) must refuse the pattern. In a subprocess, so that a
+    # crash fails this test instead of killing pytest.
+    import subprocess
+    import sys
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.status().reason}")
+    out = subprocess.run([sys.executable, "-c", _BYPASS_CHILD], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, (out.returncode, out.stdout[-3000:], out.stderr[-3000:])

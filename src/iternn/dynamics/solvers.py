@@ -95,10 +95,10 @@ __all__ = [
 ]
 
 
-class StopReason(str, enum.Enum):
+class StopReason(enum.StrEnum):
     """Why a solve stopped; each member carries its message (``.message``).
 
-    A ``str`` enum: ``StopReason.CONVERGED == "converged"``.
+    A string enum: ``StopReason.CONVERGED == "converged"``.
     """
 
     CONVERGED = ("converged", "every element reached the tolerance")
@@ -113,12 +113,6 @@ class StopReason(str, enum.Enum):
         member._value_ = value
         member.message = message
         return member
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,9 @@ A valid pattern of a ``rows x cols`` block (row = destination, column = source):
 the two tensors was replaced or changed in place (keyed on the tensors themselves, their
 ``_version`` counters, data pointers and sizes), so calling it on every product costs a
 dictionary look-up (about 2 us). An in-place write through ``t.data`` or a NumPy view
-bumps no version counter and is not seen.
+bumps no version counter and is not seen: the native kernels check every index they read
+themselves (and report with :func:`check_csr_buffers`), and the torch.sparse path runs
+the full check on every CPU call.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from torch import Tensor
 
 from ..errors import MapTypeError, PatternError
 
-__all__ = ["check_csr_pattern", "check_csr_buffers", "ensure_csr_pattern", "remember_checked", "stamp", "Memo",
-           "INDEX_DTYPES"]
+__all__ = ["check_csr_pattern", "check_csr_buffers", "ensure_csr_pattern", "remember_checked",
+           "stamp", "Memo", "INDEX_DTYPES"]
 
 #: Index dtypes a pattern may have (int32: what MKL and the native kernels take).
 INDEX_DTYPES = (torch.int32, torch.int64)

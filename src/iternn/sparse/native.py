@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import MapError, MapTypeError, NativeBuildError, SizeError
-from .checks import ensure_csr_pattern
+from ..errors import MapError, MapTypeError, NativeBuildError, PatternError, SizeError
+from .checks import check_csr_buffers, ensure_csr_pattern
 
 __all__ = [
     "NativeBuildError",
@@ -60,7 +60,7 @@ __all__ = [
 
 #: The C source of the kernels (shipped with the package).
 SOURCE = Path(__file__).with_name("csr_kernels.c")
-_ABI = 1  # iternn_kernels_abi() of the source this module was written for
+_ABI = 2  # iternn_kernels_abi() of the source this module was written for
 _FLAG_SETS = (
     ("-O3", "-march=native", "-fopenmp"),
     ("-O3", "-march=native"),  # a compiler without OpenMP (Apple's clang): one thread
@@ -197,11 +197,11 @@ class _Library:
         self.sdd = {}
         for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
             f = getattr(lib, f"iternn_spmm_{suffix}")
-            f.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, i64, ptr, cint]
+            f.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, i64, ptr, cint]
             f.restype = cint
             self.spmm[dtype] = f
             g = getattr(lib, f"iternn_sdd_{suffix}")
-            g.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, i64, cint]
+            g.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, i64, cint]
             g.restype = cint
             self.sdd[dtype] = g
         self.path = path
@@ -286,8 +286,9 @@ def _describe(t: object) -> str:
 
 def _check(what: str, crow: Tensor, col: Tensor, dense: dict[str, Tensor],
            vectors: dict[str, Tensor | None]) -> None:
-    """The C kernels trust their pointers: refuse anything they would misread (the
-    pattern's entries themselves are checked by :func:`ensure_csr_pattern`)."""
+    """The C kernels trust their pointers and sizes: refuse anything they would misread.
+    (The pattern's entries are checked by :func:`ensure_csr_pattern`, and again by the
+    kernels themselves, see :func:`_bad_index`.)"""
     for name, t in (("crow", crow), ("col", col)):
         if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.device.type != "cpu" \
                 or not t.is_contiguous():
@@ -306,8 +307,31 @@ def _check(what: str, crow: Tensor, col: Tensor, dense: dict[str, Tensor],
                                f"got {_describe(t)}")
 
 
+#: What the kernels return when an index was out of range (csr_kernels.c, "Indices").
+_ERR_ALLOC, _ERR_INDEX = 1, 2
+
+
+def _bad_index(crow: Tensor, col: Tensor, shape: tuple[int, int], name: str,
+               buffers: tuple[str, str]) -> PatternError:
+    """The error for a kernel that met an index out of range: a pattern changed behind
+    :func:`ensure_csr_pattern`'s memo (a write through ``.data``, a NumPy view or raw
+    memory bumps no version counter). The full check names the buffer and the entry;
+    the token names the buffer as ``buffers`` (the caller's names for crow and col)."""
+    note = (" (the pattern changed after it was checked, without its version counter: "
+            "a write through .data or a NumPy view?)")
+    try:
+        check_csr_buffers(crow, col, shape, name=name, buffers=buffers, note=note)
+    except PatternError as e:
+        return e
+    # valid again by now (changed while the kernel read it): still refuse the result
+    return PatternError(f"{name}.{buffers[0]}" if name else buffers[0],
+                        f"{buffers[0]}/{buffers[1]} held an index out of range while the "
+                        f"kernel read them" + note)
+
+
 def spmm(lib: _Library, crow: Tensor, col: Tensor, values: Tensor, x: Tensor, rows: int,
-         bias: Tensor | None = None, *, checked: bool = False) -> Tensor:
+         bias: Tensor | None = None, *, checked: bool = False, name: str = "native spmm",
+         buffers: tuple[str, str] = ("crow_indices", "col_indices")) -> Tensor:
     """``Y[b, i] = bias[i] + sum_k values[k] x[b, col[k]]`` over row ``i``'s entries.
 
     ``x``: ``(B, srcs)`` CPU tensor with any non-negative strides (read in place);
@@ -319,6 +343,11 @@ def spmm(lib: _Library, crow: Tensor, col: Tensor, values: Tensor, x: Tensor, ro
     ``checked``: the caller vouches that ``(crow, col)`` passed that check for
     ``(rows, srcs)`` and has not changed since (``SparseLinear`` does, from its own
     record of its buffers).
+
+    The kernel checks every index it reads in any case (a write through ``.data`` or a
+    NumPy view escapes the memo): a bad one raises :class:`~iternn.errors.PatternError`
+    with the token ``"<name>.<buffer>"``, ``buffers`` being the names of ``(crow, col)``
+    to report.
     """
     _check("native spmm", crow, col, {"x": x}, {"values": values, "bias": bias})
     if crow.numel() != rows + 1 or values.numel() != col.numel() \
@@ -329,20 +358,23 @@ def spmm(lib: _Library, crow: Tensor, col: Tensor, values: Tensor, x: Tensor, ro
     if not checked:
         ensure_csr_pattern(crow, col, (rows, srcs), name="native spmm")
     y = x.new_empty(batch, rows)
-    rc = lib.spmm[x.dtype](rows, srcs, batch, crow.data_ptr(), col.data_ptr(), values.data_ptr(),
-                           x.data_ptr(), x.stride(0), x.stride(1), y.data_ptr(), y.stride(0),
-                           y.stride(1), _ptr(bias), _threads())
+    rc = lib.spmm[x.dtype](rows, srcs, batch, col.numel(), crow.data_ptr(), col.data_ptr(),
+                           values.data_ptr(), x.data_ptr(), x.stride(0), x.stride(1),
+                           y.data_ptr(), y.stride(0), y.stride(1), _ptr(bias), _threads())
+    if rc == _ERR_INDEX:
+        raise _bad_index(crow, col, (rows, srcs), name, buffers)
     if rc:
         raise SizeError(f"native CSR product: cannot allocate its work buffer ({srcs} x tile)")
     return y
 
 
 def sdd(lib: _Library, crow: Tensor, col: Tensor, g: Tensor, x: Tensor, *,
-        checked: bool = False) -> Tensor:
+        checked: bool = False, name: str = "native sdd",
+        buffers: tuple[str, str] = ("crow_indices", "col_indices")) -> Tensor:
     """``dv[k] = sum_b g[b, r_k] x[b, c_k]`` for each stored entry ``(r_k, c_k)``: the
     product ``g^T x`` sampled at the pattern, in its row-major order. ``g`` ``(B, rows)``
     and ``x`` ``(B, srcs)`` with any non-negative strides; returns ``(nnz,)``.
-    ``checked``: as for :func:`spmm`."""
+    ``checked``, ``name``, ``buffers``: as for :func:`spmm`."""
     _check("native sdd", crow, col, {"g": g, "x": x}, {})
     if g.shape[0] != x.shape[0] or crow.numel() != g.shape[1] + 1:
         raise MapError(f"native sdd: g {tuple(g.shape)} and x {tuple(x.shape)} need the same batch "
@@ -352,9 +384,11 @@ def sdd(lib: _Library, crow: Tensor, col: Tensor, g: Tensor, x: Tensor, *,
     if not checked:
         ensure_csr_pattern(crow, col, (rows, srcs), name="native sdd")
     dv = x.new_empty(col.numel())
-    rc = lib.sdd[x.dtype](rows, srcs, batch, crow.data_ptr(), col.data_ptr(), dv.data_ptr(),
-                          g.data_ptr(), g.stride(0), g.stride(1), x.data_ptr(), x.stride(0),
-                          x.stride(1), _threads())
+    rc = lib.sdd[x.dtype](rows, srcs, batch, col.numel(), crow.data_ptr(), col.data_ptr(),
+                          dv.data_ptr(), g.data_ptr(), g.stride(0), g.stride(1), x.data_ptr(),
+                          x.stride(0), x.stride(1), _threads())
+    if rc == _ERR_INDEX:
+        raise _bad_index(crow, col, (rows, srcs), name, buffers)
     if rc:
         raise SizeError("native sampled product: cannot allocate its work buffers")
     return dv

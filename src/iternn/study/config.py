@@ -64,7 +64,7 @@ their expected run time.
 missing). It is logging, not part of a run's definition: switching it does not rerun
 finished runs (they keep whatever events they have).
 
-TOML is read with :mod:`tomllib` (Python >= 3.11) or the ``tomli`` package (3.10);
+TOML is read with :mod:`tomllib`;
 :func:`dumps` writes a config back (what the report folder keeps as ``config.toml``).
 """
 
@@ -74,7 +74,7 @@ import dataclasses
 import json
 import math
 import re
-import sys
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -432,21 +432,8 @@ def parse_config(data: Mapping[str, Any]) -> StudyConfig:
 # --------------------------------------------------------------------------- TOML
 
 
-def _toml_module():
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise ConfigError("reading TOML on Python 3.10 needs the 'tomli' package "
-                              "(pip install tomli)") from None
-    return tomllib
-
-
 def loads(text: str) -> StudyConfig:
     """Parse and validate TOML text."""
-    tomllib = _toml_module()
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
