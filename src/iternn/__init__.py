@@ -14,27 +14,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
-    ConfigError,
-    ConvergenceError,
-    ConversionError,
-    DataError,
-    DynamicsError,
-    FolderLockedError,
-    FormatError,
-    IterNNError,
-    MapError,
-    MapTypeError,
-    MissingDependencyError,
-    MissingFileError,
-    NativeBuildError,
-    NotRegisteredError,
-    PatternError,
-    ResumeError,
-    SizeError,
-    StudyError,
-    TensorBoardMissingError,
-)
+from . import errors as _errors
+from .errors import *  # noqa: F403 - the whole error family is public API
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from . import dynamics, sparse
@@ -99,25 +80,7 @@ __all__ = [
     "SparseLinear",
     "MaskedLinear",
     "matched_map",
-    "IterNNError",
-    "MapError",
-    "MapTypeError",
-    "ConversionError",
-    "SizeError",
-    "PatternError",
-    "FormatError",
-    "DynamicsError",
-    "ConvergenceError",
-    "ConfigError",
-    "ResumeError",
-    "DataError",
-    "StudyError",
-    "FolderLockedError",
-    "NativeBuildError",
-    "TensorBoardMissingError",
-    "MissingDependencyError",
-    "MissingFileError",
-    "NotRegisteredError",
+    *_errors.__all__,
     "__version__",
 ]
 

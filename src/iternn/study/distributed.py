@@ -196,4 +196,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "WORLD_SIZE" in os.environ:
+        # Every file is written and the process group destroyed by now. Leave without the
+        # interpreter's finalization: torch's gloo worker threads can make it abort there
+        # ("terminate called without an active exception", SIGABRT) on a loaded machine,
+        # turning a finished run into a crash for whoever launched it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
