@@ -865,7 +865,7 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KB
 
 
-def refused(path, *patterns):
+def assert_load_refused(path, *patterns):
     """The FormatError ``load(path)`` raises; its message names the path and ``patterns``."""
     with pytest.raises(FormatError) as info:
         load(path)
@@ -885,7 +885,8 @@ def test_declared_sizes_beyond_the_stored_tensors_allocate_nothing(tmp_path, goo
     path = tmp_path / "huge.safetensors"
     write_bad(path, tensors, doc, meta)
     before = peak_rss_bytes()
-    refused(path, "'map.blocks.h1<-x.weight' has shape [4, 3], the structure needs [30000, 30000]")
+    assert_load_refused(
+        path, "'map.blocks.h1<-x.weight' has shape [4, 3], the structure needs [30000, 30000]")
     assert peak_rss_bytes() - before < 200e6
 
 
@@ -905,7 +906,7 @@ def test_sparse_and_structured_blocks_check_sizes_before_building(tmp_path, bloc
     doc["modules"][1]["config"].update(want)
     write_bad(path, tensors, doc, meta)
     before = peak_rss_bytes()
-    refused(path, f"'0.{key}'")
+    assert_load_refused(path, f"'0.{key}'")
     assert peak_rss_bytes() - before < 200e6
 
 
@@ -919,7 +920,7 @@ def test_a_sparse_block_declaring_a_huge_input_is_refused_before_its_pattern_is_
     doc["modules"][1]["config"]["in_features"] = 10**12
     write_bad(path, tensors, doc, meta)
     before = peak_rss_bytes()
-    refused(path, "bad config for 0 (codec 'iternn.SparseLinear')", "SizeError",
+    assert_load_refused(path, "bad config for 0 (codec 'iternn.SparseLinear')", "SizeError",
             "SparseLinear(in_features=1000000000000, out_features=4)")
     assert peak_rss_bytes() - before < 200e6
 
@@ -929,12 +930,12 @@ def test_deeply_nested_json_is_a_format_error(tmp_path, good):
     deep = "[" * 10000 + "]" * 10000
     path = tmp_path / "deep.safetensors"
     write_bad(path, tensors, deep, meta)
-    refused(path, "nested deeper than 64")
+    assert_load_refused(path, "nested deeper than 64")
     doc["modules"][2]["config"]["extra"] = json.loads("[" * 70 + "]" * 70)
     write_bad(path, tensors, doc, meta)
-    refused(path, "'iternn' metadata is nested deeper than 64")
+    assert_load_refused(path, "'iternn' metadata is nested deeper than 64")
     write_raw(path, ("{\"a\":" * 10000 + "1" + "}" * 10000).encode())
-    refused(path, "not a safetensors file", "nested deeper")
+    assert_load_refused(path, "not a safetensors file", "nested deeper")
 
 
 def test_modules_nested_too_deep_are_a_format_error(tmp_path):
@@ -949,10 +950,10 @@ def test_modules_nested_too_deep_are_a_format_error(tmp_path):
 def test_what_is_not_a_file_is_a_format_error(tmp_path):
     folder = tmp_path / "folder.safetensors"
     folder.mkdir()
-    refused(folder, "is a folder")
+    assert_load_refused(folder, "is a folder")
     fifo = tmp_path / "fifo.safetensors"
     os.mkfifo(fifo)
-    refused(fifo, "not a regular file")  # and does not block waiting for a writer
+    assert_load_refused(fifo, "not a regular file")  # and does not block waiting for a writer
     with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
         load(tmp_path / "nothing.safetensors")
 
@@ -963,15 +964,15 @@ def test_truncated_and_malformed_files(tmp_path):
     whole = path.read_bytes()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(whole[:-5])
-    refused(cut, "'map.blocks.y<-h1.weight' has data_offsets [144, 208]", "203 bytes of data")
+    assert_load_refused(cut, "'map.blocks.y<-h1.weight' has data_offsets [144, 208]", "203 bytes of data")
     cut.write_bytes(whole[:100])
-    refused(cut, "not a safetensors file", "header declares")
+    assert_load_refused(cut, "not a safetensors file", "header declares")
     cut.write_bytes(whole[:5])
-    refused(cut, "not a safetensors file", "too short")
+    assert_load_refused(cut, "not a safetensors file", "too short")
     write_raw(cut, b"{}", length=2**62)
-    refused(cut, f"more than the {io.MAX_HEADER_BYTES} read")
+    assert_load_refused(cut, f"more than the {io.MAX_HEADER_BYTES} read")
     cut.write_text("just some text, long enough to have a length field\n")
-    refused(cut, "not a safetensors file")
+    assert_load_refused(cut, "not a safetensors file")
 
 
 F64 = torch.float64
@@ -989,7 +990,7 @@ F64 = torch.float64
 def test_bad_header_entries(tmp_path, entry, data, patterns):
     path = tmp_path / "m.safetensors"
     write_raw(path, {"t": entry}, bytes(data))
-    refused(path, *patterns)
+    assert_load_refused(path, *patterns)
 
 
 def test_overlapping_tensors_and_repeated_keys(tmp_path):
@@ -997,10 +998,10 @@ def test_overlapping_tensors_and_repeated_keys(tmp_path):
     a = {"dtype": "F64", "shape": [2], "data_offsets": [0, 16]}
     b = {"dtype": "F64", "shape": [1], "data_offsets": [8, 16]}
     write_raw(path, {"a": a, "b": b}, bytes(16))
-    refused(path, "'b' starts at byte 8", "expected 16")
+    assert_load_refused(path, "'b' starts at byte 8", "expected 16")
     write_raw(path, b'{"a": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}, "a": '
                     b'{"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}}', bytes(8))
-    refused(path, "key 'a' appears twice")
+    assert_load_refused(path, "key 'a' appears twice")
 
 
 BAD_CONFIGS = [
@@ -1027,7 +1028,7 @@ def test_wrong_config_values_name_module_and_field(tmp_path, good, index, field,
     doc["modules"][index]["config"][field] = value
     path = tmp_path / "bad.safetensors"
     write_bad(path, tensors, doc, meta)
-    refused(path, pattern, show_path(doc["modules"][index]["path"]))
+    assert_load_refused(path, pattern, show_path(doc["modules"][index]["path"]))
 
 
 def show_path(p):
@@ -1043,7 +1044,7 @@ def test_wrong_document_field_types(tmp_path, good, field, value):
     doc[field] = value
     path = tmp_path / "bad.safetensors"
     write_bad(path, tensors, doc, meta)
-    refused(path, field)
+    assert_load_refused(path, field)
 
 
 def test_nan_in_metadata_is_refused(tmp_path, good):
@@ -1051,7 +1052,7 @@ def test_nan_in_metadata_is_refused(tmp_path, good):
     path = tmp_path / "bad.safetensors"
     write_bad(path, tensors, json.dumps(doc).replace('"steps":2', '"steps":NaN')
               .replace('"steps": 2', '"steps": NaN'), meta)
-    refused(path, "NaN is not a JSON number")
+    assert_load_refused(path, "NaN is not a JSON number")
 
 
 def sparse_file(tmp_path):
@@ -1074,7 +1075,7 @@ def test_bad_sparsity_pattern_in_a_file(tmp_path, name, values, pattern):
     path, tensors, doc, meta = sparse_file(tmp_path)
     tensors[f"0.{name}"] = torch.tensor(values, dtype=tensors[f"0.{name}"].dtype)
     write_bad(path, tensors, doc, meta)
-    refused(path, f"0.{name}", pattern)
+    assert_load_refused(path, f"0.{name}", pattern)
 
 
 def test_sparse_pattern_of_the_wrong_dtype_or_length(tmp_path):
@@ -1082,10 +1083,10 @@ def test_sparse_pattern_of_the_wrong_dtype_or_length(tmp_path):
     good_col = tensors["0.col_indices"]
     tensors["0.col_indices"] = good_col.double()
     write_bad(path, tensors, doc, meta)
-    refused(path, "'0.col_indices' has dtype float64, expected int32, int64")
+    assert_load_refused(path, "'0.col_indices' has dtype float64, expected int32, int64")
     tensors["0.col_indices"] = torch.cat([good_col, good_col[:1]])
     write_bad(path, tensors, doc, meta)
-    refused(path, "'0.col_indices' has shape [5], the structure needs [4]")
+    assert_load_refused(path, "'0.col_indices' has shape [5], the structure needs [4]")
 
 
 def test_bool_tensor_bytes_other_than_0_and_1(tmp_path):
@@ -1097,7 +1098,7 @@ def test_bool_tensor_bytes_other_than_0_and_1(tmp_path):
     begin = 8 + n + json.loads(raw[8:8 + n])["0.mask"]["data_offsets"][0]
     raw[begin] = 7
     path.write_bytes(bytes(raw))
-    refused(path, "'0.mask' (bool) holds bytes other than 0 and 1")
+    assert_load_refused(path, "'0.mask' (bool) holds bytes other than 0 and 1")
 
 
 def test_load_reads_each_tensor_once_into_the_parameter(tmp_path, monkeypatch):
