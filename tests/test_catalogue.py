@@ -129,6 +129,8 @@ def _forked(fn, timeout: float = 120.0):
         code = 0
         try:
             os.close(r)
+            # the OpenMP pools of the parent do not survive fork: run the child serially
+            torch.set_num_threads(1)
             try:
                 out = ("ok", fn())
             except BaseException as exc:  # noqa: BLE001 - sent to the parent
