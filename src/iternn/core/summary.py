@@ -103,7 +103,7 @@ class Summary:
     def hidden_proportion(self) -> float | None:
         """``n_hh / (n_hx + n_hh)``: the recurrent share of the ``h`` slot's trainable inputs.
 
-        A reconstruction of arXiv 2509.15057's "hidden proportion" (arXiv 2509.15057)
+        A reconstruction of the "hidden proportion" of arXiv 2509.15057
         from its configurations, defined for maps with slots ``x`` and ``h``.
         """
         names = dict(self.slots)

@@ -80,23 +80,25 @@ def verified_solve(
     bb = torch.where(finite[:, None, None], bb, 0.0)
     count = aa.shape[0]
     x = torch.zeros_like(bb)
+    solo = False  # already solved one by one: a retry the same way would repeat it
     if count:
         if aa.device.type == "cpu" and count > 1 and n >= SOLVE_ONE_BY_ONE:
-            x = _one_by_one(aa, bb, finite)
+            x, solo = _one_by_one(aa, bb, finite), True
         else:
             try:
                 x, info = torch.linalg.solve_ex(aa, bb)
                 x = torch.where((info == 0)[:, None, None], x, torch.nan)
             except RuntimeError:
-                x = _one_by_one(aa, bb, finite)
+                x, solo = _one_by_one(aa, bb, finite), True
     ok = finite & _residual_ok(aa, x, bb)
     redo = finite & ~ok
     if bool(redo.any()):  # one by one, then least squares
-        again = _one_by_one(aa, bb, redo)
-        good = redo & _residual_ok(aa, again, bb)
-        x = torch.where(good[:, None, None], again, x)
-        ok |= good
-        redo &= ~good
+        if not solo:
+            again = _one_by_one(aa, bb, redo)
+            good = redo & _residual_ok(aa, again, bb)
+            x = torch.where(good[:, None, None], again, x)
+            ok |= good
+            redo &= ~good
         if bool(redo.any()):
             idx = torch.nonzero(redo).flatten()
             lsq = torch.linalg.lstsq(aa[idx], bb[idx]).solution

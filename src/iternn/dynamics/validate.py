@@ -128,6 +128,8 @@ def check_generator(generator: object) -> torch.Generator | None:
 # ---------------------------------------------------------------------------- states
 def check_finite(slot: str, value: Tensor, what: str = "slot {!r} of the state") -> None:
     """NaN or inf in ``value`` is an error naming the slot (``what`` formats it)."""
+    if bool(torch.isfinite(value).all()):  # one pass in the usual case
+        return
     if torch.isnan(value).any():
         raise DynamicsError(f"{what.format(slot)} contains NaN")
     if torch.isinf(value).any():

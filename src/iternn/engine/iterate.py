@@ -106,19 +106,13 @@ def _check_memory(
     if row_bytes * m.size * (steps if sequence and steps > 1 else 1) < memory.ALWAYS_AVAILABLE:
         return
     slots = m.slots
-    n_new = n_computed = 0
-    for s, n in slots.items():
-        if steps and s not in frozen:
-            n_computed += n
-            n_new += n
-        elif s in missing:
-            n_new += n
-    state_bytes = row_bytes * n_new
+    computed = [s for s in slots if s not in frozen] if steps else []
+    new = [s for s in slots if s in missing or (steps and s not in frozen)]
+    n_computed = sum(slots[s] for s in computed)
+    state_bytes = row_bytes * sum(slots[s] for s in new)
     seq_bytes = steps * row_bytes * n_computed if sequence else 0
     if max(state_bytes, seq_bytes) < memory.ALWAYS_AVAILABLE:
         return
-    computed = [s for s in slots if s not in frozen] if steps else []
-    new = [s for s in slots if s in missing or s in computed]
     if new:
         big = max(new, key=slots.__getitem__)
         others = f" and {len(new) - 1} other slot(s)" if len(new) > 1 else ""

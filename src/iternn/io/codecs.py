@@ -37,6 +37,7 @@ from ..core.block_map import BlockMap, block_key
 from ..engine.map_module import MapModule
 from ..errors import FormatError
 from ..sparse.checks import INDEX_DTYPES, check_csr_pattern
+from ..sparse.kernels import pattern_rows
 from ..sparse.linear import MaskedLinear, SparseLinear
 from ..sparse.structured import BlockDiagonalLinear, DiagonalLinear, LowRankLinear
 from .registry import dtype_from_name, dtype_name, register_codec
@@ -625,7 +626,7 @@ def _decode_sparse_linear(cfg: dict, dec: Decoder) -> SparseLinear:
     crow = dec.tensor("crow_indices", dtypes=INDEX_DTYPES, shape=(n_out + 1,))
     col = dec.tensor("col_indices", dtypes=INDEX_DTYPES, shape=(nnz,))
     check_csr_pattern(crow, col, (n_out, n_in), name=show(dec.path))
-    rows = torch.repeat_interleave(torch.arange(n_out, device="cpu"), crow.diff().long(), output_size=nnz)
+    rows = pattern_rows(crow, nnz)
     with torch.device("cpu"):  # the pattern and its transpose are real, not meta
         return SparseLinear(n_in, n_out, indices=torch.stack((rows, col.long())),
                             bias=c.bool("bias"), backend=c.str("backend", ("auto", "csr", "dense")),
