@@ -70,13 +70,13 @@ def reference_iterate(m, state, steps, hold=(), force=None, inner=1, trajectory=
         for _ in range(inner):
             if order is None:
                 new = m(cur)
-            else:  # ordered: components in dependency order, each reading the newest values
+            else:  # ordered: Gauss-Seidel, slot by slot (components in dependency order,
+                # slot order inside one), each reading the newest values
                 new = dict(cur)
                 for comp in order:
-                    full = m(new)
                     for d in comp:
                         if d not in frozen:
-                            new[d] = full[d]
+                            new[d] = m(new)[d]
             for s in frozen:
                 new[s] = cur[s]
             cur = new

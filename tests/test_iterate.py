@@ -498,3 +498,33 @@ def test_small_requests_do_not_read_the_machine(monkeypatch):
     xs = torch.zeros(5, 2, 3)
     assert iternn.iterate(m, {}, 5, force={"x": xs}, trajectory=True)["h"].shape == (5, 2, 8)
     assert iternn.iterate(m, {"x": xs[0]}, 3, hold=["x"])["h"].shape == (2, 8)
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_ordered_update_is_gauss_seidel_inside_a_cycle(forced):
+    """Inside a cycle the ordered sweep goes slot by slot in slot order: ``b`` reads the
+    ``a`` of the same application (an LSTM's cell reads the gates of the same step)."""
+    torch.manual_seed(0)
+    m = iternn.BlockMap({"x": 2, "a": 3, "b": 3}).double()
+    m.connect("a", "x", nn.Linear(2, 3).double())
+    m.connect("a", "b", nn.Linear(3, 3).double())
+    m.connect("b", "a", nn.Linear(3, 3).double())
+    m.set_activation("a", nn.Tanh())
+    xs = torch.randn(4, 5, 2, dtype=torch.float64)
+    b0 = torch.randn(5, 3, dtype=torch.float64)
+    a_in, a_rec, b_in = m.block("a", "x"), m.block("a", "b"), m.block("b", "a")
+    b, want_a, want_b = b0, [], []
+    for x in xs:
+        a = torch.tanh(a_in(x) + a_rec(b))
+        b = b_in(a)  # the new a, not the old one
+        want_a.append(a)
+        want_b.append(b)
+    if forced:
+        got = iternn.iterate(m, {"b": b0}, 4, force={"x": xs}, trajectory=True, update="ordered")
+    else:
+        steps = [iternn.iterate(m, {"x": xs[0], "b": b0}, 1, hold=["x"], update="ordered")]
+        for x in xs[1:]:
+            steps.append(iternn.iterate(m, {**steps[-1], "x": x}, 1, hold=["x"], update="ordered"))
+        got = {s: torch.stack([st_[s] for st_ in steps]) for s in ("a", "b")}
+    assert torch.allclose(got["a"], torch.stack(want_a), atol=1e-12, rtol=0)
+    assert torch.allclose(got["b"], torch.stack(want_b), atol=1e-12, rtol=0)

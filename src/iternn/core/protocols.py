@@ -10,6 +10,9 @@ for them by name (``isinstance(block, CountsTrainable)``) instead of probing att
 * :class:`RowwiseBlock` — whether it acts on each row (the last dim) alone, whatever the
   leading dims are; read by :func:`iternn.core.rowwise.is_rowwise`, which lets the engine
   call such a block once on a whole ``(T, *batch, n)`` sequence.
+* :class:`SamplewiseBlock` — whether it treats its one leading dim as independent
+  samples; read by :func:`iternn.core.rowwise.is_samplewise`, which lets the engine call
+  a block on shaped slots once on a whole sequence flattened to ``(T * B, *shape)``.
 
 Both are ``runtime_checkable``; a class satisfies them by defining the member, no
 inheritance needed.
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Protocol, runtime_checkable
 
-__all__ = ["CountsTrainable", "RowwiseBlock"]
+__all__ = ["CountsTrainable", "RowwiseBlock", "SamplewiseBlock"]
 
 
 @runtime_checkable
@@ -47,3 +50,16 @@ class RowwiseBlock(Protocol):
     """
 
     rowwise: ClassVar[bool]
+
+
+@runtime_checkable
+class SamplewiseBlock(Protocol):
+    """A block class that declares whether it treats its one leading dim as a batch.
+
+    ``samplewise = True`` promises ``block(z)[i] == block(z[i:i + 1])[0]`` (and the same
+    for every input of a multi-source block): no sample reads another. Convolutions do;
+    batch normalisation in train mode does not. The engine then evaluates a block fed
+    from outside a cycle once over a whole sequence.
+    """
+
+    samplewise: ClassVar[bool]

@@ -13,12 +13,22 @@ from ..errors import MapError, MapTypeError
 if TYPE_CHECKING:
     from .block_map import BlockMap
 
-__all__ = ["check_state", "zeros_like_batch", "parameter_spec"]
+__all__ = ["check_state", "zeros_like_batch", "parameter_spec", "batch_of", "shape_text"]
 
 
-def zeros_like_batch(ref: Tensor, size: int) -> Tensor:
-    """Zeros of shape ``(*ref.shape[:-1], size)`` with ``ref``'s dtype and device."""
-    return ref.new_zeros(*ref.shape[:-1], size)
+def zeros_like_batch(ref: Tensor, batch: tuple[int, ...], shape: tuple[int, ...]) -> Tensor:
+    """Zeros of shape ``(*batch, *shape)`` with ``ref``'s dtype and device."""
+    return ref.new_zeros(*batch, *shape)
+
+
+def batch_of(m: BlockMap, slot: str, value: Tensor) -> tuple[int, ...]:
+    """The batch shape of a (checked) slot tensor: its dims before the slot's shape."""
+    return tuple(value.shape[: value.dim() - len(m.shapes[slot])])
+
+
+def shape_text(batch: tuple[int | str, ...], shape: tuple[int, ...]) -> str:
+    """``(*batch, *shape)`` as text, e.g. ``(*batch, 3, 8)`` or ``(5, 2, 3, 8)``."""
+    return "(" + ", ".join(str(d) for d in (*batch, *shape)) + ")"
 
 
 def parameter_spec(module: torch.nn.Module) -> tuple[torch.dtype | None, torch.device | None]:
@@ -44,15 +54,17 @@ def parameter_spec(module: torch.nn.Module) -> tuple[torch.dtype | None, torch.d
 def check_tensor(
     m: BlockMap, slot: str, value: object, what: str = "slot"
 ) -> Tensor:
-    """One slot tensor: a floating tensor whose last dim is the slot's size."""
+    """One slot tensor: a floating tensor whose trailing dims are the slot's shape."""
     if not isinstance(value, Tensor):
         raise MapTypeError(f"{what} {slot!r} must be a tensor, got {type(value).__name__}")
     if not value.is_floating_point():
         raise MapTypeError(f"{what} {slot!r} must be floating point, got {value.dtype}")
-    n = m.slots[slot]
-    if value.dim() < 1 or value.shape[-1] != n:
+    shape = m.shapes[slot]
+    k = len(shape)
+    if value.dim() < k or tuple(value.shape[value.dim() - k:]) != shape:
         raise MapError(
-            f"{what} {slot!r} must have shape (*batch, {n}), got {tuple(value.shape)}"
+            f"{what} {slot!r} must have shape {shape_text(('*batch',), shape)}, "
+            f"got {tuple(value.shape)}"
         )
     return value
 
@@ -78,13 +90,11 @@ def check_state(
         if slot not in m.slots:
             raise MapError(f"state names unknown slot {slot!r}; slots are {list(m.slots)}")
         check_tensor(m, slot, value)
+        b = batch_of(m, slot, value)
         if batch is None:
-            batch, dtype, device = tuple(value.shape[:-1]), dtype or value.dtype, device or value.device
-        if tuple(value.shape[:-1]) != batch:
-            raise MapError(
-                f"slot {slot!r} has batch shape {tuple(value.shape[:-1])}, "
-                f"other slots have {batch}"
-            )
+            batch, dtype, device = b, dtype or value.dtype, device or value.device
+        if b != batch:
+            raise MapError(f"slot {slot!r} has batch shape {b}, other slots have {batch}")
         if value.dtype != dtype:
             raise MapTypeError(f"slot {slot!r} has dtype {value.dtype}, other slots have {dtype}")
         if value.device != device:

@@ -56,7 +56,7 @@ class BlockRow:
     """One block ``F[dst, src]`` (or a slot bias, ``kind == "bias"``) of a summary."""
 
     dst: str
-    src: str | None
+    src: str | tuple[str, ...] | None  # a tuple for a block reading several slots
     kind: str
     shape: tuple[int, int]
     trainable: int
@@ -73,13 +73,15 @@ class BlockRow:
 class Summary:
     """Per-block counts of a map; ``str()`` gives the table."""
 
-    slots: tuple[tuple[str, int], ...]
+    slots: tuple[tuple[str, int], ...]  # name and size
     rows: tuple[BlockRow, ...]
     activations: tuple[tuple[str, str], ...]
     impulse_response_length: float
     #: ``(trainable, fixed, stored)`` of the whole map; a tensor shared by several
     #: blocks (weight tying) counts once here but in every row that uses it.
     totals: tuple[int, int, int]
+    #: name and shape of every slot (``(n,)`` for a vector slot)
+    shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def trainable(self) -> int:
@@ -93,7 +95,8 @@ class Summary:
     def stored(self) -> int:
         return self.totals[2]
 
-    def block(self, dst: str, src: str) -> BlockRow:
+    def block(self, dst: str, src: str | tuple[str, ...]) -> BlockRow:
+        src = tuple(src) if isinstance(src, list) else src
         for r in self.rows:
             if r.dst == dst and r.src == src:
                 return r
@@ -116,13 +119,18 @@ class Summary:
     def __str__(self) -> str:
         acts = dict(self.activations)
         lines = ["slot       size  activation"]
-        lines += [f"{s:<10} {n:>4}  {acts.get(s, 'identity')}" for s, n in self.slots]
+        lines += [
+            f"{s:<10} {shape[0] if len(shape) == 1 else 'x'.join(map(str, shape)):>4}  "
+            f"{acts.get(s, 'identity')}"
+            for s, shape in (self.shapes or tuple((s, (n,)) for s, n in self.slots))
+        ]
         lines.append("")
         head = (f"{'block (dst <- src)':<22} {'kind':<20} {'shape':>11} {'density':>8} "
                 f"{'trainable':>11} {'fixed':>9} {'stored':>11}  backend")
         lines.append(head)
         for r in self.rows:
-            name = f"{r.dst} <- {r.src}" if r.src is not None else f"bias {r.dst}"
+            src = r.src if r.src is None or isinstance(r.src, str) else ",".join(r.src)
+            name = f"{r.dst} <- {src}" if r.src is not None else f"bias {r.dst}"
             shape = f"{r.shape[0]}x{r.shape[1]}"
             density = f"{r.density:.3f}" if r.density is not None else "-"
             lines.append(
@@ -159,7 +167,8 @@ def summarize(m: BlockMap) -> Summary:
         backend = getattr(block, "backend", None)
         if backend is None:
             backend = "dense" if type(block) is nn.Linear else "module"
-        shape = (m.slots[dst], m.slots[src])
+        srcs = (src,) if isinstance(src, str) else src
+        shape = (m.slots[dst], sum(m.slots[s] for s in srcs))
         rows.append(BlockRow(dst, src, type(block).__name__, shape, t, f, s, str(backend),
                              _density(block, shape)))
     for slot in m.slots:
@@ -176,4 +185,4 @@ def summarize(m: BlockMap) -> Summary:
                                  (m.slots[slot], 1), t, f, s, "module", None))
     acts = tuple((s, type(m.activation(s)).__name__) for s in m.slots if m.activation(s) is not None)
     return Summary(tuple(m.slots.items()), tuple(rows), acts, m.impulse_response_length(),
-                   count_entries(m))
+                   count_entries(m), tuple(m.shapes.items()))

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..core import memory
 from ..core.block_map import BlockMap
-from ..core.state import check_state, check_tensor
+from ..core.state import batch_of, check_state, check_tensor, shape_text
 from ..errors import MapError, MapTypeError
 from .plan import SequencePlan, StepPlan, Wavefront
 
@@ -32,7 +32,7 @@ def _plan(m: BlockMap, kind: str, frozen: frozenset[str], update: str):
                 depth = max(levels.values(), default=0)
                 if update == "ordered":  # one sweep in level order finishes everything
                     depth = min(depth, 1)
-                plan = Wavefront(m, frozen, levels, depth)
+                plan = Wavefront(m, frozen, depth)
         elif kind == "seq":
             plan = SequencePlan(m, frozen, update)
         else:
@@ -76,10 +76,6 @@ def _check_slots(m: BlockMap, names: object, role: str) -> frozenset[str]:
     return frozenset(names)
 
 
-def _shape_text(batch: tuple[int, ...], n: int) -> str:
-    return "(" + ", ".join(str(d) for d in (*batch, n)) + ")"
-
-
 def _check_memory(
     m: BlockMap,
     missing: set[str],
@@ -118,7 +114,8 @@ def _check_memory(
         others = f" and {len(new) - 1} other slot(s)" if len(new) > 1 else ""
         memory.check_bytes(
             state_bytes,
-            f"the state: slot {big!r} (shape {_shape_text(batch, slots[big])}){others}, {dtype},",
+            f"the state: slot {big!r} (shape {shape_text(batch, m.shapes[big])}){others}, "
+            f"{dtype},",
             device=device,
         )
     if seq_bytes:
@@ -126,7 +123,7 @@ def _check_memory(
             seq_bytes,
             f"steps={steps} kept as a sequence (trajectory, or forcing) of the computed "
             f"slot(s) {computed[:3]}{' ...' if len(computed) > 3 else ''}: shape "
-            f"{_shape_text((steps, *batch), n_computed)}, {dtype},",
+            f"{shape_text((steps, *batch), (n_computed,))} (flattened), {dtype},",
             device=device,
         )
 
@@ -147,25 +144,27 @@ def iterate(
 
     Args:
         m: the block map.
-        state: initial vector ``z0`` as a dict ``slot -> (*batch, n)``. Slots left out
-            start at zero (for an MLP map, only ``x`` matters).
+        state: initial vector ``z0`` as a dict ``slot -> (*batch, *shape)``. Slots left
+            out start at zero (for an MLP map, only ``x`` matters).
         steps: number of applications; with ``force``, the number of forcing steps
             (each made of ``inner`` applications).
         hold: slots that keep their initial value. This is the effect of the paper's
             identity block on ``x`` (eq. 50) as an option of the iteration: the blocks
             writing into a held slot are not evaluated and the map itself stays as it is.
-        force: ``slot -> (steps, *batch, n)`` sequences, time first. Before forcing
+        force: ``slot -> (steps, *batch, *shape)`` sequences, time first. Before forcing
             step ``t`` the slot is overwritten with ``force[slot][t]`` (eq. 11) and it
             keeps that value through the step's applications.
         inner: applications per forcing step (``K``); needs ``force``.
         trajectory: return every state instead of the last one: ``slot -> (T, *batch,
-            n)`` with ``T = steps``, the state after each application (after each
+            *shape)`` with ``T = steps``, the state after each application (after each
             forcing step when ``inner > 1``).
         update: ``"jacobi"`` (the paper's map: every block reads the previous state) or
-            ``"ordered"``: strongly connected components are updated one after another
-            in dependency order, each reading the newest values of those before it (a
-            Gauss–Seidel sweep; within a component the update stays Jacobi). An acyclic
-            map reaches its fixed point in one ordered application.
+            ``"ordered"``: a Gauss–Seidel sweep, slots updated one at a time, each
+            reading the newest value of every slot; strongly connected components in
+            dependency order and, inside a cycle, slots in slot order. An acyclic map
+            reaches its fixed point in one ordered application, and a recurrent cell
+            whose stages are declared in order (an LSTM's gates, cell and output)
+            computes one time step per application.
         block_kwargs: ``"dst<-src" -> kwargs`` passed to that block at every call (e.g.
             attention masks).
 
@@ -214,18 +213,20 @@ def iterate(
         for slot, seq in force.items():
             _check_slots(m, (slot,), "force")
             check_tensor(m, slot, seq, "forced slot")
-            if seq.dim() < 2 or seq.shape[0] != steps:
+            seq_batch = batch_of(m, slot, seq)
+            if not seq_batch or seq.shape[0] != steps:
                 raise MapError(
-                    f"forced slot {slot!r} needs a sequence of shape ({steps}, *batch, "
-                    f"{m.slots[slot]}) (time first, one entry per step), got {tuple(seq.shape)}"
+                    f"forced slot {slot!r} needs a sequence of shape "
+                    f"{shape_text((steps, '*batch'), m.shapes[slot])} (time first, one entry "
+                    f"per step), got {tuple(seq.shape)}"
                 )
+            seq_batch = seq_batch[1:]
             if batch is None:
-                batch, dtype, device = tuple(seq.shape[1:-1]), seq.dtype, seq.device
+                batch, dtype, device = seq_batch, seq.dtype, seq.device
                 check_state(m, {}, batch=batch, dtype=dtype, device=device)
-            if tuple(seq.shape[1:-1]) != batch:
+            if seq_batch != batch:
                 raise MapError(
-                    f"forced slot {slot!r} has batch shape {tuple(seq.shape[1:-1])}, "
-                    f"the state has {batch}"
+                    f"forced slot {slot!r} has batch shape {seq_batch}, the state has {batch}"
                 )
             if seq.dtype != dtype:
                 raise MapTypeError(f"forced slot {slot!r} has dtype {seq.dtype}, the state has {dtype}")
@@ -246,8 +247,8 @@ def iterate(
     missing = {s for s in m.slots if s not in state and (wave is None or s in frozen)}
     _check_memory(m, missing, batch, dtype, device, steps=steps, frozen=frozen, sequence=sequence)
     ref = next(iter(forced.values())) if forced else next(iter(state.values()))
-    init = {s: state[s] if s in state else ref.new_zeros(*batch, n)
-            for s, n in m.slots.items() if s in state or s in missing}
+    init = {s: state[s] if s in state else ref.new_zeros(*batch, *shape)
+            for s, shape in m.shapes.items() if s in state or s in missing}
 
     if wave is not None:
         out = wave(init, block_kwargs, ref, batch)

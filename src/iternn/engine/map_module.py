@@ -7,7 +7,7 @@ import math
 from torch import Tensor, nn
 
 from ..core.block_map import BlockMap
-from ..core.state import check_state
+from ..core.state import check_state, shape_text
 from ..errors import MapError, MapTypeError
 from .iterate import depth, iterate, wavefront_plan
 
@@ -18,8 +18,9 @@ class MapModule(nn.Module):
     """Hold ``input``, iterate ``map`` ``steps`` times, return the ``output`` slot.
 
     This is how a feed-forward network is a block map: ``from_mlp`` returns one, and a
-    ``MapModule`` can itself be a block of another map (``in_features`` and
-    ``out_features`` are the two slots' sizes), which is how maps nest.
+    ``MapModule`` can itself be a block of another map (between vector slots,
+    ``in_features`` and ``out_features`` are the two slots' sizes), which is how maps
+    nest.
 
     Args:
         map: the block map.
@@ -54,15 +55,20 @@ class MapModule(nn.Module):
         self.output = output
         self.steps = steps
         self._held = frozenset((input,))
-        self.in_features = map.slots[input]
-        self.out_features = map.slots[output]
+        self._in_shape = map.shapes[input]
+        # Declared sizes of a block between vector slots (how maps nest, see connect).
+        if len(self._in_shape) == 1 and len(map.shapes[output]) == 1:
+            self.in_features = map.slots[input]
+            self.out_features = map.slots[output]
 
     def forward(self, x: Tensor) -> Tensor:
         m = self.map
-        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+        k = len(self._in_shape)
+        if not isinstance(x, Tensor) or x.dim() < k or tuple(x.shape[x.dim() - k:]) != self._in_shape:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise MapError(
-                f"input slot {self.input!r} needs shape (*batch, {self.in_features}), got {shape}"
+                f"input slot {self.input!r} needs shape {shape_text(('*batch',), self._in_shape)}, "
+                f"got {shape}"
             )
         frozen = self._held
         wave = wavefront_plan(m, frozen=frozen)
@@ -73,7 +79,7 @@ class MapModule(nn.Module):
         ):
             return iterate(m, {self.input: x}, self.steps, hold=frozen)[self.output]  # raises
         try:  # the fast path: no per-call checks beyond the shape and dtype above
-            return wave({self.input: x}, None, x, tuple(x.shape[:-1]))[self.output]
+            return wave({self.input: x}, None, x, tuple(x.shape[: x.dim() - k]))[self.output]
         except RuntimeError:
             # A dtype or device mismatch surfaces as a RuntimeError from a kernel:
             # raise the named error instead, if that is what it was.

@@ -5,14 +5,17 @@ computes (the Jacobi update, or the ordered sweep of ``update="ordered"``); only
 schedule differs:
 
 * :class:`Wavefront` — acyclic structure, enough applications: each slot is evaluated
-  once, when its sources are final (level order, see :meth:`BlockGraph.levels`). This is
-  provably the state after any number of applications ``>= depth``.
+  once, when its sources are final (see :meth:`BlockGraph.levels`), in a topological
+  order that follows slot order where it may (so modules that draw random numbers draw
+  them in the order the slots were declared). This is provably the state after any
+  number of applications ``>= depth``.
 * :class:`SequencePlan` — forced maps and trajectories: strongly connected components
-  in dependency order, each over the whole sequence. Row-wise blocks (linear layers,
-  element-wise layers and sequences of them) whose source lies outside the component (a
-  forced slot, a held slot or an upstream component) are evaluated for all time steps in
-  one batched call; blocks inside a cycle, and other modules (which may read the leading
-  dims as more than a batch), run step by step.
+  in dependency order, each over the whole sequence. Row-wise and sample-wise blocks
+  (see :mod:`iternn.core.rowwise`: linear layers, element-wise layers, convolutions...)
+  whose sources lie outside the component (forced slots, held slots or upstream
+  components) are evaluated for all time steps in one batched call; blocks inside a
+  cycle, and other modules (which may read the leading dims as more than a batch, or
+  couple the batch), run step by step.
 * :class:`StepPlan` — one application at a time (inner applications per forcing step,
   unforced cyclic maps such as equilibrium iterations).
 
@@ -28,6 +31,7 @@ such a module in another one to keep its hooks.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -35,9 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.block_map import BlockMap, block_key
+from ..core.block_map import BlockMap, block_key, source_slots
+from ..core.calls import call_block, is_shaped
 from ..core.graph import BlockGraph
-from ..core.rowwise import is_rowwise
+from ..core.rowwise import is_rowwise, is_samplewise
 from ..core.state import parameter_spec
 
 __all__ = ["Destination", "Wavefront", "SequencePlan", "StepPlan", "compile_destinations"]
@@ -45,14 +50,20 @@ __all__ = ["Destination", "Wavefront", "SequencePlan", "StepPlan", "compile_dest
 
 @dataclass(frozen=True)
 class Term:
-    """One block ``F[dst, src]`` as the engine calls it."""
+    """One block ``F[dst, srcs]`` as the engine calls it."""
 
-    src: str
+    srcs: tuple[str, ...]  # the slots it reads, in call order
     key: str
     module: nn.Module
-    linear: bool  # a plain nn.Linear: evaluated as a fused matmul
-    rowwise: bool  # leading dims are batch (see is_rowwise): callable on a whole sequence
+    linear: bool  # a plain nn.Linear between vector slots: evaluated as a fused matmul
+    batchable: bool  # callable once on a whole sequence (row-wise, or sample-wise if shaped)
+    out_shape: tuple[int, ...] | None  # destination shape if called batch-flattened
     skip_bias: bool = False  # its bias is added elsewhere (folded into a drive)
+
+    @property
+    def src(self) -> str:
+        """The source of a one-source block (a linear term's)."""
+        return self.srcs[0]
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,7 @@ class Destination:
     """
 
     slot: str
-    size: int
+    shape: tuple[int, ...]
     terms: tuple[Term, ...]
     biases: dict
     act: nn.Module | None
@@ -76,14 +87,19 @@ class Destination:
 
 def compile_destinations(m: BlockMap) -> dict[str, Destination]:
     """Group the map's blocks by destination slot, in connect order."""
+    shapes = m.shapes
     terms: dict[str, list[Term]] = {s: [] for s in m.slots}
     for dst, src in m.edges:
         key = block_key(dst, src)
         mod = m.blocks[key]
-        terms[dst].append(Term(src, key, mod, type(mod) is nn.Linear, is_rowwise(mod)))
+        srcs = source_slots(src)
+        shaped = is_shaped(shapes[dst], *(shapes[s] for s in srcs))
+        linear = type(mod) is nn.Linear and len(srcs) == 1 and not shaped
+        batchable = is_samplewise(mod) if shaped else is_rowwise(mod)
+        terms[dst].append(Term(srcs, key, mod, linear, batchable, shapes[dst] if shaped else None))
     return {
-        d: Destination(d, n, tuple(terms[d]), m.biases._parameters, m.activation(d))
-        for d, n in m.slots.items()
+        d: Destination(d, shape, tuple(terms[d]), m.biases._parameters, m.activation(d))
+        for d, shape in shapes.items()
     }
 
 
@@ -91,17 +107,20 @@ def accumulate(
     terms: Sequence[Term],
     values: Mapping[str, Tensor],
     kwargs: Mapping[str, Mapping] | None,
+    batch: tuple[int, ...],
     start: Tensor | None = None,
     bias: Tensor | None = None,
 ) -> Tensor | None:
     """``start + bias + sum F[., s](values[s])`` fused into as few kernels as possible.
 
-    Returns ``None`` when there is nothing to add (no start, no terms, no bias).
+    ``batch`` is the batch shape of ``values`` (blocks on shaped slots are called with it
+    flattened). Returns ``None`` when there is nothing to add (no start, no terms, no
+    bias).
     """
     out = start
     for term in terms:
-        z = values[term.src]
         if term.linear and _plain(term.module) and not (kwargs and term.key in kwargs):
+            z = values[term.srcs[0]]
             w = term.module.weight
             wb = None if term.skip_bias else term.module.bias
             if out is None:  # the first matmul takes every bias: an (n,)-sized add
@@ -113,8 +132,8 @@ def accumulate(
             else:
                 out = out + F.linear(z, w, wb)
         else:
-            kw = kwargs.get(term.key) if kwargs else None
-            y = term.module(z, **kw) if kw else term.module(z)
+            y = call_block(term.module, [values[s] for s in term.srcs], batch, term.out_shape,
+                           kwargs.get(term.key) if kwargs else None)
             out = y if out is None else out + y
     if bias is not None:
         out = bias if out is None else out + bias
@@ -124,10 +143,14 @@ def accumulate(
 def finish(dest: Destination, pre: Tensor | None, ref: Tensor, batch: tuple[int, ...]) -> Tensor:
     """Apply the slot activation; a slot with nothing incoming is ``act(0)``."""
     if pre is None:
-        pre = ref.new_zeros(*batch, dest.size)
-    elif pre.shape[:-1] != batch:  # only a bias (or only held sources): broadcast over batch
-        pre = pre.expand(*batch, dest.size)
-    return dest.act(pre) if dest.act is not None else pre
+        pre = ref.new_zeros(*batch, *dest.shape)
+    elif pre.dim() != len(batch) + len(dest.shape):  # only a bias or held sources: broadcast
+        pre = pre.expand(*batch, *dest.shape)
+    if dest.act is None:
+        return pre
+    if len(dest.shape) > 1:
+        return call_block(dest.act, (pre,), batch, dest.shape)
+    return dest.act(pre)
 
 
 def evaluate(
@@ -138,7 +161,7 @@ def evaluate(
     batch: tuple[int, ...],
 ) -> Tensor:
     """The new value of ``dest.slot`` from ``values`` (one application, one slot)."""
-    return finish(dest, accumulate(dest.terms, values, kwargs, bias=dest.bias), ref, batch)
+    return finish(dest, accumulate(dest.terms, values, kwargs, batch, bias=dest.bias), ref, batch)
 
 
 class StepPlan:
@@ -148,11 +171,10 @@ class StepPlan:
         dests = compile_destinations(m)
         graph = m.graph().without_inputs_to(frozen)
         self.frozen = frozen
-        if update == "ordered":
+        if update == "ordered":  # Gauss-Seidel: slot by slot, each reading the newest state
             self.groups = [
-                tuple(dests[d] for d in comp if d not in frozen) for comp in graph.components()
+                (dests[d],) for comp in graph.components() for d in comp if d not in frozen
             ]
-            self.groups = [g for g in self.groups if g]
         else:  # jacobi: one group, everything reads the old state
             self.groups = [tuple(dests[d] for d in m.slots if d not in frozen)]
 
@@ -167,14 +189,11 @@ class StepPlan:
 class Wavefront:
     """Each slot evaluated once, in level order (acyclic structure only)."""
 
-    def __init__(
-        self, m: BlockMap, frozen: frozenset[str], levels: Mapping[str, int], depth: int
-    ) -> None:
+    def __init__(self, m: BlockMap, frozen: frozenset[str], depth: int) -> None:
         dests = compile_destinations(m)
         self.frozen = frozen
         self.depth = depth  # applications after which the state is final
-        order = sorted((s for s in m.slots if s not in frozen), key=lambda s: levels[s])
-        self.order = tuple(dests[s] for s in order)
+        self.order = tuple(dests[s] for s in _topological(m, frozen))
 
         # One linear block into a slot (the MLP case): precompiled to a fused matmul.
         self.steps = tuple(
@@ -203,11 +222,35 @@ class Wavefront:
         return values
 
 
+def _topological(m: BlockMap, frozen: frozenset[str]) -> list[str]:
+    """The slots that are not frozen, in a topological order of the acyclic graph left
+    after freezing: each after its sources, and otherwise in slot order (Kahn's algorithm
+    taking the first ready slot each time)."""
+    graph = m.graph().without_inputs_to(frozen)
+    index = {s: i for i, s in enumerate(m.slots)}
+    waiting = {s: {x for x in graph.sources(s) if x not in frozen} for s in m.slots if s not in frozen}
+    ready = [index[s] for s, deps in waiting.items() if not deps]
+    heapq.heapify(ready)
+    names = list(m.slots)
+    order: list[str] = []
+    while ready:
+        s = names[heapq.heappop(ready)]
+        order.append(s)
+        for t in graph.targets(s):
+            deps = waiting.get(t)
+            if deps and s in deps:
+                deps.discard(s)
+                if not deps:
+                    heapq.heappush(ready, index[t])
+    return order
+
+
 @dataclass(frozen=True)
 class _Component:
     dests: tuple[Destination, ...]
-    external: tuple[tuple[Term, ...], ...]  # per destination: terms reading outside
+    external: tuple[tuple[Term, ...], ...]  # per destination: terms reading only outside
     internal: tuple[tuple[Term, ...], ...]  # per destination: terms reading inside
+    outside: tuple[str, ...]  # slots outside the component that internal terms read
     cyclic: bool
 
 
@@ -225,43 +268,53 @@ class SequencePlan:
                 continue
             inside = set(comp)
             ds = tuple(dests[d] for d in comp)
+            internal = tuple(
+                tuple(_fold_bias(t) for t in d.terms if inside.intersection(t.srcs)) for d in ds
+            )
+            outside = {s for terms in internal for t in terms for s in t.srcs if s not in inside}
             comps.append(
                 _Component(
                     ds,
-                    tuple(tuple(t for t in d.terms if t.src not in inside) for d in ds),
-                    tuple(tuple(_fold_bias(t) for t in d.terms if t.src in inside) for d in ds),
+                    tuple(tuple(t for t in d.terms if not inside.intersection(t.srcs)) for d in ds),
+                    internal,
+                    tuple(sorted(outside)),
                     graph.is_cyclic(comp),
                 )
             )
         self.components = tuple(comps)
         # Slots whose sequence a later component reads (the others need no shifted copy).
         self.read_downstream = frozenset(
-            t.src for c in comps for terms in c.external for t in terms
-        )
+            s for c in comps for terms in c.external for t in terms for s in t.srcs
+        ) | frozenset(s for c in comps for s in c.outside)
 
     def _drive(
         self, terms: Sequence[Term], seq: Mapping[str, Tensor], held: Mapping[str, Tensor],
-        kwargs, bias: Tensor | None, steps: int,
+        kwargs, bias: Tensor | None, steps: int, batch: tuple[int, ...],
     ) -> Tensor | None:
         """External drive of one slot: sequence terms batched over time, held terms once."""
-        timed = tuple(t for t in terms if t.src in seq)
-        const = tuple(t for t in terms if t.src not in seq)
-        batched = tuple(t for t in timed if t.rowwise and not (kwargs and t.key in kwargs))
+        timed = tuple(t for t in terms if any(s in seq for s in t.srcs))
+        const = tuple(t for t in terms if t not in timed)
+        batched = tuple(t for t in timed if t.batchable and not (kwargs and t.key in kwargs))
         opaque = tuple(t for t in timed if t not in batched)
-        # Row-wise blocks act on any leading dims: one call for the whole sequence.
-        out = accumulate(batched, seq, kwargs, bias=bias) if batched else None
+        out = None
         if batched:
+            # Row-wise and sample-wise blocks: one call for the whole sequence (a held
+            # source of a multi-source block is expanded over time, a view).
+            values = {s: seq[s] if s in seq else held[s].expand(steps, *held[s].shape)
+                      for t in batched for s in t.srcs}
+            out = accumulate(batched, values, kwargs, (steps, *batch), bias=bias)
             bias = None
         if opaque:
             # An opaque module may give the leading dims a meaning of its own (a
             # sequence-first transformer layer does), so it is called step by step.
             per_step = [
-                accumulate(opaque, {t.src: seq[t.src][i] for t in opaque}, kwargs)
+                accumulate(opaque, {s: seq[s][i] if s in seq else held[s]
+                                    for t in opaque for s in t.srcs}, kwargs, batch)
                 for i in range(steps)
             ]
             y = torch.stack(per_step)
             out = y if out is None else out + y
-        c = accumulate(const, held, kwargs, bias=bias)
+        c = accumulate(const, held, kwargs, batch, bias=bias)
         if c is not None:
             out = c if out is None else out + c
         return out
@@ -275,7 +328,8 @@ class SequencePlan:
         batch: tuple[int, ...],
         steps: int,
     ) -> dict[str, Tensor]:
-        """Trajectories ``(steps, *batch, n)`` of every slot: the state after each application."""
+        """Trajectories ``(steps, *batch, *shape)`` of every slot: the state after each
+        application."""
         held = {s: v for s, v in init.items() if s in self.frozen and s not in forced}
         # What each block reads at application t (Jacobi: the state before it).
         reads: dict[str, Tensor] = dict(forced)
@@ -289,11 +343,9 @@ class SequencePlan:
                 for t in internal:
                     if t.skip_bias:
                         bias = t.module.bias if bias is None else bias + t.module.bias
-                drives.append(self._drive(ext, reads, held, kwargs, bias, steps))
+                drives.append(self._drive(ext, reads, held, kwargs, bias, steps, batch))
             if not comp.cyclic:
                 (d,), (drive,) = comp.dests, drives
-                if drive is not None and drive.dim() == len(batch) + 1:  # held/bias only
-                    drive = drive.expand(steps, *batch, d.size)
                 out = finish(d, drive, ref, (steps, *batch))
                 self._record(d.slot, out, init, reads, traj)
                 continue
@@ -306,18 +358,24 @@ class SequencePlan:
             timed: list[tuple[Tensor, ...] | None] = []
             const: list[Tensor | None] = []
             for d, drive in zip(comp.dests, drives):
-                varies = drive is not None and drive.dim() == len(batch) + 2
+                varies = drive is not None and drive.dim() == len(batch) + len(d.shape) + 1
                 timed.append(drive.unbind(0) if varies else None)
-                const.append(None if drive is None or varies else drive.expand(*batch, d.size))
+                const.append(None if drive is None or varies else drive.expand(*batch, *d.shape))
+            outside = [(s, reads[s].unbind(0) if s in reads else None) for s in comp.outside]
             prev = {d.slot: init[d.slot] for d in comp.dests}
             outs: list[list[Tensor]] = [[] for _ in comp.dests]
             for t in range(steps):
+                cur = dict(prev)
+                for s, steps_of in outside:  # what internal terms read outside the cycle
+                    cur[s] = steps_of[t] if steps_of is not None else held[s]
                 new = {}
                 for i, d in enumerate(comp.dests):
                     start = timed[i][t] if timed[i] is not None else const[i]
-                    pre = accumulate(comp.internal[i], prev, kwargs, start=start)
-                    new[d.slot] = finish(d, pre, ref, batch)
-                    outs[i].append(new[d.slot])
+                    pre = accumulate(comp.internal[i], cur, kwargs, batch, start=start)
+                    new[d.slot] = out = finish(d, pre, ref, batch)
+                    outs[i].append(out)
+                    if self.ordered:  # Gauss-Seidel: later slots read the newest value
+                        cur[d.slot] = out
                 prev = new
             for d, o in zip(comp.dests, outs):
                 self._record(d.slot, torch.stack(o), init, reads, traj)
@@ -353,7 +411,7 @@ def _plain(module: nn.Module) -> bool:
 def _fold_bias(term: Term) -> Term:
     """An internal plain-linear term whose bias the drive carries instead."""
     if term.linear and term.module.bias is not None:
-        return Term(term.src, term.key, term.module, True, True, skip_bias=True)
+        return Term(term.srcs, term.key, term.module, True, True, None, skip_bias=True)
     return term
 
 

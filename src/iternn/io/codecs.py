@@ -157,6 +157,86 @@ _simple(nn.SiLU, "torch.nn.SiLU", {"inplace": "bool"})
 _simple(nn.Dropout, "torch.nn.Dropout", {"p": "float", "inplace": "bool"})
 
 
+def _json_value(v: Any) -> Any:
+    """A constructor option as JSON: tuples become lists."""
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _option(key: str, v: Any) -> Any:
+    """A constructor option read back: a number, bool, str, None or a list of ints (a
+    tuple again); anything else is a :class:`FormatError` naming the field."""
+    if isinstance(v, list):
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            raise FormatError(f"config field {key!r} must be a list of ints, got {v!r}")
+        return tuple(v)
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise FormatError(f"config field {key!r} has an unsupported value {v!r}")
+
+
+def _layer(cls: type, name: str, fields: tuple[str, ...], *, flags: dict | None = None) -> None:
+    """A codec for a torch layer rebuilt from its constructor options ``fields`` (read
+    from the attributes of the same name) and, where it holds tensors, its ``dtype``.
+    ``flags`` maps an option to a function of the module computing it (``bias`` of a
+    convolution is whether it has one). ``save`` compares the rebuilt layer's public
+    attributes with the original's, so an option left out here cannot pass unnoticed."""
+    flags = flags or {}
+
+    def encode(m, enc):
+        cfg = {f: _json_value(flags[f](m) if f in flags else getattr(m, f)) for f in fields}
+        floating = {t.dtype for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()}
+        if len(floating) > 1:
+            raise enc.unsupported(f"mixes dtypes {sorted(dtype_name(d) for d in floating)}")
+        cfg["dtype"] = dtype_name(floating.pop()) if floating else None
+        return cfg
+
+    def decode(cfg, dec):
+        c = Config(cfg, (*fields, "dtype"))
+        kwargs = {f: _option(f, c.raw(f)) for f in fields}
+        if c.raw("dtype") is not None:
+            kwargs["dtype"] = c.dtype("dtype")
+        return cls(**kwargs)
+
+    register_codec(cls, name, encode, decode)
+
+
+def _has_bias(m: nn.Module) -> bool:
+    return m.bias is not None
+
+
+_CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+         "bias", "padding_mode")
+for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    _layer(_cls, f"torch.nn.{_cls.__name__}", _CONV, flags={"bias": _has_bias})
+for _cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    _layer(_cls, f"torch.nn.{_cls.__name__}", (*_CONV, "output_padding"),
+           flags={"bias": _has_bias})
+for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+    _layer(_cls, f"torch.nn.{_cls.__name__}",
+           ("num_features", "eps", "momentum", "affine", "track_running_stats"))
+_layer(nn.GroupNorm, "torch.nn.GroupNorm", ("num_groups", "num_channels", "eps", "affine"))
+for _cls in (nn.MaxPool1d, nn.MaxPool2d):
+    _layer(_cls, f"torch.nn.{_cls.__name__}",
+           ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode"))
+_layer(nn.AvgPool1d, "torch.nn.AvgPool1d",
+       ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"))
+_layer(nn.AvgPool2d, "torch.nn.AvgPool2d",
+       ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"))
+for _cls in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d,
+             nn.AdaptiveMaxPool2d):
+    _layer(_cls, f"torch.nn.{_cls.__name__}",
+           ("output_size",) + (("return_indices",) if "Max" in _cls.__name__ else ()))
+_layer(nn.Flatten, "torch.nn.Flatten", ("start_dim", "end_dim"))
+_layer(nn.Unflatten, "torch.nn.Unflatten", ("dim", "unflattened_size"))
+_layer(nn.Embedding, "torch.nn.Embedding",
+       ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
+        "scale_grad_by_freq", "sparse"))
+for _cls in (nn.Dropout1d, nn.Dropout2d):
+    _layer(_cls, f"torch.nn.{_cls.__name__}", ("p", "inplace"))
+for _cls in (nn.Softmax, nn.LogSoftmax):
+    _layer(_cls, f"torch.nn.{_cls.__name__}", ("dim",))
+
+
 def _encode_linear(m: nn.Linear, enc: Encoder) -> dict:
     return {
         "in_features": m.in_features,
@@ -359,9 +439,11 @@ register_codec(nn.TransformerEncoder, "torch.nn.TransformerEncoder", _encode_enc
 # ---------------------------------------------------------------------------- maps
 def _encode_block_map(m: BlockMap, enc: Encoder) -> dict:
     return {
-        "slots": [[name, size] for name, size in m.slots.items()],
+        "slots": [[name, shape[0] if len(shape) == 1 else list(shape)]
+                  for name, shape in m.shapes.items()],
         "blocks": [
-            [dst, src, enc.child(m.block(dst, src), f"blocks.{block_key(dst, src)}")]
+            [dst, src if isinstance(src, str) else list(src),
+             enc.child(m.block(dst, src), f"blocks.{block_key(dst, src)}")]
             for dst, src in m.edges
         ],
         "biases": [[slot, dtype_name(p.dtype)] for slot, p in m.biases.items()],
@@ -373,16 +455,24 @@ def _decode_block_map(cfg: dict, dec: Decoder) -> BlockMap:
     c = Config(cfg, ("slots", "blocks", "biases", "activations"))
     slots, blocks = c.list("slots", item_len=2), c.list("blocks", item_len=3)
     biases, activations = c.list("biases", item_len=2), c.list("activations", item_len=2)
-    for key, items, at in (("slots", slots, 0), ("blocks", blocks, 0), ("blocks", blocks, 1),
+    for key, items, at in (("slots", slots, 0), ("blocks", blocks, 0),
                            ("biases", biases, 0), ("activations", activations, 0)):
         _names(items, key, at)
-    m = BlockMap(OrderedDict((name, size) for name, size in slots))
+    for item in blocks:  # a source is a slot name or a list of them
+        src = item[1]
+        if not (isinstance(src, str) or (
+                isinstance(src, list) and src and all(isinstance(x, str) for x in src))):
+            raise FormatError(f"config field 'blocks': {item!r} has a source that is neither "
+                              "a slot name nor a list of slot names")
+    m = BlockMap(OrderedDict(
+        (name, tuple(size) if isinstance(size, list) else size) for name, size in slots
+    ))
     for dst, src, ref in blocks:
-        m.connect(dst, src, dec.child(ref))
+        m.connect(dst, src if isinstance(src, str) else tuple(src), dec.child(ref))
     for slot, dtype in biases:
         if slot not in m.slots:
             raise FormatError(f"config field 'biases' names slot {slot!r}, which the map lacks")
-        m.set_bias(slot, torch.zeros(m.slots[slot], dtype=dtype_from_name(dtype)))
+        m.set_bias(slot, torch.zeros(m.shapes[slot], dtype=dtype_from_name(dtype)))
     for slot, ref in activations:
         m.set_activation(slot, dec.child(ref))
     return m
@@ -509,8 +599,8 @@ def _tree_mismatch(got: nn.Module, want: nn.Module, path: str = "") -> str | Non
         if why:
             return why
         if isinstance(b, BlockMap):
-            if list(a.slots.items()) != list(b.slots.items()):
-                return f"{show(where)} has slots {dict(a.slots)}, the constructor builds {dict(b.slots)}"
+            if list(a.shapes.items()) != list(b.shapes.items()):
+                return f"{show(where)} has slots {dict(a.shapes)}, the constructor builds {dict(b.shapes)}"
             if a.edges != b.edges:
                 return f"{show(where)} has blocks {list(a.edges)}, the constructor builds {list(b.edges)}"
     return None
