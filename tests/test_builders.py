@@ -251,3 +251,16 @@ def test_reachable_units_follows_the_stored_entries():
     assert reachable_units(chain(0), "x", "y") == 1
     assert reachable_units(chain(0), "x", "y", steps=1) == 0
     assert reachable_units(chain(0), "x", "h", steps=1) == 1
+
+
+def test_reachable_units_through_a_block_reading_two_slots():
+    class Product(nn.Module):
+        def forward(self, a, b):
+            return a * b
+
+    m = iternn.BlockMap({"x": 3, "h": 3, "g": 3, "y": 3})
+    m.connect("h", "x", iternn.sparse.DiagonalLinear(3))
+    m.connect("y", ("h", "g"), Product())
+    assert reachable_units(m, "x", "y", steps=1) == 0
+    assert reachable_units(m, "x", "y", steps=2) == 3  # any unit of h may reach any of y
+    assert reachable_units(m, "g", "y", steps=1) == 3

@@ -732,3 +732,18 @@ def test_cli_study_and_train_call_the_study(tmp_path, capsys):
                      "--out", str(tmp_path / "huge")]) != 0
     line = _err_line(capsys)
     assert "hidden [1000000000000] (--hidden" in line and "of memory, more than the" in line
+
+
+def test_live_trainable_of_blocks_reading_two_slots():
+    from torch import nn
+
+    from iternn import BlockMap, MapModule
+
+    m = BlockMap({"x": 3, "h": 3, "g": 3, "y": 2})
+    m.connect("h", "x", nn.Linear(3, 3))
+    m.connect("y", ("h", "x"), nn.Bilinear(3, 3, 2))  # live: h is non-zero after 1 application
+    m.connect("y", ("g", "g"), nn.Bilinear(3, 3, 2))  # dead: nothing ever writes g
+    net = MapModule(m, input="x", output="y")
+    dead = count_trainable(m.block("y", ("g", "g")))
+    assert dead == 3 * 3 * 2 + 2
+    assert live_trainable(net) == count_trainable(net) - dead

@@ -234,7 +234,13 @@ def reachable_units(m: BlockMap, source: str, target: str, *, steps: int | None 
     m._check_slot(target, "target slot")
     reach = {slot: torch.zeros(n, dtype=torch.bool) for slot, n in m.slots.items()}
     reach[source][:] = True
-    supports = {(d, s): _support(m.block(d, s), m.slots[d], m.slots[s]) for d, s in m.edges}
+    # A block reading several slots may connect every unit of each to every unit of d.
+    supports: dict[tuple[str, str], tuple[Tensor, Tensor] | None] = {}
+    for d, src in m.edges:
+        if isinstance(src, str):
+            supports[(d, src)] = _support(m.block(d, src), m.slots[d], m.slots[src])
+        else:
+            supports.update(((d, s), None) for s in src)
     t = 0
     while steps is None or t < steps:
         new = {slot: r.clone() if slot == source else torch.zeros_like(r) for slot, r in reach.items()}

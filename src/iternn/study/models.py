@@ -68,7 +68,7 @@ import torch
 from torch import Tensor, nn
 
 from ..convert.mlp import from_mlp
-from ..core.block_map import BlockMap
+from ..core.block_map import BlockMap, source_slots
 from ..core.memory import check_bytes, tensor_bytes
 from ..core.summary import count_trainable
 from ..engine.iterate import iterate
@@ -552,7 +552,9 @@ def live_trainable(model: nn.Module) -> int:
         return count_trainable(model)
     m, inp, out, steps = model.map, model.input, model.output, model.steps
     slots = list(m.slots)
-    edges = [(d, s) for d, s in m.edges if d != inp]  # blocks into a held slot never run
+    # (destination, one source) per block and source; blocks into a held slot never run
+    edges = [(d, s) for d, src in m.edges if d != inp for s in source_slots(src)]
+    blocks = [(d, src) for d, src in m.edges if d != inp]
     nonzero = [{s: s == inp for s in slots}]
     for _ in range(steps):
         prev = nonzero[-1]
@@ -573,9 +575,10 @@ def live_trainable(model: nn.Module) -> int:
         if inp in slots and reach[k][inp]:
             reach[k - 1][inp] = True
     live = 0
-    for d, s in edges:
-        if any(nonzero[k - 1][s] and reach[k][d] for k in range(1, steps + 1)):
-            live += count_trainable(m.block(d, s))
+    for d, src in blocks:  # a block reading several slots is live through any of them
+        if any(nonzero[k - 1][s] and reach[k][d] for k in range(1, steps + 1)
+               for s in source_slots(src)):
+            live += count_trainable(m.block(d, src))
     for d in slots:
         b = m.bias(d)
         if d != inp and b is not None and b.requires_grad and any(reach[k][d] for k in range(1, steps + 1)):
