@@ -30,7 +30,14 @@ from ..core.block_map import BlockMap
 from ..errors import ConvergenceError, DynamicsError, MapTypeError
 from .functional import MapFunction
 from .solvers import SolverInfo, SolverLike, as_solver, solve
-from .validate import check_fraction, check_int, check_positive, check_stop_mode, check_update
+from .validate import (
+    check_fraction,
+    check_int,
+    check_positive,
+    check_stop_mode,
+    check_update,
+    shape_text,
+)
 
 __all__ = ["DEQ", "Implicit", "Phantom", "ImplicitFixedPoint"]
 
@@ -152,9 +159,16 @@ class DEQ(nn.Module):
     Attributes:
         info: :class:`~iternn.dynamics.solvers.SolverInfo` of the last forward solve.
         backward_info: that of the last adjoint solve (implicit backward only).
+        in_shape, out_shape: the input and output slots' shapes.
+        in_features, out_features: their sizes for vector slots, ``None`` for shaped
+            ones (what :meth:`BlockMap.connect <iternn.BlockMap.connect>` compares when
+            a DEQ is itself a block).
 
-    ``forward(x, z0=None)``: ``z0`` (packed free slots, ``(*batch, n_free)``) is the
-    starting point; default zeros. No gradient flows into ``z0``.
+    ``forward(x, z0=None)``: ``x`` is ``(*batch, *shape)`` of the input slot (a shaped
+    input slot, e.g. an image ``(C, H, W)``, keeps its shape); the result is the output
+    slot ``(*batch, *shape_out)`` (or every slot). ``z0`` (packed free slots, each
+    flattened row-major, ``(*batch, n_free)``) is the starting point; default zeros. No
+    gradient flows into ``z0``.
     """
 
     def __init__(
@@ -198,9 +212,13 @@ class DEQ(nn.Module):
         self.backward = backward
         self.update = check_update(update)
         self.raise_on_failure = bool(raise_on_failure)
-        self.in_features = m.slots[input]
+        # The slots' shapes; in_features/out_features (what BlockMap.connect compares)
+        # only for vector slots: a DEQ on shaped slots is checked by a probe call.
+        self.in_shape = tuple(m.shapes[input])
+        self.in_features = m.slots[input] if len(self.in_shape) == 1 else None
         if output is not None:
-            self.out_features = m.slots[output]
+            self.out_shape = tuple(m.shapes[output])
+            self.out_features = m.slots[output] if len(self.out_shape) == 1 else None
         self.info: SolverInfo | None = None
         self.backward_info: SolverInfo | None = None
 
@@ -233,12 +251,16 @@ class DEQ(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, z0: Tensor | None = None):
-        n_in = self.in_features
-        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != n_in:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise DynamicsError(f"input slot {self.input!r} needs shape (*batch, {n_in}), got {shape}")
+        shape = self.in_shape
+        k = len(shape)
+        if not isinstance(x, Tensor) or x.dim() < k or tuple(x.shape[x.dim() - k:]) != shape:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise DynamicsError(
+                f"input slot {self.input!r} needs shape {shape_text(shape, ('*batch',))}, "
+                f"got {got}"
+            )
         g = self._function(x)  # validates x (NaN, dtype) through MapFunction
-        batch = tuple(x.shape[:-1])
+        batch = tuple(x.shape[: x.dim() - k])
         if z0 is None:
             z0 = x.new_zeros(*batch, g.size)
         elif not isinstance(z0, Tensor) or tuple(z0.shape) != (*batch, g.size):

@@ -39,6 +39,8 @@ from .validate import (
     check_positive,
     check_stop_mode,
     check_update,
+    shape_text,
+    slot_zeros,
 )
 
 __all__ = ["fixed_point", "find_fixed_points", "FixedPoints", "ConvergenceError"]
@@ -62,8 +64,9 @@ def fixed_point(
 
     Args:
         m: the block map.
-        state: starting state ``slot -> (*batch, n)``; free slots left out start at zero,
-            held slots must be given. Every batch element is solved independently.
+        state: starting state ``slot -> (*batch, *shape)``; free slots left out start at
+            zero, held slots must be given. Every batch element is solved independently
+            (the solver works on the packed free slots, each flattened row-major).
         solver: a solver object (``Anderson(m=5)``, ``Picard(damping=0.5)``,
             ``Broyden()``, see :mod:`iternn.dynamics.solvers`) or a registered name
             (``"anderson"``, ``"picard"``, ``"broyden"``: the default object).
@@ -97,7 +100,7 @@ def fixed_point(
     hold = check_hold(m, hold)
     check_map_finite(m)
     ref = next(iter(state.values()))
-    full = {s: state[s] if s in state else ref.new_zeros(*batch, n) for s, n in m.slots.items()}
+    full = {s: state[s] if s in state else slot_zeros(m, s, batch, ref) for s in m.slots}
     g = MapFunction(m, full, hold=hold, update=update, block_kwargs=block_kwargs)
     z, info = solve(g, g.pack(full), solver=solver, tol=tol, max_steps=max_steps,
                     stop_mode=stop_mode)
@@ -120,8 +123,9 @@ class FixedPoints:
     """Fixed and slow points found by :func:`find_fixed_points`, lowest ``q`` first.
 
     Attributes:
-        points: ``(K, n_free)`` packed free slots (slot order ``free``).
-        states: ``slot -> (K, n)``, every slot (held ones included).
+        points: ``(K, n_free)`` packed free slots (slot order ``free``, each flattened
+            row-major).
+        states: ``slot -> (K, *shape)``, every slot (held ones included).
         q: ``(K,)`` speed ``1/2 ||z - G(z)||^2``.
         kind: ``"fixed"`` (``q <= fixed_tol``) or ``"slow"`` per point.
         eigenvalues: ``(K, n_free)`` complex eigenvalues of the Jacobian of ``G``,
@@ -195,8 +199,9 @@ def find_fixed_points(
 
     Args:
         m: the block map.
-        states: starting states ``slot -> (N, n)``: free slots (left out: zero) give the
-            ``N`` starts; a held slot may be ``(n,)`` (shared by all starts) or ``(N, n)``.
+        states: starting states ``slot -> (N, *shape)``: free slots (left out: zero)
+            give the ``N`` starts; a held slot may be ``(*shape)`` (shared by all
+            starts), ``(1, *shape)`` or ``(N, *shape)``.
         hold: slots kept fixed (e.g. a constant input).
         method: ``"adam"`` (each start independent: Adam is element-wise and ``q`` is a
             sum over starts; the learning rate decays geometrically to ``lr / 100``) or
@@ -235,7 +240,9 @@ def find_fixed_points(
     check_update(update)
     check_map_finite(m)
     if not isinstance(states, Mapping):
-        raise DynamicsError(f"states must be a dict slot -> (N, n) tensor, got {type(states).__name__}")
+        raise DynamicsError(
+            f"states must be a dict slot -> (N, *shape) tensor, got {type(states).__name__}"
+        )
     for s in states:
         if s not in m.slots:
             raise DynamicsError(f"states names unknown slot {s!r}; slots are {list(m.slots)}")
@@ -245,26 +252,31 @@ def find_fixed_points(
     free_given = [s for s in m.slots if s in states and s not in hold]
     if not free_given:
         raise DynamicsError(
-            "states must give at least one free slot as an (N, n) tensor of starting points"
+            "states must give at least one free slot as an (N, *shape) tensor of starting "
+            "points"
         )
-    ref = states[free_given[0]]
-    if not isinstance(ref, Tensor) or ref.dim() != 2:
+    first = free_given[0]
+    ref = states[first]
+    shape = m.shapes[first]
+    if (not isinstance(ref, Tensor) or ref.dim() != 1 + len(shape)
+            or tuple(ref.shape[1:]) != shape):
         raise DynamicsError(
-            f"starting states must be (N, n) tensors; slot {free_given[0]!r} has shape "
+            f"starting states must be (N, *shape) tensors ((N, n) for a vector slot of "
+            f"size n); slot {first!r} needs "
+            f"{shape_text(shape, ('N',))}, got "
             f"{tuple(ref.shape) if isinstance(ref, Tensor) else type(ref).__name__}"
         )
     n_starts = ref.shape[0]
     full: dict[str, Tensor] = {}
-    for s, n in m.slots.items():
+    for s in m.slots:
         v = states.get(s)
+        shape = m.shapes[s]
         if v is None:
             if s in hold:
                 raise DynamicsError(f"held slot {s!r} needs a value in states")
-            v = ref.new_zeros(n_starts, n)
-        elif isinstance(v, Tensor) and s in hold and v.dim() == 1:
-            v = v.expand(n_starts, -1)
-        elif isinstance(v, Tensor) and s in hold and v.dim() == 2 and v.shape[0] == 1:
-            v = v.expand(n_starts, -1)
+            v = slot_zeros(m, s, (n_starts,), ref)
+        elif isinstance(v, Tensor) and s in hold and tuple(v.shape) in (shape, (1, *shape)):
+            v = v.expand(n_starts, *shape)  # one value shared by every start
         full[s] = v
     check_state(m, full)
     g = MapFunction(m, full, hold=hold, update=update, block_kwargs=block_kwargs)
@@ -296,7 +308,7 @@ def find_fixed_points(
                         block_kwargs=block_kwargs) if chosen else None
     if chosen:
         jac = _jacobians(g_sel, points)
-        check_matrix_finite(jac, "the Jacobian at a found point", g.free, g.sizes)
+        check_matrix_finite(jac, "the Jacobian at a found point", g.free, g.sizes, g.shapes)
         eig = torch.linalg.eigvals(jac)
         order = torch.argsort(eig.abs(), dim=-1, descending=True, stable=True)
         eig = torch.gather(eig, -1, order)

@@ -39,6 +39,8 @@ from .validate import (
     check_positive,
     check_state,
     check_update,
+    shape_text,
+    slot_zeros,
 )
 
 __all__ = ["impulse_response", "ImpulseResponse", "IMPULSE_MODES"]
@@ -58,7 +60,8 @@ class ImpulseResponse:
             slots (``0`` when only a held input slot is perturbed).
         per_slot: ``slot -> (steps + 1,)`` float64, the same norm for each slot, held
             slots included (a perturbed held slot keeps its perturbation forever).
-        response: ``slot -> (steps + 1, *batch, n)``, the response ``δz_t`` itself.
+        response: ``slot -> (steps + 1, *batch, *shape)``, the response ``δz_t`` itself
+            (each slot in its own shape).
         structural_length: ``m.impulse_response_length(hold)``: an int, or
             ``math.inf``. It describes the Jacobi update (an ``"ordered"`` sweep can
             forget sooner) and ignores ``force`` (an upper bound then). For a
@@ -152,31 +155,39 @@ def _direction(
     m: BlockMap, names: tuple[str, ...], direction: Mapping | None, batch, ref: Tensor,
     generator: torch.Generator | None,
 ) -> dict[str, Tensor]:
-    """Unit-norm (per batch element) random direction, or the given one checked."""
+    """Unit-norm (per batch element) random direction, or the given one checked.
+
+    Each slot's direction has the slot's shape: ``(*shape)`` (shared by the batch) or
+    ``(*batch, *shape)``.
+    """
     if direction is not None:
         out = {}
         for s in names:
             v = direction[s]
-            n = m.slots[s]
+            shape = m.shapes[s]
             if not isinstance(v, Tensor) or not v.is_floating_point():
                 raise DynamicsError(f"direction of slot {s!r} must be a floating tensor")
-            if v.shape not in ((n,), (*batch, n)):
+            if tuple(v.shape) not in (shape, (*batch, *shape)):
                 raise DynamicsError(
-                    f"direction of slot {s!r} must have shape ({n},) or {(*batch, n)}, "
-                    f"got {tuple(v.shape)}"
+                    f"direction of slot {s!r} must have the slot's shape {shape_text(shape)} "
+                    f"or {shape_text(shape, batch)}, got {tuple(v.shape)}"
                 )
             check_finite(s, v, "direction of slot {!r}")
-            out[s] = v.to(dtype=ref.dtype, device=ref.device).expand(*batch, n)
+            out[s] = v.to(dtype=ref.dtype, device=ref.device).expand(*batch, *shape)
         if all(bool((v == 0).all()) for v in out.values()):
             raise DynamicsError("direction is zero: there is nothing to perturb")
         return out
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    # Drawn flat per slot (row-major), so a slot's draws do not depend on its shape.
     draws = {
         s: torch.randn(*batch, m.slots[s], generator=gen, dtype=torch.float64, device=gen.device)
         for s in names
     }
     total = torch.sqrt(sum((v**2).sum(-1, keepdim=True) for v in draws.values()))
-    return {s: (v / total).to(dtype=ref.dtype, device=ref.device) for s, v in draws.items()}
+    return {
+        s: (v / total).reshape(*batch, *m.shapes[s]).to(dtype=ref.dtype, device=ref.device)
+        for s, v in draws.items()
+    }
 
 
 def impulse_response(
@@ -200,7 +211,7 @@ def impulse_response(
     Args:
         m: the block map (or a :class:`~iternn.MapModule`).
         state: the base initial state (missing slots start at zero) with the values of
-            held slots; ``(n,)`` or ``(*batch, n)`` per slot.
+            held slots; ``(*batch, *shape)`` per slot (no batch dims: ``(*shape)``).
         steps: applications (``>= 1``); the result has ``steps + 1`` entries,
             ``t = 0 … steps``.
         slot: the slot(s) to perturb; default every free slot. A held slot (an input)
@@ -212,10 +223,11 @@ def impulse_response(
             exactly zero where the state does not depend on the perturbation; a block
             that forward mode cannot go through raises :class:`DynamicsError`) or
             ``"difference"`` (iterate both states and subtract).
-        direction: ``slot -> tensor`` (``(n,)`` or ``(*batch, n)``): the perturbation
-            direction (not normalised). Its slots are the perturbed ones. Default: a
-            random direction of unit norm per batch element, drawn from ``generator``
-            (default: a generator seeded 0, so results are deterministic).
+        direction: ``slot -> tensor`` (the slot's shape, or ``(*batch, *shape)``): the
+            perturbation direction (not normalised). Its slots are the perturbed ones.
+            Default: a random direction of unit norm per batch element (over every
+            perturbed unit), drawn from ``generator`` (default: a generator seeded 0,
+            so results are deterministic).
         force: forced slots, as in :func:`iternn.iterate` (same forcing in both runs;
             forced slots cannot be perturbed).
         update, block_kwargs: as in :func:`iternn.iterate`.
@@ -272,10 +284,10 @@ def impulse_response(
         raise DynamicsError(str(exc)) from exc
 
     response: dict[str, Tensor] = {}
-    for s, n in bm.slots.items():
-        first = delta[s] if s in delta else ref.new_zeros(*batch, n)
+    for s in bm.slots:
+        first = delta[s] if s in delta else slot_zeros(bm, s, batch, ref)
         if s in forced_names:
-            first = ref.new_zeros(*batch, n)
+            first = slot_zeros(bm, s, batch, ref)
         response[s] = torch.cat([first.unsqueeze(0), moved[s].detach()], dim=0)
     per_slot = {s: _norm(r) for s, r in response.items()}
     frozen = set(hold) | set(forced_names)

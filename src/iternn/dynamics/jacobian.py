@@ -2,12 +2,16 @@
 
 Everything here is about ``G``, one application of a block map on its packed *free*
 slots with the held slots fixed (:class:`~iternn.dynamics.MapFunction`): rows and
-columns of every Jacobian are the free slots in slot order, held slots omitted, i.e. the
-layout of ``MapFunction.pack``.
+columns of every Jacobian are the free slots in slot order, held slots omitted, each
+slot flattened row-major, i.e. the layout of ``MapFunction.pack`` (and of
+:meth:`BlockMap.pack <iternn.BlockMap.pack>` restricted to the free slots). A shaped
+slot ``(C, H, W)`` owns ``C·H·W`` consecutive rows and columns.
 
-* :func:`jacobian` — the exact ``dG/dz`` at a state. Autograd (forward mode) in general;
-  for maps whose blocks are all affine (plain ``nn.Linear``, ``nn.Identity``, or blocks
-  exposing ``dense_weight()`` such as :mod:`iternn.sparse`'s) and whose activations are
+* :func:`jacobian` — the exact ``dG/dz`` at a state. Autograd (forward mode) in general
+  (convolutions, gates, any block reading several slots); for maps whose blocks into
+  the free slots are all affine one-source blocks (plain ``nn.Linear``, ``nn.Identity``,
+  or blocks exposing ``dense_weight()`` such as :mod:`iternn.sparse`'s, between vector
+  slots; ``nn.Identity`` also between equal shaped slots) and whose activations are
   element-wise it is assembled block by block as ``diag(act'(pre)) · W`` and can be
   returned as a sparse COO tensor that keeps the sparsity of ``W``.
 * :func:`spectral_radius` — the largest ``|λ|`` of the Jacobian from Jacobian-vector
@@ -15,14 +19,15 @@ layout of ``MapFunction.pack``.
   dominant eigenvalues.
 * :func:`eigenvalues`, :func:`singular_values` — dense, for small maps.
 
-Batched states: the leading dims of the state are treated as independent batch
-elements (true for every row-wise block: linear layers, element-wise layers, sequences
-of them, sparse and structured blocks). A batched state gives one Jacobian (one
-spectrum, one radius) per element; a state without batch dims (slot tensors of shape
-``(n,)``) gives a single one. Slots missing from the state start at zero (as in
-:func:`iternn.iterate`). Blocks that look across the leading dims (the attention of a
-transformer layer reads the sequence dim) break this assumption: for them the
-per-element results leave out the cross-position terms.
+Batched states: the leading dims of the state (those before each slot's shape) are
+treated as independent batch elements (true for every row-wise or sample-wise block:
+linear layers, element-wise layers, convolutions, pooling, sequences of them, sparse and
+structured blocks). A batched state gives one Jacobian (one spectrum, one radius) per
+element; a state without batch dims (slot tensors of exactly the slot's shape) gives a
+single one. Slots missing from the state start at zero (as in :func:`iternn.iterate`).
+Blocks that look across the leading dims (the attention of a transformer layer reads
+the sequence dim, batch normalisation in train mode the batch) break this assumption:
+for them the per-element results leave out the cross-element terms.
 
 Every function raises :class:`~iternn.dynamics.DynamicsError` (a ``ValueError``) naming
 the slot or option on bad input: unknown slots, non-finite values, an empty free part,
@@ -40,7 +45,8 @@ from collections.abc import Collection, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..core.block_map import BlockMap
+from ..core.block_map import BlockMap, block_key
+from ..core.calls import is_shaped
 from ..core.memory import check_bytes
 from ..core.rowwise import ELEMENTWISE
 from ..errors import DynamicsError
@@ -114,16 +120,21 @@ def _elementwise(act: nn.Module | None) -> bool:
     return type(act) in ELEMENTWISE
 
 
-def _affine(block: nn.Module, n_out: int, n_in: int, where: str):
+def _affine(block: nn.Module, n_out: int, n_in: int, where: str, shaped: bool = False):
     """``(W, bias, indices)`` of an affine block ``x -> x W^T + bias``, else ``None``.
 
-    ``indices`` is the ``(2, nnz)`` stored pattern: ``indices()`` where the block has
-    it, the diagonal of an identity block, the non-zeros of ``dense_weight()`` for
-    other structured blocks, and ``None`` (every entry) for a dense ``nn.Linear``.
-    A weight that must be made dense is checked against the memory available first
-    (a :class:`~iternn.SizeError` naming ``where``, the block).
+    ``W`` is ``(n_out, n_in)`` over the flattened slots. ``indices`` is the ``(2, nnz)``
+    stored pattern: ``indices()`` where the block has it, the diagonal of an identity
+    block, the non-zeros of ``dense_weight()`` for other structured blocks, and ``None``
+    (every entry) for a dense ``nn.Linear``. A weight that must be made dense is
+    checked against the memory available first (a :class:`~iternn.SizeError` naming
+    ``where``, the block). On ``shaped`` slots (rank > 1 on either side) only
+    ``nn.Identity`` qualifies: a linear or structured layer there acts on the last dim
+    of the slot tensor, not on the flattened slot, so its weight is not ``W``.
     """
     if block._forward_hooks or block._forward_pre_hooks:
+        return None
+    if shaped and type(block) is not nn.Identity:
         return None
     if type(block) is nn.Linear:
         return block.weight, block.bias, None
@@ -148,6 +159,12 @@ def _affine(block: nn.Module, n_out: int, n_in: int, where: str):
     return None
 
 
+def _block_affine(m: BlockMap, d: str, s: str):
+    """:func:`_affine` of the one-source block ``F[d, s]``."""
+    shaped = is_shaped(m.shapes[d], m.shapes[s])
+    return _affine(m.block(d, s), m.slots[d], m.slots[s], f"{d!r} <- {s!r}", shaped)
+
+
 def _structure(m: BlockMap, g: MapFunction, block_kwargs) -> str | None:
     """``None`` if the structured path applies, else why not (for the error message)."""
     if g.update != "jacobi":
@@ -158,14 +175,20 @@ def _structure(m: BlockMap, g: MapFunction, block_kwargs) -> str | None:
     for d, s in m.edges:
         if d not in g.free:
             continue
-        key = f"{d}<-{s}"
-        if block_kwargs and key in block_kwargs:
+        if not isinstance(s, str):
+            return (f"block {d!r} <- {s!r} reads several slots (a multi-source block is "
+                    "never affine)")
+        if block_kwargs and block_key(d, s) in block_kwargs:
             return f"block {d!r} <- {s!r} takes block_kwargs"
-        if _affine(m.block(d, s), m.slots[d], m.slots[s], f"{d!r} <- {s!r}") is None:
+        if _block_affine(m, d, s) is None:
             kind = type(m.block(d, s)).__name__
+            where = ""
+            if is_shaped(m.shapes[d], m.shapes[s]):
+                where = (f" between shaped slots {d!r} {tuple(m.shapes[d])} and {s!r} "
+                         f"{tuple(m.shapes[s])} (only nn.Identity is affine there)")
             return (
                 f"block {d!r} <- {s!r} ({kind}) is not affine (nn.Linear, nn.Identity or a "
-                "module with dense_weight())"
+                f"module with dense_weight()){where}"
             )
     return None
 
@@ -178,7 +201,8 @@ def _derivative(act: nn.Module | None, pre: Tensor) -> Tensor | None:
 
 
 def _structured(m: BlockMap, g: MapFunction, z: Tensor, batch, sparse: bool) -> Tensor:
-    state = g.unpack(z)
+    # Every slot flattened row-major: (*batch, n_s), the Jacobian's layout.
+    state = {s: v.reshape(*batch, m.slots[s]) for s, v in g.unpack(z).items()}
     offsets, off = {}, 0
     for s, n in zip(g.free, g.sizes):
         offsets[s] = off
@@ -187,8 +211,8 @@ def _structured(m: BlockMap, g: MapFunction, z: Tensor, batch, sparse: bool) -> 
     dtype, device = z.dtype, z.device
     parts: dict[str, list] = {d: [] for d in g.free}
     for d, s in m.edges:
-        if d in parts:
-            w, b, idx = _affine(m.block(d, s), m.slots[d], m.slots[s], f"{d!r} <- {s!r}")
+        if d in parts:  # one-source blocks only (checked by _structure)
+            w, b, idx = _block_affine(m, d, s)
             parts[d].append((s, w.to(dtype=dtype, device=device), b, idx))
     if sparse:
         rows, cols, vals = [], [], []
@@ -203,6 +227,7 @@ def _structured(m: BlockMap, g: MapFunction, z: Tensor, batch, sparse: bool) -> 
             pre = y if pre is None else pre + y
         bias = m.bias(d)
         if bias is not None:
+            bias = bias.reshape(m.slots[d])
             pre = bias if pre is None else pre + bias
         if pre is None:
             pre = z.new_zeros(*batch, m.slots[d])
@@ -285,15 +310,17 @@ def jacobian(
     Args:
         m: the block map (or a :class:`~iternn.MapModule`, whose map is used).
         state: the point ``z`` (free slots; missing ones are zero) and the values of
-            the held slots. Slot tensors ``(n,)`` give one Jacobian ``(N, N)``;
-            ``(*batch, n)`` give one per batch element, ``(*batch, N, N)``.
+            the held slots. Slot tensors of the slots' shapes give one Jacobian
+            ``(N, N)``; ``(*batch, *shape)`` give one per batch element,
+            ``(*batch, N, N)``.
         hold: slots kept fixed (not rows or columns of the Jacobian).
         update: ``"jacobi"`` or ``"ordered"`` (see :func:`iternn.iterate`).
         method: ``"autograd"`` (forward-mode autograd, any differentiable map),
             ``"structured"`` (assembled block by block as ``diag(act'(pre)) · W``; needs
-            Jacobi update, element-wise activations on the free slots and affine blocks
-            into them: ``nn.Linear``, ``nn.Identity`` or a module with
-            ``dense_weight()``, taken to compute ``x @ dense_weight().T + bias``) or
+            Jacobi update, element-wise activations on the free slots and affine
+            one-source blocks into them: ``nn.Linear``, ``nn.Identity`` or a module with
+            ``dense_weight()``, taken to compute ``x @ dense_weight().T + bias``, between
+            vector slots; ``nn.Identity`` between shaped slots) or
             ``"auto"`` (structured where it applies, else autograd).
         sparse: return a coalesced sparse COO tensor ``(N, N)`` (needs a state without
             batch dims). On the structured path its pattern is the blocks' own pattern
@@ -302,9 +329,9 @@ def jacobian(
             ``nn.Linear``); otherwise it is the non-zeros of the dense Jacobian.
         block_kwargs: passed to the blocks (see :func:`iternn.iterate`).
 
-    Rows and columns are the free slots in slot order (``MapFunction.pack``). ``N`` is
-    the total size of the free slots. Gradients are not tracked (the result is a
-    plain tensor, in the state's dtype).
+    Rows and columns are the free slots in slot order, each flattened row-major
+    (``MapFunction.pack``). ``N`` is the total number of units of the free slots.
+    Gradients are not tracked (the result is a plain tensor, in the state's dtype).
     """
     if method not in JACOBIAN_METHODS:
         raise DynamicsError(f"method must be one of {JACOBIAN_METHODS}, got {method!r}")
@@ -313,7 +340,8 @@ def jacobian(
     bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs)
     if sparse and batch:
         raise DynamicsError(
-            f"sparse=True needs a state without batch dims (slot tensors (n,)), got batch {batch}"
+            "sparse=True needs a state without batch dims (each slot tensor exactly the "
+            f"slot's shape), got batch {batch}"
         )
     return _jacobian_at(bm, g, z, batch, method=method, sparse=sparse, block_kwargs=block_kwargs)
 
@@ -385,7 +413,7 @@ def eigenvalues(
         ctype = torch.complex128 if z.dtype == torch.float64 else torch.complex64
         return torch.zeros(*batch, g.size, dtype=ctype, device=z.device)
     jac = _jacobian_at(bm, g, z, batch, block_kwargs=block_kwargs)
-    check_matrix_finite(jac, "the Jacobian", g.free, g.sizes)
+    check_matrix_finite(jac, "the Jacobian", g.free, g.sizes, g.shapes)
     return _sort_by_modulus(torch.linalg.eigvals(jac))
 
 
@@ -405,7 +433,7 @@ def singular_values(
     """
     bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs)
     jac = _jacobian_at(bm, g, z, batch, block_kwargs=block_kwargs)
-    check_matrix_finite(jac, "the Jacobian", g.free, g.sizes)
+    check_matrix_finite(jac, "the Jacobian", g.free, g.sizes, g.shapes)
     return torch.linalg.svdvals(jac)
 
 

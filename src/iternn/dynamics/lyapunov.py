@@ -36,7 +36,7 @@ from ..core.graph import BlockGraph
 from ..core.memory import check_bytes
 from ..engine.iterate import iterate
 from ..errors import DynamicsError
-from .functional import MapFunction
+from .functional import MapFunction, pack_slots
 from .jacobian import _autograd_jacobian, _jacobian_at
 from .validate import (
     as_block_map,
@@ -66,7 +66,9 @@ def _nilpotency_bound(m: BlockMap, free: tuple[str, ...]) -> float:
     ``p`` the longest block path among the free slots.
     """
     keep = set(free)
-    sub = BlockGraph(free, tuple(e for e in m.edges if e[0] in keep and e[1] in keep))
+    # m.graph() has one edge per (destination, source slot): a block reading several
+    # slots is an edge from each of them.
+    sub = BlockGraph(free, tuple(e for e in m.graph().edges if e[0] in keep and e[1] in keep))
     return sub.longest_path() + 1
 
 
@@ -108,16 +110,17 @@ def lyapunov_spectrum(
     Args:
         m: the block map (or a :class:`~iternn.MapModule`).
         state: initial state (free slots; missing ones start at zero) and the values
-            of held slots. Slot tensors ``(n,)`` give one spectrum ``(k,)``; a batched
-            state ``(*batch, n)`` gives one per element, ``(*batch, k)`` (batch elements
-            are independent trajectories).
+            of held slots. Slot tensors of the slots' shapes give one spectrum ``(k,)``;
+            a batched state ``(*batch, *shape)`` gives one per element, ``(*batch, k)``
+            (batch elements are independent trajectories).
         steps: applications averaged over (``>= 1``).
         hold: slots kept fixed (not part of the tangent space).
-        k: number of exponents, ``1 <= k <= N`` (``N`` = total size of the free
-            slots); default all ``N``.
+        k: number of exponents, ``1 <= k <= N`` (``N`` = total number of units of the
+            free slots, each flattened row-major as in ``MapFunction.pack``); default
+            all ``N``.
         warmup: applications made first without averaging: the state moves onto its
             attractor and the tangent basis aligns with the leading directions.
-        force: ``slot -> (warmup + steps, *batch, n)``: before application ``t`` the
+        force: ``slot -> (warmup + steps, *batch, *shape)``: before application ``t`` the
             slot is set to ``force[slot][t]`` (a driven system; exponents of the
             non-autonomous map). Forced slots are not part of the tangent space.
         update: ``"jacobi"`` or ``"ordered"`` (see :func:`iternn.iterate`).
@@ -185,7 +188,7 @@ def lyapunov_spectrum(
                         f"applications {t + 1}..{t + size}); the map diverges from this state"
                     )
             before = {s: torch.cat([cur[s].unsqueeze(0), traj[s][:-1]]) for s in free}
-            zs = torch.cat([before[s] for s in free], dim=-1)
+            zs = pack_slots(bm, before, free, (size, *batch))
             if dense:  # G_t at every state of the chunk, time as one more batch dim
                 timed = {s: v.expand(size, *v.shape) for s, v in held.items()}
                 g = MapFunction(bm, {**timed, **part}, hold=frozen, update=update,

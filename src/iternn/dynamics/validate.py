@@ -38,6 +38,8 @@ __all__ = [
     "check_start",
     "check_map_finite",
     "check_matrix_finite",
+    "shape_text",
+    "slot_zeros",
 ]
 
 #: ``stop_mode=`` values of the fixed-point solvers.
@@ -126,6 +128,17 @@ def check_generator(generator: object) -> torch.Generator | None:
 
 
 # ---------------------------------------------------------------------------- states
+def shape_text(shape: tuple[int, ...], batch: tuple[int | str, ...] = ()) -> str:
+    """A tensor shape as text, ``(3, 8, 8)`` or with batch dims first ``(*batch, 3, 8, 8)``."""
+    dims = [*map(str, batch), *map(str, shape)]
+    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def slot_zeros(m: BlockMap, slot: str, batch: tuple[int, ...], ref: Tensor) -> Tensor:
+    """Zeros of slot ``slot``: ``(*batch, *shape)`` in ``ref``'s dtype and device."""
+    return ref.new_zeros(*batch, *m.shapes[slot])
+
+
 def check_finite(slot: str, value: Tensor, what: str = "slot {!r} of the state") -> None:
     """NaN or inf in ``value`` is an error naming the slot (``what`` formats it)."""
     if bool(torch.isfinite(value).all()):  # one pass in the usual case
@@ -164,8 +177,8 @@ def check_state(
         raise DynamicsError("state is empty: give at least one slot (it sets the batch shape)")
     ref = next(iter(state.values()))
     full = {
-        s: state[s] if s in state else ref.new_zeros(*batch, n)
-        for s, n in m.slots.items()
+        s: state[s] if s in state else slot_zeros(m, s, batch, ref)
+        for s in m.slots
         if s in state or s not in frozen
     }
     return full, batch
@@ -181,10 +194,11 @@ def check_force(
     dtype: torch.dtype | None = None,
     device: torch.device | None = None,
 ) -> dict[str, Tensor]:
-    """Forced slots ``slot -> (T, *batch, n)`` (``None``: none), as in :func:`iternn.iterate`.
+    """Forced slots ``slot -> (T, *batch, *shape)`` (``None``: none), as in
+    :func:`iternn.iterate`.
 
     Every slot must be a slot of ``m``, not held, its sequence finite. With ``length``
-    the sequences must also be floating tensors of shape ``(length, *batch, n)`` in
+    the sequences must also be floating tensors of shape ``(length, *batch, *shape)`` in
     ``dtype`` on ``device`` (without it, :func:`iternn.iterate` checks their shapes).
     """
     if force is None:
@@ -200,11 +214,12 @@ def check_force(
         if length is not None:
             if not isinstance(seq, Tensor) or not seq.is_floating_point():
                 raise DynamicsError(f"forced slot {s!r} must be a floating tensor")
-            want = (length, *batch, m.slots[s])
+            want = (length, *batch, *m.shapes[s])
             if tuple(seq.shape) != want:
                 raise DynamicsError(
                     f"forced slot {s!r} needs shape {want} (time first: warmup + steps "
-                    f"entries), got {tuple(seq.shape)}"
+                    f"entries, then the batch shape {tuple(batch)}, then the slot's shape "
+                    f"{shape_text(m.shapes[s])}), got {tuple(seq.shape)}"
                 )
             if seq.dtype != dtype or seq.device != device:
                 raise DynamicsError(
@@ -274,14 +289,28 @@ def check_map_finite(m: BlockMap) -> None:
                     raise DynamicsError(f"the activation of slot {d!r} holds {bad} in {name!r}")
 
 
+def _unit(index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The position in a slot of ``shape`` of its flattened (row-major) unit ``index``."""
+    pos = []
+    for d in reversed(shape):
+        index, r = divmod(index, d)
+        pos.append(r)
+    return tuple(reversed(pos))
+
+
 def check_matrix_finite(
-    matrix: Tensor, what: str, slots: tuple[str, ...] = (), sizes: tuple[int, ...] = ()
+    matrix: Tensor,
+    what: str,
+    slots: tuple[str, ...] = (),
+    sizes: tuple[int, ...] = (),
+    shapes: tuple[tuple[int, ...], ...] = (),
 ) -> None:
     """A matrix (``(*batch, N, N)``) about to go to ``torch.linalg`` must be finite.
 
     With the free ``slots`` and their ``sizes`` (the packing of the rows and columns),
     the message names the slots of the first non-finite entry: row = destination slot,
-    column = source slot.
+    column = source slot; with their ``shapes`` too, the units within shaped slots
+    (``'h'[1, 0, 2]``: channel 1, row 0, column 2 of a ``(C, H, W)`` slot).
     """
     if matrix.layout != torch.strided:
         matrix = matrix.to_dense()
@@ -293,10 +322,14 @@ def check_matrix_finite(
     if slots:
         row, col = (int(i) for i in torch.nonzero(bad.reshape(-1, *matrix.shape[-2:]).any(0))[0])
         bounds, off = [], 0
-        for s, n in zip(slots, sizes):
-            bounds.append((s, off, off + n))
+        for i, (s, n) in enumerate(zip(slots, sizes)):
+            bounds.append((s, off, off + n, shapes[i] if i < len(shapes) else (n,)))
             off += n
-        dst = next(s for s, a, b in bounds if a <= row < b)
-        src = next(s for s, a, b in bounds if a <= col < b)
-        where = f" (first at the block {dst!r} <- {src!r})"
+        dst, r0, _, dshape = next(b for b in bounds if b[1] <= row < b[2])
+        src, c0, _, sshape = next(b for b in bounds if b[1] <= col < b[2])
+        units = ""
+        if len(dshape) > 1 or len(sshape) > 1:
+            units = (f", row {dst!r}{list(_unit(row - r0, dshape))}, column "
+                     f"{src!r}{list(_unit(col - c0, sshape))}")
+        where = f" (first at the block {dst!r} <- {src!r}{units})"
     raise DynamicsError(f"{what} holds {kind}{where}; nothing was computed from it")
