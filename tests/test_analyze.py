@@ -84,6 +84,9 @@ def test_analyze_a_saved_mlp(tmp_path):
     assert "1 distinct point found (1 stable fixed point)" in text
     assert number(text, "Largest Lyapunov exponent:") == float("-inf")
     assert "| **total** |  |  |  | **54** |" in text  # 15+5 + 20+4 + 8+2 parameters
+    # every block is linear: F is one matrix of the 15 + 20 + 8 weights (biases are b)
+    assert ("every block is linear, so `F` is one 14x14 matrix over the packed state with 43 "
+            "non-zeros (density 0.219)") in text
     for name in PICTURES:
         assert f"]({name})" in text
     assert_pictures(out)
@@ -274,3 +277,61 @@ def test_cli_analyze_bad_usage_exits_2(argv, capsys):
         main(argv)
     assert exc.value.code == 2
     assert "usage:" in capsys.readouterr().err
+
+
+class GatedConv(nn.Module):
+    """``conv(a) * sigmoid(b)`` on feature maps: a two-source block, not linear."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, a, b):
+        return self.conv(a) * torch.sigmoid(b)
+
+
+def conv_map():
+    """x (1, 4, 4) -conv-> h (2, 4, 4, tanh, recurrent conv) -gate(h, h)-> g -> pool, linear -> y."""
+    torch.manual_seed(0)
+    m = iternn.BlockMap({"x": (1, 4, 4), "h": (2, 4, 4), "g": (2, 4, 4), "y": 3})
+    m.connect("h", "x", nn.Conv2d(1, 2, 3, padding=1))
+    hh = m.connect("h", "h", nn.Conv2d(2, 2, 3, padding=1, bias=False))
+    with torch.no_grad():
+        hh.weight.mul_(0.5)
+    m.connect("g", ("h", "h"), GatedConv(2))
+    m.connect("y", "g", nn.Sequential(nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8, 3)))
+    m.set_activation("h", nn.Tanh())
+    m.set_bias("g", torch.zeros(2, 4, 4))
+    return m
+
+
+def test_analyze_a_map_with_shaped_slots_and_a_multi_source_block(tmp_path):
+    m = conv_map()
+    out = analyze(m, tmp_path / "r", quick=True, steps=40)
+    text = (out / REPORT_NAME).read_text()
+    assert "4 slots, 4 blocks, state size 83 (67 free)" in text
+    assert "| `x` | 16 = 1x4x4 | identity | held | no |" in text
+    assert "| `h` | 32 = 2x4x4 | Tanh | free | no |" in text
+    assert "| `g <- h, h` | GatedConv | 32x64 |" in text  # the parameter table
+    # Which blocks are linear, and their matrices. A 3x3 conv (padding 1) on 4x4 has, per
+    # dim, 2 + 3 + 3 + 2 = 10 (output, tap) pairs inside: 100 non-zeros per channel pair.
+    assert "3 of 4 blocks are linear maps with a matrix, so `F` is not one matrix" in text
+    assert "| `h <- x` | Conv2d | 32x16 | yes | 200 | 0.391 |" in text
+    assert "| `h <- h` | Conv2d | 32x32 | yes | 400 | 0.391 |" in text
+    assert "| `g <- h, h` | GatedConv | 32x64 | no: GatedConv reads 2 slots;" in text
+    assert "| `y <- g` | Sequential | 3x32 | yes | 96 | 1 |" in text
+    # Every analysis ran on the shaped state (flattened where a vector is needed).
+    assert "- Every analysis completed." in text
+    assert "not available" not in text
+    assert number(text, "Spectral radius (Krylov, Jacobian-vector products):") < 1
+    assert "Parameter: scale on block h <- h" in text
+    assert_pictures(out)
+    # A given state takes each slot's shape (or a batch of one); missing slots are zero.
+    st = {"x": torch.ones(1, 4, 4), "h": torch.full((1, 2, 4, 4), 0.5)}
+    start = report_mod._state(m, st, 0, torch.float64, torch.device("cpu"))
+    assert {s: tuple(v.shape) for s, v in start.items()} == {
+        "x": (1, 1, 4, 4), "h": (1, 2, 4, 4), "g": (1, 2, 4, 4), "y": (1, 3)}
+    assert float(start["h"].sum()) == 16 and float(start["g"].abs().sum()) == 0
+    with pytest.raises(ValueError, match=r"slot 'x' of the state must have shape \(1, 4, 4\) "
+                                         r"or \(1, 1, 4, 4\)"):
+        analyze(m, tmp_path / "r3", state={"x": torch.ones(16)})

@@ -183,6 +183,112 @@ def test_without_path_a_figure_is_returned_and_pyplot_is_not_imported():
         assert "matplotlib.pyplot" not in sys.modules
 
 
+
+class GatedConv(nn.Module):
+    """``conv(a) * sigmoid(b)``: a two-source block that is not linear."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, a, b):
+        return self.conv(a) * torch.sigmoid(b)
+
+
+class Placement(nn.Module):
+    """``conv(a) + b``: a two-source block that declares itself linear."""
+
+    linear = True
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1, bias=False)
+
+    def forward(self, a, b):
+        return self.conv(a) + b
+
+
+def cnn_map(seed=0):
+    """x (2, 6, 6) -conv-> h (3, 6, 6, recurrent conv) -pool-> p (3, 3, 3) -linear-> y."""
+    torch.manual_seed(seed)
+    m = iternn.BlockMap({"x": (2, 6, 6), "h": (3, 6, 6), "p": (3, 3, 3), "y": 4})
+    m.connect("h", "x", nn.Conv2d(2, 3, 3, padding=1))
+    m.connect("h", "h", nn.Conv2d(3, 3, 3, padding=1, groups=3))
+    m.connect("p", "h", nn.AvgPool2d(2))
+    m.connect("y", "p", nn.Sequential(nn.Flatten(), nn.Linear(27, 4)))
+    m.set_activation("h", nn.ReLU())
+    return m
+
+
+def test_structure_matrix_of_a_cnn_map_is_the_pattern_of_as_matrix():
+    m = cnn_map()
+    mask, bounds = structure_matrix(m)
+    assert bounds == (0, 72, 180, 207, 211)
+    w = iternn.dynamics.as_matrix(m).coalesce()
+    expected = torch.zeros(m.size, m.size)
+    expected[w.indices()[0], w.indices()[1]] = WEIGHT
+    assert torch.equal(mask, expected)
+    # the conv blocks are banded (Toeplitz), not filled: 3x3 taps of 2 channels per row
+    assert int(mask[72:180, 0:72].sum()) == w.to_dense()[72:180, 0:72].count_nonzero() < 108 * 18
+
+
+def test_structure_of_shaped_maps_shows_multi_source_and_composed_blocks():
+    torch.manual_seed(1)
+    m = iternn.BlockMap({"a": (2, 3, 3), "b": (2, 3, 3), "g": (2, 3, 3), "c": (2, 3, 3)})
+    m.connect("g", ("a", "b"), GatedConv(2))  # not linear: a module over both sources
+    place = m.connect("c", ("a", "g"), Placement(2))  # linear: its matrix over both
+    seq = m.connect("b", "a", nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU()))
+    bn = m.connect("a", "a", nn.BatchNorm2d(2))  # train mode: drawn as in eval mode
+    assert bn.training
+    mask, bounds = structure_matrix(m)
+    assert bn.training and m.training  # modes restored
+    a, b, g, c = (slice(bounds[i], bounds[i + 1]) for i in range(4))
+    assert bool((mask[g, a] == OPAQUE).all()) and bool((mask[g, b] == OPAQUE).all())
+    assert not bool(mask[g, g].any()) and not bool(mask[g, c].any())
+    from iternn.dynamics.matrix import module_matrix
+
+    w = module_matrix(place, [(2, 3, 3), (2, 3, 3)], (2, 3, 3)).to_dense()
+    assert torch.equal(mask[c, a], (w[:, :18] != 0).float())
+    assert torch.equal(mask[c, g], torch.eye(18))
+    conv = module_matrix(seq[0], [(2, 3, 3)], (2, 3, 3)).to_dense()
+    assert torch.equal(mask[b, a], (conv != 0).float())  # ReLU keeps the conv's pattern
+    assert torch.equal(mask[a, a], torch.eye(18))  # per-channel scale: the diagonal
+
+
+def test_plot_structure_of_a_cnn_map(tmp_path):
+    out = plot_structure(cnn_map(), tmp_path / "cnn.png", hold=("x",))
+    assert_png(out)
+
+
+def test_bifurcation_on_a_shaped_map_scales_a_multi_source_block():
+    torch.manual_seed(2)
+    m = iternn.BlockMap({"x": (1, 3, 3), "h": (2, 3, 3)})
+    m.connect("h", "x", nn.Conv2d(1, 2, 3, padding=1))
+    m.connect("h", ("h", "x"), GatedMix())
+    m.set_activation("h", nn.Tanh())
+    m.double()
+    st = {s: torch.randn(1, *sh, dtype=torch.float64) for s, sh in m.shapes.items()}
+    data = bifurcation_data(m, st, param_values=[0.0, 1.0], hold=("x",), steps=20, keep=3,
+                            index=10)
+    assert data.parameter == "scale on block h <- ('h', 'x')" and data.slot == "h"
+    traj = iternn.iterate(m, st, 20, hold=("x",), trajectory=True)["h"]
+    assert torch.equal(data.values[1], traj[-3:, 0].reshape(3, -1)[:, 10])
+    data = bifurcation_data(m, st, param_values=[0.5], hold=("x",), steps=4, keep=2,
+                            scale_block=("h", ["h", "x"]))
+    assert data.values.shape == (1, 2)
+
+
+class GatedMix(nn.Module):
+    """``conv(h) * sigmoid(x)``, broadcast over the channels of h."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, h, x):
+        return self.conv(h) * torch.sigmoid(x)
+
+
 # ---------------------------------------------------------------------------- pictures
 def test_spectra_and_lyapunov_pictures(tmp_path):
     m = recurrent_map()

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
         to_mlp,
     )
     from .core import BlockGraph, BlockMap, Summary, block_key, count_trainable
+    from .dynamics import as_matrix
     from .engine import depth, iterate
     from .engine.map_module import MapModule
     from .io import load, register_codec, save
@@ -47,6 +48,7 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("from_mlp", "to_mlp", "from_rnn", "RNNMap", "lift_rnn", "LiftedRNN",
                      "from_transformer", "TransformerMap", "EncoderLayerBlock"), ".convert"),
     **dict.fromkeys(("save", "load", "register_codec"), ".io"),
+    "as_matrix": ".dynamics",
     **dict.fromkeys(("SparseLinear", "MaskedLinear", "matched_map"), ".sparse"),
 }
 
@@ -75,6 +77,7 @@ __all__ = [
     "save",
     "load",
     "register_codec",
+    "as_matrix",
     "dynamics",
     "sparse",
     "SparseLinear",

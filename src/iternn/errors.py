@@ -18,6 +18,7 @@ __all__ = [
     "IterNNError",
     "MapError",
     "MapTypeError",
+    "NotLinearError",
     "ConversionError",
     "SizeError",
     "PatternError",
@@ -49,6 +50,24 @@ class MapError(IterNNError, ValueError):
 
 class MapTypeError(IterNNError, TypeError):
     """An argument of the wrong type, dtype or device (a map, a block, a state, an option)."""
+
+
+class NotLinearError(MapTypeError):
+    """A block that is not a linear (affine) map of its sources, where one matrix was asked
+    for (:func:`iternn.as_matrix`).
+
+    Its own class so that callers that can do without the matrix (a spy plot draws such
+    a block as a module) catch exactly this. ``block`` is ``(dst, src)`` of the block at
+    fault (``None`` for a bare module); the message names it as ``block 'dst' <- 'src'``
+    and says why.
+    """
+
+    def __init__(self, message: str, block: tuple[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.block = block
+
+    def __reduce__(self) -> tuple:  # picklable across processes despite the signature
+        return (type(self), (str(self), self.block))
 
 
 class ConversionError(IterNNError, ValueError):

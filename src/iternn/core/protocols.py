@@ -10,6 +10,9 @@ for them by name (``isinstance(block, CountsTrainable)``) instead of probing att
 * :class:`RowwiseBlock` — whether it acts on each row (the last dim) alone, whatever the
   leading dims are; read by :func:`iternn.core.rowwise.is_rowwise`, which lets the engine
   call such a block once on a whole ``(T, *batch, n)`` sequence.
+* :class:`LinearBlock` — whether it is an affine map of its sources (jointly, for a
+  block reading several slots); read by :func:`iternn.as_matrix`, which then puts its
+  linear part into the map's one matrix ``W``.
 * :class:`SamplewiseBlock` — whether it treats its one leading dim as independent
   samples; read by :func:`iternn.core.rowwise.is_samplewise`, which lets the engine call
   a block on shaped slots once on a whole sequence flattened to ``(T * B, *shape)``.
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Protocol, runtime_checkable
 
-__all__ = ["CountsTrainable", "RowwiseBlock", "SamplewiseBlock"]
+__all__ = ["CountsTrainable", "LinearBlock", "RowwiseBlock", "SamplewiseBlock"]
 
 
 @runtime_checkable
@@ -63,3 +66,16 @@ class SamplewiseBlock(Protocol):
     """
 
     samplewise: ClassVar[bool]
+
+
+@runtime_checkable
+class LinearBlock(Protocol):
+    """A block class that declares whether it is an affine map of its sources.
+
+    ``linear = True`` promises ``block(*z) = A z + c`` for one matrix ``A`` over the
+    flattened sources (jointly, for a block reading several slots: a placement block
+    writing two slots side by side is linear, a product of two slots is not).
+    :func:`iternn.as_matrix` then reads ``A`` by probing the block, exactly.
+    """
+
+    linear: ClassVar[bool]

@@ -13,6 +13,7 @@ from .impulse import ImpulseResponse, impulse_response
 from .jacobian import eigenvalues, jacobian, singular_values, spectral_radius
 from .linalg import verified_solve
 from .lyapunov import largest_lyapunov, lyapunov_spectrum
+from .matrix import as_matrix
 from .plots import (
     BifurcationData,
     bifurcation_data,
@@ -67,6 +68,7 @@ __all__ = [
     "lyapunov_spectrum",
     "largest_lyapunov",
     "analyze",
+    "as_matrix",
     "structure_matrix",
     "plot_structure",
     "plot_eigenvalues",

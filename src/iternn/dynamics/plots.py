@@ -10,7 +10,8 @@ is returned.
 
 * :func:`plot_structure` — the block matrix as a spy plot (row = destination slot,
   column = source slot) with slot boundaries and names; built from
-  :func:`structure_matrix`.
+  :func:`structure_matrix`, which reads linear blocks (convolutions, pooling, ...)
+  through :func:`~iternn.dynamics.matrix.as_matrix`'s per-block matrices.
 * :func:`plot_eigenvalues` — eigenvalues in the complex plane with the unit circle.
 * :func:`plot_singular_values` — singular values, descending, log scale.
 * :func:`plot_impulse_response` — response norm per application (log scale), exact
@@ -30,6 +31,7 @@ import copy
 import math
 import os
 from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,11 +39,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ..core.block_map import BlockMap
+from ..core.block_map import BlockMap, Source, source_slots
+from ..core.memory import check_bytes, tensor_bytes
 from ..core.rowwise import ELEMENTWISE
 from ..engine.iterate import iterate
-from ..errors import DynamicsError, MissingDependencyError
+from ..errors import DynamicsError, MapError, MapTypeError, MissingDependencyError
 from .impulse import ImpulseResponse
+from .matrix import _matmul, _output_shape, _Part, linear_reason, module_matrix
 from .validate import as_block_map, check_hold, check_int, check_state, check_update
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -160,53 +164,22 @@ def _num(x: float) -> str:
 
 
 # ---------------------------------------------------------------------------- structure
-def _layer_sizes(layer: nn.Module, n_in: int) -> int | None:
-    """Output size of one layer of an ``nn.Sequential`` block, where it is known."""
-    if type(layer) in ELEMENTWISE:
-        return n_in
-    n_out = getattr(layer, "out_features", None)
-    n_in_decl = getattr(layer, "in_features", None)
-    if isinstance(n_out, int) and (not isinstance(n_in_decl, int) or n_in_decl == n_in):
-        return n_out
-    return None
+def _eye(n: int) -> Tensor:
+    return torch.arange(n).repeat(2, 1)
 
 
-def _pattern(block: nn.Module, n_out: int, n_in: int) -> Tensor | str | None:
-    """The non-zero pattern of a block's weight.
+def _as_part(pat: Tensor | str, n_out: int, n_in: int) -> _Part:
+    """A pattern as a sparse matrix of ones (``"dense"``: every entry)."""
+    if isinstance(pat, str):
+        idx = torch.ones(n_out, n_in, dtype=torch.bool).nonzero().t()
+    else:
+        idx = pat.to("cpu", torch.long)
+    return _Part(idx[0], idx[1], torch.ones(idx.shape[1], dtype=torch.float64), (n_out, n_in))
 
-    ``"dense"`` (every entry), a ``(2, nnz)`` index tensor ``(row, column)``, or ``None``
-    when the block is not a weight matrix the structure can be read from (opaque).
-    """
-    if block._forward_hooks or block._forward_pre_hooks:
-        return None
-    kind = type(block)
-    if kind is nn.Linear:
-        return "dense"
-    if kind in ELEMENTWISE:
-        if n_out != n_in:
-            return None
-        return torch.arange(n_out).repeat(2, 1)
-    if kind is nn.Sequential:
-        # Compose the patterns: element-wise layers keep positions, linear ones mix.
-        reach = torch.eye(n_in, dtype=torch.bool)  # (current size, n_in)
-        size = n_in
-        for layer in block:
-            out = _layer_sizes(layer, size)
-            if out is None:
-                return None
-            pat = _pattern(layer, out, size)
-            if pat is None:
-                return None
-            if isinstance(pat, str):
-                mat = torch.ones(out, size, dtype=torch.bool)
-            else:
-                mat = torch.zeros(out, size, dtype=torch.bool)
-                mat[pat[0], pat[1]] = True
-            reach = (mat.to(torch.float32) @ reach.to(torch.float32)) > 0
-            size = out
-        if size != n_out:
-            return None
-        return reach.nonzero().t()
+
+def _duck_pattern(block: nn.Module, n_out: int, n_in: int) -> Tensor | None:
+    """The stored pattern of a duck-typed sparse block between vector slots:
+    ``indices()``, else the non-zeros of ``dense_weight()``."""
     indices = getattr(block, "indices", None)
     if callable(indices):
         try:
@@ -233,6 +206,87 @@ def _pattern(block: nn.Module, n_out: int, n_in: int) -> Tensor | str | None:
     return None
 
 
+def _pattern(block: nn.Module, in_shape: tuple[int, ...],
+             out_shape: tuple[int, ...]) -> Tensor | str | None:
+    """The non-zero pattern of a one-source block from ``in_shape`` to ``out_shape``
+    (per-sample shapes; entries numbered row-major).
+
+    ``"dense"`` (every entry), a ``(2, nnz)`` index tensor ``(row, column)``, or ``None``
+    when the pattern cannot be read (an opaque module).
+    """
+    if block._forward_hooks or block._forward_pre_hooks:
+        return None
+    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+    vector = len(in_shape) == 1 and len(out_shape) == 1
+    kind = type(block)
+    if kind is nn.Linear and vector:
+        return "dense"
+    if kind in ELEMENTWISE:
+        return _eye(n_out) if n_out == n_in else None
+    if kind is nn.Sequential:
+        # Compose the patterns: element-wise layers keep positions, linear ones mix.
+        reach = None
+        shape = in_shape
+        for layer in block:
+            try:
+                out = _output_shape(layer, shape, "a layer of a block")
+            except (MapError, MapTypeError, RuntimeError, TypeError, ValueError, IndexError):
+                return None
+            pat = _pattern(layer, shape, out)
+            if pat is None:
+                return None
+            part = _as_part(pat, math.prod(out), math.prod(shape))
+            reach = part if reach is None else _matmul(part, reach, "a spy plot")
+            shape = out
+        if shape != tuple(out_shape):
+            return None
+        if reach is None:
+            return _eye(n_out) if n_out == n_in else None
+        return torch.stack((reach.rows, reach.cols))
+    if vector:
+        pat = _duck_pattern(block, n_out, n_in)
+        if pat is not None:
+            return pat
+    if linear_reason(block) is None:
+        return module_matrix(block, (in_shape,), out_shape).indices().cpu()
+    return None
+
+
+def _block_patterns(bm: BlockMap, dst: str, src: Source) -> list[tuple[str, Tensor | str | None]]:
+    """``(source slot, pattern over its columns)`` for every source of block ``dst <- src``;
+    a multi-source block that is not linear is ``None`` (a module) over each source."""
+    block = bm.block(dst, src)
+    out_shape = bm.shapes[dst]
+    srcs = source_slots(src)
+    if len(srcs) == 1:
+        return [(srcs[0], _pattern(block, bm.shapes[srcs[0]], out_shape))]
+    if linear_reason(block, len(srcs)) is not None:
+        return [(s, None) for s in srcs]
+    idx = module_matrix(block, [bm.shapes[s] for s in srcs], out_shape).indices().cpu()
+    found = []
+    start = 0
+    for s in srcs:
+        n = bm.slots[s]
+        inside = (idx[1] >= start) & (idx[1] < start + n)
+        part = idx[:, inside].clone()
+        part[1] -= start
+        found.append((s, part))
+        start += n
+    return found
+
+
+@contextmanager
+def _eval_mode(module: nn.Module):
+    """Every submodule in eval mode for the duration; each one's mode restored after."""
+    modes = [(sub, sub.training) for sub in module.modules()]
+    try:
+        module.eval()
+        yield
+    finally:
+        for sub, mode in modes:
+            sub.training = mode
+
+
 def _structure(bm: BlockMap, cell: int) -> tuple[Tensor, tuple[int, ...]]:
     """The structure image with ``cell x cell`` entries per pixel (max over the square)."""
     bounds = [0]
@@ -240,20 +294,23 @@ def _structure(bm: BlockMap, cell: int) -> tuple[Tensor, tuple[int, ...]]:
         bounds.append(bounds[-1] + n)
     total = bounds[-1]
     side = -(-total // cell)
+    check_bytes(tensor_bytes(side * side, torch.float32),
+                f"the structure image of the map ({side}x{side} pixels, float32)")
     image = torch.zeros(side, side, dtype=torch.float32)
     offset = dict(zip(bm.slots, bounds))
-    for dst, src in bm.edges:
-        n_out, n_in = bm.slots[dst], bm.slots[src]
-        r0, c0 = offset[dst], offset[src]
-        pat = _pattern(bm.block(dst, src), n_out, n_in)
-        rows = slice(r0 // cell, (r0 + n_out - 1) // cell + 1)
-        cols = slice(c0 // cell, (c0 + n_in - 1) // cell + 1)
-        if pat is None:
-            image[rows, cols] = torch.clamp(image[rows, cols], min=OPAQUE)
-        elif isinstance(pat, str):
-            image[rows, cols] = WEIGHT
-        elif pat.numel():
-            image[(pat[0] + r0) // cell, (pat[1] + c0) // cell] = WEIGHT
+    with _eval_mode(bm):
+        for dst, src in bm.edges:
+            n_out, r0 = bm.slots[dst], offset[dst]
+            rows = slice(r0 // cell, (r0 + n_out - 1) // cell + 1)
+            for s, pat in _block_patterns(bm, dst, src):
+                n_in, c0 = bm.slots[s], offset[s]
+                cols = slice(c0 // cell, (c0 + n_in - 1) // cell + 1)
+                if pat is None:
+                    image[rows, cols] = torch.clamp(image[rows, cols], min=OPAQUE)
+                elif isinstance(pat, str):
+                    image[rows, cols] = WEIGHT
+                elif pat.numel():
+                    image[(pat[0] + r0) // cell, (pat[1] + c0) // cell] = WEIGHT
     return image, tuple(bounds)
 
 
@@ -261,13 +318,20 @@ def structure_matrix(m: BlockMap | nn.Module, /) -> tuple[Tensor, tuple[int, ...
     """The data of the spy plot: ``(mask, boundaries)``.
 
     ``mask`` is an ``(N, N)`` float32 tensor over the packed state (``N = m.size``, slots
-    in order), row = destination slot, column = source slot, as the block matrix ``F``:
-    :data:`WEIGHT` (1.0) at every entry of a block's weight pattern — every entry of a
-    dense ``nn.Linear``, the stored pattern (``indices()``) of a sparse block, the
-    non-zeros of ``dense_weight()`` for other structured blocks, the diagonal of an
-    element-wise block, the composed pattern of an ``nn.Sequential`` of those —,
+    in order, each flattened row-major as in ``m.pack``), row = destination slot,
+    column = source slot, as the block matrix ``F``: :data:`WEIGHT` (1.0) at every entry
+    of a block's weight pattern — every entry of a dense ``nn.Linear`` between vector
+    slots, the stored pattern (``indices()``) of a sparse block, the non-zeros of
+    ``dense_weight()`` for other structured blocks, the diagonal of an element-wise
+    block, the non-zeros of :func:`~iternn.dynamics.matrix.as_matrix`'s matrix for any
+    other linear block (a convolution shows its block-Toeplitz pattern, a pooling layer
+    its windows), the composed pattern of an ``nn.Sequential`` of those —,
     :data:`OPAQUE` (0.5) over the whole of a block that is another kind of module, and
-    0 where there is no block. ``boundaries`` are the slot offsets ``(0, n_1, n_1 + n_2,
+    0 where there is no block. A block reading several slots shows its columns over each
+    source: its matrix's pattern where it declares itself linear, :data:`OPAQUE` over
+    each source's columns otherwise. Patterns are read with the map in eval mode
+    (dropout off, batch normalisation with its running statistics; every module's mode
+    is restored afterwards). ``boundaries`` are the slot offsets ``(0, n_1, n_1 + n_2,
     ..., N)``: slot ``i`` covers rows and columns ``boundaries[i]:boundaries[i + 1]``.
     """
     return _structure(as_block_map(m), 1)
@@ -284,9 +348,10 @@ def plot_structure(
     """Spy plot of the block matrix (row = destination slot, column = source slot).
 
     Black: entries of a block's weight pattern (dense blocks filled, sparse blocks their
-    actual pattern); grey: blocks whose module is not a weight matrix (a transformer
-    layer, a nested map); red lines: slot boundaries; slot names on both axes (held
-    slots marked). Maps with more than 1024 state entries are drawn at a coarser
+    actual pattern, a convolution its block-Toeplitz pattern: any linear block its
+    matrix's non-zeros); grey: blocks whose module is not a linear map (a transformer
+    layer, a nested map, a gate: over each of its sources); red lines: slot boundaries;
+    slot names on both axes (held slots marked). Maps with more than 1024 state entries are drawn at a coarser
     resolution (a pixel is black if any entry in it is). See :func:`structure_matrix`.
     """
     bm = as_block_map(m)
@@ -608,20 +673,23 @@ def plot_trajectories(
 # ---------------------------------------------------------------------------- bifurcation
 class _ScaledBlock(nn.Module):
     """``x -> inner(0) + scale · (inner(x) − inner(0))``: for an affine block ``Wx + b``
-    exactly ``(scale · W) x + b``."""
+    exactly ``(scale · W) x + b``. A block reading several slots is scaled about its
+    value with every source at zero."""
 
-    def __init__(self, inner: nn.Module, n_in: int, n_out: int) -> None:
+    def __init__(self, inner: nn.Module, n_in: int | None = None,
+                 n_out: int | None = None) -> None:
         super().__init__()
         self.inner = inner
-        self.in_features = n_in
-        self.out_features = n_out
+        if n_in is not None and n_out is not None:  # vector slots: no probe on connect
+            self.in_features = n_in
+            self.out_features = n_out
         self.scale = 1.0
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.inner(x)
+    def forward(self, *xs: Tensor) -> Tensor:
+        y = self.inner(*xs)
         if self.scale == 1.0:
             return y
-        y0 = self.inner(torch.zeros_like(x))
+        y0 = self.inner(*(torch.zeros_like(x) for x in xs))
         return y0 + self.scale * (y - y0)
 
 
@@ -634,7 +702,7 @@ class BifurcationData:
         values: ``(P, keep · B)`` float64: the last ``keep`` values of the coordinate per
             parameter value (``B`` batch elements of the state), ``nan`` where the
             trajectory left the finite numbers.
-        slot, index: the coordinate plotted.
+        slot, index: the coordinate plotted (``index`` into the slot flattened row-major).
         parameter: a description of the parameter (``"scale on block h <- h"``).
         steps, keep: applications made and values kept per parameter value.
     """
@@ -648,9 +716,9 @@ class BifurcationData:
     keep: int
 
 
-def _default_block(bm: BlockMap, hold: tuple[str, ...]) -> tuple[str, str]:
+def _default_block(bm: BlockMap, hold: tuple[str, ...]) -> tuple[str, Source]:
     """The first block inside a cycle among free slots, else the first block into a free
-    slot."""
+    slot (a block reading several slots is inside the cycle when any source is)."""
     graph = bm.graph().without_inputs_to(hold)
     cyclic: dict[str, int] = {}
     for i, comp in enumerate(graph.components()):
@@ -658,7 +726,7 @@ def _default_block(bm: BlockMap, hold: tuple[str, ...]) -> tuple[str, str]:
             for s in comp:
                 cyclic[s] = i
     for d, s in bm.edges:
-        if d in cyclic and cyclic.get(s) == cyclic[d]:
+        if d in cyclic and any(cyclic.get(x) == cyclic[d] for x in source_slots(s)):
             return d, s
     for d, s in bm.edges:
         if d not in hold:
@@ -683,17 +751,19 @@ def bifurcation_data(
     """Iterate a one-parameter family of maps and keep the tail of one coordinate.
 
     For every value ``p`` of ``param_values`` the map is iterated ``steps`` times from
-    ``state`` (held slots fixed) and the last ``keep`` values of ``state[slot][..., index]``
-    are kept: a fixed point gives one value per ``p``, a period-``k`` orbit ``k`` values,
-    chaos a smear. The user's map is never modified: the family is built on deep copies.
+    ``state`` (held slots fixed) and the last ``keep`` values of coordinate ``index`` of
+    ``slot`` (``state[slot][..., index]`` for a vector slot) are kept: a fixed point
+    gives one value per ``p``, a period-``k`` orbit ``k`` values, chaos a smear. The
+    user's map is never modified: the family is built on deep copies.
 
     Args:
         m: the block map (or a module with ``.map``).
         state: initial state (missing free slots start at zero) and the held values;
-            ``(n,)`` or ``(*batch, n)`` per slot (every batch element is one more
+            ``shape`` or ``(*batch, *shape)`` per slot (every batch element is one more
             trajectory on the diagram).
         param_values: the parameter values (finite, at least one).
-        scale_block: ``(dst, src)``: the parameter is a scale ``p`` on that block's
+        scale_block: ``(dst, src)`` (``src`` a slot, or the tuple of slots of a block
+            reading several): the parameter is a scale ``p`` on that block's
             weight, ``W -> p · W`` (exact for affine blocks; for any other module the
             block's output is scaled about its value at zero,
             ``F(0) + p · (F(x) − F(0))``). Default: the first block inside a cycle of
@@ -705,7 +775,7 @@ def bifurcation_data(
         keep: values kept from the end (``1 <= keep <= steps``).
         slot: the slot of the coordinate; default the destination of ``scale_block``
             (or the first free slot for a callable).
-        index: the coordinate within ``slot``.
+        index: the coordinate within ``slot`` (flattened row-major for a shaped slot).
         update: ``"jacobi"`` or ``"ordered"`` (see :func:`iternn.iterate`).
     """
     bm = as_block_map(m)
@@ -731,11 +801,16 @@ def bifurcation_data(
             dst, src = _default_block(bm, hold)
         else:
             if (not isinstance(scale_block, (tuple, list)) or len(scale_block) != 2
-                    or not all(isinstance(s, str) for s in scale_block)):
+                    or not isinstance(scale_block[0], str)
+                    or not (isinstance(scale_block[1], str) or (
+                        isinstance(scale_block[1], (tuple, list)) and scale_block[1]
+                        and all(isinstance(s, str) for s in scale_block[1])))):
                 raise DynamicsError(
                     f"scale_block must be (dst, src) slot names or a callable, got {scale_block!r}"
                 )
             dst, src = scale_block
+            if isinstance(src, (tuple, list)):
+                src = src[0] if len(src) == 1 else tuple(src)
             if (dst, src) not in bm.edges:
                 raise DynamicsError(f"there is no block {dst!r} <- {src!r} to scale")
             if dst in hold:
@@ -758,7 +833,8 @@ def bifurcation_data(
     def tail(mc: BlockMap) -> Tensor:
         with torch.no_grad():
             traj = iterate(mc, start, steps, hold=hold, trajectory=True, update=update)
-        v = traj[slot][-keep:, ..., index].to(torch.float64).reshape(-1).cpu()
+        rank = len(mc.shapes[slot])
+        v = traj[slot][-keep:].flatten(-rank)[..., index].to(torch.float64).reshape(-1).cpu()
         return torch.where(torch.isfinite(v), v, torch.full_like(v, float("nan")))
 
     rows = []
@@ -770,7 +846,9 @@ def bifurcation_data(
     else:
         mc = copy.deepcopy(bm)
         inner = mc.disconnect(dst, src)
-        wrapper = mc.connect(dst, src, _ScaledBlock(inner, bm.slots[src], bm.slots[dst]))
+        vector = isinstance(src, str) and len(bm.shapes[src]) == 1 and len(bm.shapes[dst]) == 1
+        wrapper = mc.connect(dst, src, _ScaledBlock(inner, bm.slots[src], bm.slots[dst])
+                             if vector else _ScaledBlock(inner))
         for p in params.tolist():
             wrapper.scale = float(p)
             rows.append(tail(mc))

@@ -1,11 +1,15 @@
 """``analyze``: a report folder (Markdown and pictures) on the dynamics of a saved map.
 
 :func:`analyze` loads a map saved with :func:`iternn.save` (or takes a module), picks a
-state, and writes ``report.md`` and PNG pictures into one folder: the block structure,
-the structural and empirical impulse response, the Jacobian's spectral radius,
-eigenvalues and singular values at the state, fixed points found from several starts
-with their stability, the largest Lyapunov exponent and the leading ones, a trajectory
-and a bifurcation diagram. The command line runs it as ``iternn analyze MAP``.
+state, and writes ``report.md`` and PNG pictures into one folder: the block structure
+(which blocks are linear, and each one's matrix: its size and non-zeros, from
+:func:`~iternn.dynamics.matrix.block_matrix`), the structural and empirical impulse
+response, the Jacobian's spectral radius, eigenvalues and singular values at the
+state, fixed points found from several starts with their stability, the largest
+Lyapunov exponent and the leading ones, a trajectory and a bifurcation diagram. Slots
+may be shaped (a ``(C, H, W)`` feature map counts its ``C·H·W`` entries everywhere,
+flattened row-major as in ``m.pack``) and blocks may read several slots. The command
+line runs it as ``iternn analyze MAP``.
 
 The analysis runs on a float64 copy of the map in eval mode (dropout off); the map
 given is not modified. Every number depends only on the map, the state and ``seed``:
@@ -147,13 +151,19 @@ def _default_update(module: nn.Module) -> str:
     return "ordered" if isinstance(module, RNNMap) else "jacobi"
 
 
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
 def _state(bm: BlockMap, state: Mapping[str, Tensor] | None, seed: int,
            dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
-    """Batch-1 state in the analysis dtype: random normal from ``seed`` by default."""
+    """Batch-1 state ``(1, *shape)`` per slot in the analysis dtype: random normal from
+    ``seed`` by default (drawn as ``(1, n)`` per slot in slot order, then shaped)."""
     if state is None:
         gen = torch.Generator().manual_seed(seed % 2**64)
         return {s: torch.randn(1, n, generator=gen, dtype=torch.float64).to(dtype=dtype,
                                                                              device=device)
+                .reshape(1, *bm.shapes[s])
                 for s, n in bm.slots.items()}
     if not isinstance(state, Mapping):
         raise MapTypeError(f"state must be a dict slot -> tensor, got {type(state).__name__}")
@@ -163,17 +173,17 @@ def _state(bm: BlockMap, state: Mapping[str, Tensor] | None, seed: int,
             raise DynamicsError(f"state names unknown slot {s!r}; slots are {list(bm.slots)}")
         if not isinstance(v, Tensor) or not v.is_floating_point():
             raise MapTypeError(f"slot {s!r} of the state must be a floating tensor")
-        n = bm.slots[s]
-        if v.shape not in ((n,), (1, n)):
+        shape = bm.shapes[s]
+        if v.shape not in (shape, (1, *shape)):
             raise DynamicsError(
-                f"slot {s!r} of the state must have shape ({n},) or (1, {n}) "
-                f"(analyze takes one state), got {tuple(v.shape)}"
+                f"slot {s!r} of the state must have shape {_shape_text(shape)} or "
+                f"{_shape_text((1, *shape))} (analyze takes one state), got {tuple(v.shape)}"
             )
         if not bool(torch.isfinite(v).all()):
             raise DynamicsError(f"slot {s!r} of the state contains NaN or inf")
-        out[s] = v.detach().reshape(1, n).to(dtype=dtype, device=device)
-    for s, n in bm.slots.items():  # missing slots start at zero, as in iterate
-        out.setdefault(s, torch.zeros(1, n, dtype=dtype, device=device))
+        out[s] = v.detach().reshape(1, *shape).to(dtype=dtype, device=device)
+    for s, shape in bm.shapes.items():  # missing slots start at zero, as in iterate
+        out.setdefault(s, torch.zeros(1, *shape, dtype=dtype, device=device))
     return out
 
 
@@ -262,9 +272,9 @@ def analyze(
         out_dir: the report folder (created with its parents; a previous report in it
             — ``report.md`` and the pictures named in :data:`PICTURES` — is replaced,
             other files are left alone; nothing is written outside it).
-        state: the state the analyses start from, ``slot -> (n,)`` or ``(1, n)``
-            (missing slots are zero). Default: standard normal entries for every slot,
-            drawn from ``seed``.
+        state: the state the analyses start from, ``slot -> tensor`` of the slot's shape
+            or ``(1, *shape)`` (missing slots are zero). Default: standard normal entries
+            for every slot, drawn from ``seed``.
         seed: seeds the default state, the random perturbation directions, tangent
             bases and the fixed-point search's starting points.
         steps: applications for the trajectory and the Lyapunov average (default 400,
@@ -407,7 +417,9 @@ class _Analysis:
         rows = []
         for s, n in m.slots.items():
             act = m.activation(s)
-            rows.append([f"`{s}`", str(n), type(act).__name__ if act is not None else "identity",
+            shape = m.shapes[s]
+            size = str(n) if len(shape) == 1 else f"{n} = {'x'.join(map(str, shape))}"
+            rows.append([f"`{s}`", size, type(act).__name__ if act is not None else "identity",
                          "held" if s in self.hold else "free",
                          "yes" if m.bias(s) is not None else "no"])
         self.add(*_table(["slot", "size", "activation", "role", "slot bias"], rows))
@@ -420,7 +432,8 @@ class _Analysis:
             return
         rows = []
         for r in summ.rows:
-            block = f"`{r.dst} <- {r.src}`" if r.src is not None else f"bias `{r.dst}`"
+            src = r.src if r.src is None or isinstance(r.src, str) else ", ".join(r.src)
+            block = f"`{r.dst} <- {src}`" if r.src is not None else f"bias `{r.dst}`"
             if r.src is None and r.kind != "bias":
                 block = f"activation `{r.dst}`"
             rows.append([block, r.kind, f"{r.shape[0]}x{r.shape[1]}",
@@ -452,7 +465,51 @@ class _Analysis:
                  "initial state is felt for; `inf` with a cycle or a held input feeding a "
                  "block):", "")
         self.add(*_table(["iteration", "impulse-response length"], rows))
+        self.block_matrix()
         self.picture("structure.png", lambda p: plot_structure(self.m, p, hold=self.hold))
+
+    def block_matrix(self) -> None:
+        """Which blocks are linear, and the size and sparsity of each one's matrix
+        (:func:`~iternn.dynamics.matrix.block_matrix`); the whole of ``F`` when every
+        block is linear."""
+        from .matrix import block_matrix, linear_reason
+
+        m = self.m
+        if not m.edges:
+            return
+        rows = []
+        nnz_total, linear = 0, 0
+        for dst, src in m.edges:
+            srcs = (src,) if isinstance(src, str) else src
+            module = m.block(dst, src)
+            n_out, n_in = m.slots[dst], sum(m.slots[s] for s in srcs)
+            label = f"`{dst} <- {', '.join(srcs)}`"
+            row = [label, type(module).__name__, f"{n_out}x{n_in}"]
+            reason = linear_reason(module, len(srcs))
+            if reason is not None:
+                rows.append([*row, f"no: {reason}", "-", "-"])
+                continue
+            w, why = self.attempt(f"matrix of block {dst} <- {', '.join(srcs)}",
+                                  lambda d=dst, s=src: block_matrix(m, d, s))
+            if w is None:
+                rows.append([*row, "yes", f"not available: {why}", "-"])
+                continue
+            linear += 1
+            nnz = int(w._nnz())
+            nnz_total += nnz
+            rows.append([*row, "yes", f"{nnz:,}", _f(nnz / (n_out * n_in), 3)])
+        n = m.size
+        if linear == len(m.edges):
+            self.add("", f"Block matrix `F` (`iternn.as_matrix`): every block is linear, so `F` "
+                     f"is one {n}x{n} matrix over the packed state with {nnz_total:,} "
+                     f"non-zeros (density {_f(nnz_total / (n * n), 3)}); one application is "
+                     "`act(b + F z)`.", "")
+        else:
+            self.add("", f"Block matrix `F` (`iternn.as_matrix`): {linear} of {len(m.edges)} "
+                     "blocks are linear maps with a matrix, so `F` is not one matrix (the "
+                     "table says why for each other block).", "")
+        self.add(*_table(["block (dst <- src)", "module", "matrix", "linear", "non-zeros",
+                          "density"], rows))
 
     def impulse(self) -> None:
         from .plots import plot_impulse_response
@@ -568,7 +625,7 @@ class _Analysis:
             self.unavailable(why)
             return
         self.traj = traj
-        free = torch.cat([traj[s][:, 0] for s in self.free], dim=-1)  # (T, n_free)
+        free = torch.cat([traj[s][:, 0].flatten(1) for s in self.free], dim=-1)  # (T, n_free)
         finite = bool(torch.isfinite(free).all())
         rows = [["applications", str(self.steps)],
                 ["all values finite", "yes" if finite else "no"]]
@@ -580,7 +637,8 @@ class _Analysis:
             if free.shape[0] >= 2:
                 rows.append(["‖z_T − z_(T−1)‖", _f(torch.linalg.vector_norm(free[-1] - free[-2]))])
         self.add(*_table(["", "value"], rows))
-        path = {s: torch.cat([self.state[s].unsqueeze(0), traj[s]]) for s in self.free}
+        path = {s: torch.cat([self.state[s].unsqueeze(0), traj[s]]).flatten(2)
+                for s in self.free}  # (T + 1, 1, n) per slot
         self.picture("trajectory.png", lambda p: plot_trajectories(path, p))
 
     def fixed_points(self) -> None:
@@ -596,7 +654,7 @@ class _Analysis:
         res, why = self.attempt("fixed-point solve (Anderson)", solve)
         solved = None
         if res is not None and res[1].converged:
-            solved = torch.cat([res[0][s] for s in self.free], dim=-1).reshape(1, -1)
+            solved = torch.cat([res[0][s].reshape(1, -1) for s in self.free], dim=-1)
         if res is None:
             self.add(f"- Solve from the state (Anderson): not available: {why}")
         else:
@@ -653,7 +711,7 @@ class _Analysis:
         parts = [torch.randn(n_random, self.n_free, generator=gen, dtype=torch.float64)]
         free = None
         if self.traj is not None:
-            free = torch.cat([self.traj[s][:, 0] for s in self.free], dim=-1).cpu()
+            free = torch.cat([self.traj[s][:, 0].flatten(1) for s in self.free], dim=-1).cpu()
             free = free[torch.isfinite(free).all(dim=-1)]
         if free is not None and free.shape[0]:
             pick = torch.randint(free.shape[0], (n_traj,), generator=gen)
@@ -668,7 +726,7 @@ class _Analysis:
         off = 0
         for s in self.free:
             n = self.m.slots[s]
-            starts[s] = z[:, off:off + n]
+            starts[s] = z[:, off:off + n].reshape(-1, *self.m.shapes[s])
             off += n
         for s in self.hold:
             starts[s] = self.state[s]
