@@ -404,3 +404,20 @@ def test_bifurcation_bad_input_raises_named_errors():
         bifurcation_data(m, st, param_values=[float("nan")])
     with pytest.raises(DynamicsError, match="index"):
         bifurcation_data(m, st, param_values=[1.0], slot="y", index=1)
+
+
+def test_trajectory_of_shaped_slots_is_flattened_by_the_map(tmp_path):
+    from iternn.dynamics.plots import _trajectory_points
+
+    torch.manual_seed(0)
+    m = iternn.BlockMap({"x": (2, 4, 4), "h": (3, 4, 4)})
+    m.connect("h", "x", nn.Conv2d(2, 3, 3, padding=1))
+    m.connect("h", "h", nn.Conv2d(3, 3, 3, padding=1))
+    m.set_activation("h", nn.Tanh())
+    traj = iternn.iterate(m, {"x": torch.randn(5, 2, 4, 4)}, 6, hold=["x"], trajectory=True)
+    points, _ = _trajectory_points(traj, None, m)
+    assert points.shape == (6, 5, 32 + 48)
+    assert torch.equal(points[:, :, 32:], traj["h"].reshape(6, 5, 48).double())
+    assert plot_trajectories(traj, tmp_path / "t.png", map=m).exists()
+    with pytest.raises(iternn.DynamicsError, match=r"slot 'h' must be \(T, \*batch, 3, 4, 4\)"):
+        _trajectory_points({"h": torch.zeros(6, 5, 48)}, None, m)

@@ -542,8 +542,11 @@ def plot_impulse_response(
 
 
 # ---------------------------------------------------------------------------- trajectories
-def _trajectory_points(traj: Any, slots: Collection[str] | None) -> tuple[Tensor, str]:
-    """``(T, B, n)`` float64 from a tensor or a ``slot -> (T, *batch, n)`` trajectory."""
+def _trajectory_points(
+    traj: Any, slots: Collection[str] | None, map: BlockMap | None = None
+) -> tuple[Tensor, str]:
+    """``(T, B, n)`` float64 from a tensor or a ``slot -> (T, *batch, n)`` trajectory (with
+    ``map``, a slot's trailing dims are its shape, flattened)."""
     if isinstance(traj, Mapping):
         names = list(traj) if slots is None else list(slots)
         unknown = [s for s in names if s not in traj]
@@ -554,11 +557,13 @@ def _trajectory_points(traj: Any, slots: Collection[str] | None) -> tuple[Tensor
         parts = []
         for s in names:
             v = _tensor(traj[s], f"trajectory of slot {s!r}")
-            if v.dim() < 2:
+            shape = map.shapes[s] if map is not None and s in map.shapes else v.shape[-1:]
+            if v.dim() < 1 + len(shape) or tuple(v.shape[v.dim() - len(shape):]) != tuple(shape):
+                want = "(T, *batch, " + ", ".join(str(d) for d in shape) + ")"
                 raise DynamicsError(
-                    f"trajectory of slot {s!r} must be (T, *batch, n), got {tuple(v.shape)}"
+                    f"trajectory of slot {s!r} must be {want}, got {tuple(v.shape)}"
                 )
-            parts.append(v.reshape(v.shape[0], -1, v.shape[-1]))
+            parts.append(v.reshape(v.shape[0], -1, math.prod(shape)))
         shapes = {p.shape[:2] for p in parts}
         if len(shapes) != 1:
             raise DynamicsError("the slots' trajectories differ in length or batch")
@@ -608,18 +613,20 @@ def plot_trajectories(
     path: PathLike | None = None,
     *,
     slots: Collection[str] | None = None,
+    map: BlockMap | None = None,
     title: str | None = None,
 ) -> Figure | Path:
     """A trajectory (or several) projected to 2-D by PCA, coloured by time.
 
     ``traj_or_tensor``: a ``(T, n)`` or ``(T, *batch, n)`` tensor (time first, one curve
-    per batch element), or the ``slot -> (T, *batch, n)`` dict of
+    per batch element), or the ``slot -> (T, *batch, *shape)`` dict of
     ``iternn.iterate(..., trajectory=True)`` (the named ``slots``, default all, are
-    concatenated). The principal components are those of all points together
-    (``torch.linalg.svd``). A one-dimensional state is drawn as its return map
-    ``(z_t, z_{t+1})`` instead.
+    flattened and concatenated; pass the ``map`` for slots with a shape of more than one
+    dim, whose trailing dims are otherwise read as batch and features). The principal
+    components are those of all points together (``torch.linalg.svd``). A
+    one-dimensional state is drawn as its return map ``(z_t, z_{t+1})`` instead.
     """
-    x, what = _trajectory_points(traj_or_tensor, slots)
+    x, what = _trajectory_points(traj_or_tensor, slots, map)
     steps, batch, n = x.shape
     if steps == 0:
         raise DynamicsError("the trajectory is empty")
