@@ -857,14 +857,13 @@ class _Residual(nn.Module):
 
 
 def test_converted_cnn_impulse_length_fixed_point_and_jacobian():
-    module = pytest.importorskip("iternn.convert.module")
     torch.manual_seed(0)
     cnn = _SmallCNN().double().eval()
     with torch.no_grad():  # non-trivial running statistics
         cnn.bn.running_mean.uniform_(-0.5, 0.5)
         cnn.bn.running_var.uniform_(0.5, 2.0)
     x = torch.randn(2, 1, 6, 6, dtype=F64)
-    net = module.from_module(cnn, x)
+    net = iternn.from_module(cnn, x)
     m = net.map
     (inp,) = net.inputs
     out = net.outputs["output"]
@@ -897,11 +896,10 @@ def test_converted_cnn_impulse_length_fixed_point_and_jacobian():
 
 @pytest.mark.parametrize("skip, lags", [("x", [1, 3]), ("h", [2, 3])])
 def test_converted_residual_network_responds_at_each_path_length(skip, lags):
-    module = pytest.importorskip("iternn.convert.module")
     torch.manual_seed(0)
     model = _Residual(skip).double()
     x = torch.randn(2, 2, 5, 5, dtype=F64)
-    net = module.from_module(model, x)
+    net = iternn.from_module(model, x)
     m = net.map
     (inp,) = net.inputs
     out = net.outputs["output"]

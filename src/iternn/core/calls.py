@@ -37,7 +37,7 @@ def call_block(
     ``out_shape`` is the destination slot's shape when the block is called batch-flattened
     (see :func:`is_shaped`), ``None`` when it is called on the tensors as they are.
     """
-    if out_shape is None:
+    if out_shape is None or len(batch) == 1:  # already (B, *shape): nothing to flatten
         return module(*inputs, **kwargs) if kwargs else module(*inputs)
     nb, rows = len(batch), math.prod(batch)
     flat = [z.reshape(rows, *z.shape[nb:]) for z in inputs]

@@ -781,3 +781,6 @@ _structured(LowRankLinear, "iternn.LowRankLinear", "rank",
             lambda i, o, k: {"u": (o, k), "v": (k, i)})
 _structured(BlockDiagonalLinear, "iternn.BlockDiagonalLinear", "blocks",
             lambda i, o, k: {"weight": (k, o // k, i // k)})
+
+# from_module: its result, its blocks and the element-wise layers it folds.
+from . import module_codecs  # noqa: E402,F401
