@@ -503,3 +503,28 @@ def test_the_size_guard_checks_a_probed_block_as_it_goes(monkeypatch):
                                         r"from \d+ in the first \d+ of 3000 columns\)"):
         as_matrix(m)
     assert len(calls) <= 3  # the zero response and one chunk: refused after the first chunk
+
+
+def test_converted_concatenating_net_is_one_matrix():
+    """from_module's shape and placement blocks (flatten, cat) declare themselves linear."""
+
+    class Dense(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+            self.b = nn.Conv2d(5, 2, 1, bias=False)
+            self.out = nn.Linear(2 * 16, 3, bias=False)
+
+        def forward(self, x):
+            h = torch.cat([x, self.a(x)], dim=1)
+            return self.out(torch.flatten(self.b(h), 1))
+
+    torch.manual_seed(0)
+    net = iternn.from_module(Dense().double(), torch.randn(2, 2, 4, 4, dtype=torch.float64))
+    m = net.map
+    w = as_matrix(m)
+    g = torch.Generator().manual_seed(1)
+    z = {s: torch.randn(3, *shape, generator=g, dtype=torch.float64) for s, shape in m.shapes.items()}
+    one = m(z)
+    torch.testing.assert_close(m.pack(z) @ w.to_dense().t(), m.pack(one), rtol=0, atol=1e-12)
+    assert any(type(b).__name__ == "Place" for b in m.blocks.values())

@@ -111,6 +111,7 @@ class Reshape(nn.Module):
     (``view``, ``reshape``, ``flatten``, ``unflatten``, ``squeeze``, ``unsqueeze``)."""
 
     samplewise = True
+    linear = True  # a 0/1 matrix over the flattened slots
 
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -130,6 +131,7 @@ class Permute(nn.Module):
     """``F[d, s]``: the sample dims reordered, ``out dim i = in dim perm[i]``."""
 
     samplewise = True
+    linear = True  # a 0/1 matrix over the flattened slots
 
     def __init__(self, perm: tuple[int, ...]) -> None:
         super().__init__()
@@ -150,6 +152,7 @@ class Broadcast(nn.Module):
     of the same rank (``expand``; the identity-like block of a broadcasting sum)."""
 
     samplewise = True
+    linear = True  # a 0/1 matrix over the flattened slots
 
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -188,6 +191,7 @@ class Index(nn.Module):
     """
 
     samplewise = True
+    linear = True  # a 0/1 matrix over the flattened slots
 
     def __init__(self, in_shape: tuple[int, ...], index: list | tuple) -> None:
         super().__init__()
@@ -223,6 +227,7 @@ class Place(nn.Module):
     """
 
     samplewise = True
+    linear = True  # a 0/1 matrix over the flattened slots
 
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], dim: int,
                  ranges: list | tuple) -> None:
