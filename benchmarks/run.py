@@ -4,14 +4,16 @@ Run ``make bench`` (or ``.venv/bin/python benchmarks/run.py``). Options:
 
     --quick          smoke run: small sizes, few repetitions (< 30 s)
     --case NAME      run only this case (repeatable): a case ("mlp_large", "mlp_small",
-                     "rnn") or one mode of it ("mlp_large/fwd", "rnn/fwdbwd")
+                     "rnn", "resnet", "lstm", "gru") or one mode of it ("mlp_large/fwd",
+                     "rnn/fwdbwd")
     --reps N         repetitions per case (default 11 full, 3 quick; at least 5 in full)
     --json FILE      also write the results as JSON to FILE
     --list           list the cases and exit
 
 Every case compares, INTERLEAVED inside each repetition (A, B, C, then the next
-repetition in a rotated order), the torch module, the iternn map and a naive reference:
-the whole state packed into one vector, one dense N x N matrix, iterated. Each
+repetition in a rotated order), the torch module, the iternn map and, for the MLP and
+RNN cases, a naive reference: the whole state packed into one vector, one dense N x N
+matrix, iterated. The CNN, LSTM and GRU cases run at 2 threads. Each
 repetition times a few calls with ``time.perf_counter`` after warm-up; the reported
 ratio is the median over repetitions of (impl time / torch time) in that repetition,
 so slow drifts of this noisy shared machine cancel. See benchmarks/README.md.
@@ -325,6 +327,81 @@ def rnn_case(name: str, n_in: int, H: int, batch: int, T: int, seed: int = 0):
     return impls, checks
 
 
+class _BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the shortcut (identity, or a strided 1x1 conv + BN)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.short = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out else nn.Identity()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.short(x))
+
+
+def resnet(widths: tuple[int, ...] = (16, 32), classes: int = 10) -> nn.Sequential:
+    """A ResNet-style CNN for 3x32x32 inputs: stem, one basic block per width (stride 2
+    from the second on), global average pooling, a linear classifier."""
+    layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1, bias=False),
+                               nn.BatchNorm2d(widths[0]), nn.ReLU()]
+    c = widths[0]
+    for i, w in enumerate(widths):
+        layers.append(_BasicBlock(c, w, 1 if i == 0 else 2))
+        c = w
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes)]
+    return nn.Sequential(*layers)
+
+
+def resnet_case(name: str, widths: tuple[int, ...], batch: int, seed: int = 0):
+    """A ResNet-style CNN (train mode: BatchNorm batch statistics) vs iternn.from_module."""
+    torch.manual_seed(seed)
+    model = resnet(widths)
+    x = torch.randn(batch, 3, 32, 32)
+    net = iternn.from_module(model, x)  # a converter that fails or disagrees fails the benchmark
+    model.eval()
+    net.eval()
+    with torch.no_grad():
+        checks = [_check(f"{name}: from_module vs source (eval)", net(x), model(x), 1e-4)]
+    model.train()
+    net.train()
+    impls = {
+        "fwd": [Impl("torch", _fwd(lambda: model(x))), Impl("iternn", _fwd(lambda: net(x)))],
+        "fwdbwd": [Impl("torch", _fwdbwd(lambda: model(x), model)),
+                   Impl("iternn", _fwdbwd(lambda: net(x), net))],
+    }
+    return impls, checks
+
+
+def gated_case(name: str, cell: str, n_in: int, H: int, layers: int, batch: int, T: int,
+               seed: int = 0):
+    """nn.LSTM / nn.GRU vs iternn.from_lstm / iternn.from_gru (the forced gate maps)."""
+    torch.manual_seed(seed)
+    source = (nn.LSTM if cell == "lstm" else nn.GRU)(n_in, H, num_layers=layers)
+    convert = iternn.from_lstm if cell == "lstm" else iternn.from_gru
+    net = convert(source)
+    xs = torch.randn(T, batch, n_in)
+    with torch.no_grad():
+        checks = [_check(f"{name}: {convert.__name__} vs nn.{type(source).__name__}",
+                         net(xs)[0], source(xs)[0], 1e-5)]
+    impls = {
+        "fwd": [Impl("torch", _fwd(lambda: source(xs)[0])), Impl("iternn", _fwd(lambda: net(xs)[0]))],
+        "fwdbwd": [Impl("torch", _fwdbwd(lambda: source(xs)[0], source)),
+                   Impl("iternn", _fwdbwd(lambda: net(xs)[0], net))],
+    }
+    return impls, checks
+
+
+#: Threads for the cases that fix them (the others run at torch's default).
+THREADS = {"resnet": 2, "lstm": 2, "gru": 2}
+
 # name -> (builder, full kwargs, quick kwargs, description, targets per mode)
 CASES = {
     "mlp_large": (
@@ -347,6 +424,27 @@ CASES = {
         dict(n_in=64, H=128, batch=32, T=25),
         "RNN tanh input {n_in}, hidden {H}, batch {batch}, T {T}, float32",
         {"fwd": 1.0, "fwdbwd": 1.15},
+    ),
+    "resnet": (
+        resnet_case,
+        dict(widths=(16, 32), batch=32),
+        dict(widths=(8, 16), batch=8),
+        "ResNet-style CNN 3x32x32, widths {widths}, batch {batch}, train mode, float32, 2 threads",
+        {"fwd": None, "fwdbwd": 1.10},
+    ),
+    "lstm": (
+        gated_case,
+        dict(cell="lstm", n_in=64, H=128, layers=2, batch=32, T=50),
+        dict(cell="lstm", n_in=16, H=32, layers=2, batch=8, T=10),
+        "nn.LSTM({n_in}, {H}, num_layers={layers}), batch {batch}, T {T}, float32, 2 threads",
+        {"fwd": 1.15, "fwdbwd": 1.30},
+    ),
+    "gru": (
+        gated_case,
+        dict(cell="gru", n_in=64, H=128, layers=2, batch=32, T=50),
+        dict(cell="gru", n_in=16, H=32, layers=2, batch=8, T=10),
+        "nn.GRU({n_in}, {H}, num_layers={layers}), batch {batch}, T {T}, float32, 2 threads",
+        {"fwd": 1.15, "fwdbwd": 1.30},
     ),
 }
 MODES = ("fwd", "fwdbwd")
@@ -383,7 +481,7 @@ def print_table(rows: list[Result], desc: str) -> None:
             bratio = f"{r.best_ratio:.2f}"
             tgt = f"<={r.target:.2f}" if r.target is not None else "-"
             if r.target is None:
-                verdict = "(reference)"
+                verdict = "(reference)" if r.impl != "iternn" else "(no target)"
             else:
                 verdict = "MEETS" if r.ratio <= r.target else "MISSES"
                 if _noisy(r):
@@ -458,9 +556,11 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     all_checks = []
     done: list[tuple[str, str, int]] = []
+    default_threads = torch.get_num_threads()
     for case in dict.fromkeys(c for c, _ in wanted):
         builder, full, quick, desc, targets = CASES[case]
         kwargs = quick if args.quick else full
+        torch.set_num_threads(THREADS.get(case, default_threads))
         print(f"== {case}: {desc.format(**kwargs)}")
         impls_by_mode, checks = builder(case, **kwargs)
         all_checks += checks
@@ -476,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             best_base = data[impls[0].name][2]
             for impl in impls:
                 ts, rs, best = data[impl.name]
-                tgt = targets[mode] if impl.name == "iternn" else None
+                tgt = targets.get(mode) if impl.name == "iternn" else None
                 rows.append(Result(
                     case, mode, impl.name, tgt, statistics.median(ts), statistics.median(rs),
                     (_quantile(rs, 0.25), _quantile(rs, 0.75)), best, best / best_base,

@@ -747,13 +747,12 @@ def _torch_step_jacobian(net: nn.Module, x: Tensor, state: dict, layers: int, ce
 
 
 def test_converted_lstm_fixed_point_spectrum_and_lyapunov_match_torch():
-    gated = pytest.importorskip("iternn.convert.gated")
     torch.manual_seed(0)
     lstm = nn.LSTM(3, 4, num_layers=2, dtype=F64)
     with torch.no_grad():
         for p in lstm.parameters():
             p.mul_(0.7)
-    net = gated.from_lstm(lstm)
+    net = iternn.from_lstm(lstm)
     assert net.map.impulse_response_length() == math.inf
     x = torch.randn(3, dtype=F64)
     with torch.no_grad():  # the torch LSTM run long on a constant input: its fixed point
@@ -804,10 +803,9 @@ def _torch_lyapunov(net, seq, k, warmup, layers, cell):
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_converted_gated_maps_driven_lyapunov_agrees_with_torch(kind):
-    gated = pytest.importorskip("iternn.convert.gated")
     torch.manual_seed(1)
     net = (nn.LSTM if kind == "lstm" else nn.GRU)(3, 4, dtype=F64)
-    conv = gated.from_lstm(net) if kind == "lstm" else gated.from_gru(net)
+    conv = iternn.from_lstm(net) if kind == "lstm" else iternn.from_gru(net)
     seq = torch.randn(120, 3, dtype=F64)
     want = _torch_lyapunov(net, seq, 2, 60, 1, kind == "lstm")
     got = lyapunov_spectrum(conv, {"h1": torch.zeros(4, dtype=F64)}, force={"x": seq},

@@ -19,6 +19,12 @@ schedule differs:
 * :class:`StepPlan` — one application at a time (inner applications per forcing step,
   unforced cyclic maps such as equilibrium iterations).
 
+A cyclic component of an ordered forced map can be run whole by a *component kernel*
+(:func:`register_component_kernel`): a converter that knows a cell's structure (the
+LSTM and GRU maps register one) computes the component's trajectories in one tight
+loop with a hand-written backward; a kernel recognises its whole component and declines
+anything else, which then takes the generic step loop.
+
 Blocks that share a destination are combined: the first plain ``nn.Linear`` block takes
 the slot bias into its matmul and later ones accumulate with ``addmm``, so a
 destination costs one fused GEMM per block and no extra additions. Plain ``nn.Linear``
@@ -45,7 +51,14 @@ from ..core.graph import BlockGraph
 from ..core.rowwise import is_rowwise, is_samplewise
 from ..core.state import parameter_spec
 
-__all__ = ["Destination", "Wavefront", "SequencePlan", "StepPlan", "compile_destinations"]
+__all__ = [
+    "Destination",
+    "Wavefront",
+    "SequencePlan",
+    "StepPlan",
+    "compile_destinations",
+    "register_component_kernel",
+]
 
 
 @dataclass(frozen=True)
@@ -353,6 +366,12 @@ class SequencePlan:
             if fast is not None:
                 self._record(comp.dests[0].slot, fast, init, reads, traj)
                 continue
+            if self.ordered:
+                whole = _component_kernel(comp, drives, init, batch, steps, kwargs)
+                if whole is not None:
+                    for d in comp.dests:
+                        self._record(d.slot, whole[d.slot], init, reads, traj)
+                    continue
             # Per destination: the drive's steps (a time-varying drive), or one tensor
             # that every step reads (held sources and biases only), or None.
             timed: list[tuple[Tensor, ...] | None] = []
@@ -470,3 +489,39 @@ def _recurrence(
             h = act(h)
         outs.append(h)
     return torch.stack(outs)
+
+
+#: Whole-component kernels, tried in registration order (see register_component_kernel).
+_COMPONENT_KERNELS: list = []
+
+
+def register_component_kernel(kernel) -> None:
+    """Let ``kernel`` run whole cyclic components of ordered sequence plans.
+
+    ``kernel(comp, drives, init, batch, steps, kwargs)`` is called for every cyclic
+    component of a :class:`SequencePlan` with ``update="ordered"`` that the one-slot
+    :func:`_recurrence` loop does not take, before the generic step loop. ``comp`` has
+    ``dests`` (the component's destinations in slot order), ``internal``
+    (per destination, the terms reading inside the component; plain-linear ones with
+    ``skip_bias`` have their bias in the drive) and ``outside``; ``drives[i]`` is the
+    external drive of ``dests[i]`` (``(steps, *batch, *shape)``, a tensor every step
+    reads, or ``None``), ``init`` the state before the first step. It returns the
+    trajectory ``(steps, *batch, *shape)`` of every destination, exactly what the
+    Gauss-Seidel step loop computes (values and gradients), or ``None`` to decline: it
+    must recognise the whole component (every block, activation, drive and
+    ``block_kwargs`` entry) and decline anything else. A kernel registered twice is
+    kept once.
+    """
+    if kernel not in _COMPONENT_KERNELS:
+        _COMPONENT_KERNELS.append(kernel)
+
+
+def _component_kernel(
+    comp: _Component, drives: list, init: Mapping[str, Tensor], batch: tuple, steps: int, kwargs
+) -> dict[str, Tensor] | None:
+    """The first registered kernel's trajectories for ``comp``, or ``None``."""
+    for kernel in _COMPONENT_KERNELS:
+        out = kernel(comp, drives, init, batch, steps, kwargs)
+        if out is not None:
+            return out
+    return None

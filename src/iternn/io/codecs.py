@@ -2,10 +2,14 @@
 
 Torch modules (``Linear``, ``LayerNorm``, the element-wise activations, ``Dropout``,
 ``Sequential``, ``ModuleList``, ``ModuleDict``, ``TransformerEncoderLayer``,
-``TransformerEncoder``), iternn's maps (``BlockMap``, ``MapModule``), the converter
-results (``RNNMap``, ``LiftedRNN``, ``TransformerMap``, ``EncoderLayerBlock``) and the
-sparse and structured blocks (``SparseLinear``, ``MaskedLinear``, ``DiagonalLinear``,
-``LowRankLinear``, ``BlockDiagonalLinear``).
+``TransformerEncoder``, convolutions, transposed convolutions, batch and group
+normalisation, pooling, ``Flatten``/``Unflatten``, ``Embedding``, ``Softmax``), iternn's
+maps (``BlockMap``, ``MapModule``), the converter results (``RNNMap``, ``LiftedRNN``,
+``TransformerMap``, ``EncoderLayerBlock``; ``ModuleMap`` and the blocks of
+:mod:`iternn.convert.ops` in :mod:`~iternn.io.module_codecs`; ``LSTMMap``, ``GRUMap``
+and their gate blocks ``CellUpdate``, ``OutputGate``, ``ResetLinear``, ``GatedMix`` in
+:mod:`~iternn.io.gated_codecs`) and the sparse and structured blocks (``SparseLinear``,
+``MaskedLinear``, ``DiagonalLinear``, ``LowRankLinear``, ``BlockDiagonalLinear``).
 
 Every decode reads its config through :class:`Config`, which refuses missing or
 unexpected fields and values of the wrong type or range, naming the field. Decodes run
@@ -782,5 +786,6 @@ _structured(LowRankLinear, "iternn.LowRankLinear", "rank",
 _structured(BlockDiagonalLinear, "iternn.BlockDiagonalLinear", "blocks",
             lambda i, o, k: {"weight": (k, o // k, i // k)})
 
-# from_module: its result, its blocks and the element-wise layers it folds.
-from . import module_codecs  # noqa: E402,F401
+# The converters' results and blocks: from_module (and the element-wise layers it
+# folds), from_lstm and from_gru.
+from . import gated_codecs, module_codecs  # noqa: E402,F401
