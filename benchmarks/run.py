@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="write results as JSON to FILE")
     ap.add_argument("--list", action="store_true", help="list cases and exit")
     ap.add_argument("--budget", type=float, default=None, metavar="S",
-                    help="seconds of timing for the whole run (default 110; 15 with --quick): "
+                    help="seconds of timing for the whole run (default 160; 15 with --quick): "
                          "repetitions are cut to fit, never below 5 (3 quick)")
     args = ap.parse_args(argv)
     if args.list:
@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = 2 if args.quick else 3
     max_calls = 200
     min_reps = min(reps, 3 if args.quick else 5)
-    budget_s = args.budget if args.budget is not None else (15.0 if args.quick else 110.0)
+    budget_s = args.budget if args.budget is not None else (15.0 if args.quick else 160.0)
 
     t_start = time.perf_counter()
     print(

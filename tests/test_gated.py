@@ -701,3 +701,120 @@ def test_constructor_rejects_bad_arguments():
         GRUMap(3, 4, num_layers=0)
     with pytest.raises(iternn.MapTypeError, match="hidden_size"):
         LSTMMap(3, 4.0)
+
+
+# --------------------------------------------------------------------------- native cell
+from iternn.convert import lstm_native  # noqa: E402
+
+needs_native = pytest.mark.skipif(not lstm_native.available(),
+                                  reason="native LSTM cell kernel unavailable")
+
+
+def _cell_reference(g4: torch.Tensor, c_prev: torch.Tensor):
+    i, f, o = (x.sigmoid() for x in g4[:3])
+    g = g4[3].tanh()
+    c = f * c_prev + i * g
+    return torch.stack([i, f, o, g]), c, o * c.tanh()
+
+
+@needs_native
+@pytest.mark.parametrize("B,H", [(1, 1), (3, 5), (2, 8), (32, 128), (7, 13)])
+def test_native_cell_matches_torch_ops_to_float_rounding(B, H):
+    g = torch.Generator().manual_seed(B * 100 + H)
+    g4 = torch.randn(4, B, H, generator=g) * 4
+    special = torch.tensor([0.0, -0.0, 100.0, -100.0, 1e-30, -1e-30, 0.6249, 0.6251, 90.0, -90.0])
+    k = min(special.numel(), g4.numel())
+    g4.view(-1)[:k] = special[:k]
+    c_prev = torch.randn(B, H, generator=g) * 3
+    want_g, want_c, want_h = _cell_reference(g4.double(), c_prev.double())
+    c_out, h_out = torch.empty(B, H), torch.empty(B, H)
+    got = g4.clone()
+    lstm_native.cell(got, c_prev, c_out, h_out)
+    def rel(a, b):  # error relative to max(1, |value|): float32 rounding is ~6e-8
+        return ((a.double() - b).abs() / b.abs().clamp_min(1)).max().item()
+
+    assert rel(got, want_g) <= 3e-7 and rel(c_out, want_c) <= 4e-7 and rel(h_out, want_h) <= 4e-7
+    assert torch.isfinite(got).all() and torch.isfinite(h_out).all()
+
+
+@needs_native
+def test_native_cell_propagates_nan_and_saturates_at_infinity():
+    g4 = torch.tensor([[math.nan, math.inf, -math.inf, 0.0]]).expand(4, 4).reshape(4, 1, 4).clone()
+    c_prev = torch.tensor([[0.5, 0.5, 0.5, math.nan]])
+    c_out, h_out = torch.empty(1, 4), torch.empty(1, 4)
+    lstm_native.cell(g4, c_prev, c_out, h_out)
+    want_g, want_c, want_h = _cell_reference(g4.new_tensor([[math.nan, math.inf, -math.inf, 0.0]])
+                                             .expand(4, 4).reshape(4, 1, 4), c_prev)
+    for a, b in ((g4, want_g), (c_out, want_c), (h_out, want_h)):
+        assert torch.equal(a.isnan(), b.isnan())
+        assert torch.allclose(a.nan_to_num(), b.nan_to_num(), atol=1e-6)
+
+
+@needs_native
+def test_native_cell_rejects_bad_operands():
+    g4, c, co, ho = torch.zeros(4, 2, 3), torch.zeros(2, 3), torch.empty(2, 3), torch.empty(2, 3)
+    with pytest.raises(iternn.MapTypeError, match="float32"):
+        lstm_native.cell(g4.double(), c, co, ho)
+    with pytest.raises(iternn.MapTypeError, match="c_prev"):
+        lstm_native.cell(g4, [0.0], co, ho)
+    with pytest.raises(iternn.MapError, match="contiguous"):
+        lstm_native.cell(g4, torch.zeros(3, 2).t(), co, ho)
+    with pytest.raises(iternn.MapError, match="sizes"):
+        lstm_native.cell(torch.zeros(3, 2, 3), c, co, ho)
+    with pytest.raises(iternn.MapError, match="sizes"):
+        lstm_native.cell(g4, c, torch.empty(2, 4), ho)
+    with pytest.raises(iternn.MapError, match="overlap"):
+        lstm_native.cell(g4, c, co, co)
+    with pytest.raises(iternn.MapError, match="overlap"):
+        lstm_native.cell(g4, g4[0], co, ho)
+    with pytest.raises(iternn.MapError):
+        lstm_native.cell(torch.zeros(0), torch.zeros(0), torch.empty(0), torch.empty(0))
+
+
+@needs_native
+@pytest.mark.parametrize("proj", [0, 3])
+@pytest.mark.parametrize("shape", [(5, 4, 6), (3, 1, 16), (4, 7)])
+def test_native_inference_path_matches_the_torch_op_path(monkeypatch, proj, shape):
+    """float32 no-grad forward: the native cell path equals the torch-op kernel path
+    (and nn.LSTM) to float rounding; the autograd path does not use it."""
+    torch.manual_seed(1)
+    src = nn.LSTM(shape[-1], 6, num_layers=2, proj_size=proj)
+    net = from_lstm(src)
+    x = torch.randn(*shape)
+    calls = []
+    real = gated._lstm_loop_native
+    monkeypatch.setattr(gated, "_lstm_loop_native", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        out, (h, c) = net(x)
+        want, (wh, wc) = src(x)
+    assert len(calls) == 2
+    monkeypatch.setattr(lstm_native, "library", lambda: None)
+    with torch.no_grad():
+        ref, (rh, rc) = net(x)
+    assert len(calls) == 2  # the torch-op path
+    for a, b, w in ((out, ref, want), (h, rh, wh), (c, rc, wc)):
+        assert maxdiff(a, b) <= 1e-6 and maxdiff(a, w) <= 1e-5
+    calls.clear()
+    monkeypatch.undo()
+    monkeypatch.setattr(gated, "_lstm_loop_native", lambda *a: calls.append(1) or real(*a))
+    y, _ = net(x)  # autograd: the unchanged differentiable kernel
+    assert not calls and y.requires_grad and maxdiff(y.detach(), ref) <= 1e-6
+
+
+def test_native_off_by_environment(monkeypatch):
+    monkeypatch.setenv("ITERNN_NATIVE", "0")
+    lstm_native._reset()
+    try:
+        assert not lstm_native.available()
+        assert "ITERNN_NATIVE=0" in lstm_native.status().reason
+        with pytest.raises(iternn.NativeBuildError, match="unavailable"):
+            lstm_native.cell(torch.zeros(4, 1, 1), torch.zeros(1, 1), torch.empty(1, 1),
+                             torch.empty(1, 1))
+        torch.manual_seed(0)
+        src = nn.LSTM(3, 4)
+        x = torch.randn(2, 3)
+        with torch.no_grad():  # the torch-op path
+            assert maxdiff(from_lstm(src)(x)[0], src(x)[0]) <= 1e-5
+    finally:
+        monkeypatch.undo()
+        lstm_native._reset()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from iternn.core import native as core_native
 from iternn.sparse import kernels, native
 from iternn.sparse.kernels import NativeSparseLinearFunction, csr_kernel_for, csr_pattern, sparse_linear
 from iternn.sparse.linear import SparseLinear
@@ -53,7 +54,7 @@ def test_build_is_cached_and_keyed_by_cpu(fresh_native, monkeypatch):
     stamp = first.stat().st_mtime_ns
     assert fresh_native.build() == first and first.stat().st_mtime_ns == stamp  # reused
     # another CPU (as seen by -march=native) gets its own build, never this one
-    monkeypatch.setattr(fresh_native, "_cpu_signature", lambda: "x86_64\nflags: something else")
+    monkeypatch.setattr(core_native, "cpu_signature", lambda: "x86_64\nflags: something else")
     other = fresh_native.build()
     assert other != first and other.exists()
     assert not any(p.suffix == ".tmp" for p in first.parent.iterdir())  # atomic writes

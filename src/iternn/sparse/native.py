@@ -8,13 +8,10 @@ the operand cache-resident (``csr_kernels.c`` explains the layout;
 ``benchmarks/README.md`` has the measurements: 1.9-2.7x the torch.sparse path on a 4096 x
 4096 block, batch 256, forward + backward).
 
-The library is compiled on first use (about a second) with ``$CC`` (else ``cc``,
-``gcc`` or ``clang`` from ``PATH``), ``-O3 -march=native`` and OpenMP where the
-compiler has them, into the cache folder: ``$ITERNN_CACHE_DIR``, else
-``$XDG_CACHE_HOME/iternn``, else ``~/.cache/iternn``. The file name carries a hash of
-the source, the compiler, its flags and this CPU's model and features, so a cache shared
-between different machines never loads a build made for another CPU. Writes are
-atomic (a temporary file renamed into place), so processes starting together are safe.
+The library is compiled on first use (about a second) with ``-O3 -march=native`` and
+OpenMP where the compiler has them, and cached in :func:`cache_dir`
+(``$ITERNN_CACHE_DIR``, else ``~/.cache/iternn``) per source, compiler and CPU, as
+:mod:`iternn.core.native` describes.
 
 They use ``torch.get_num_threads()`` threads, except in a process forked after they
 ran (OpenMP's thread pool does not survive ``fork``), where they run on one thread.
@@ -27,21 +24,13 @@ When a build fails, iternn warns once and falls back; :func:`status` says why, a
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..core.native import CSource, NativeLoader, NativeStatus, cache_dir, compiler, open_library
 from ..errors import MapError, MapTypeError, NativeBuildError, PatternError, SizeError
 from .checks import check_csr_buffers, ensure_csr_pattern
 
@@ -66,132 +55,22 @@ _FLAG_SETS = (
     ("-O3", "-march=native"),  # a compiler without OpenMP (Apple's clang): one thread
     ("-O3",),
 )
-_COMMON_FLAGS = ("-std=c11", "-shared", "-fPIC")
-
-
-@dataclass(frozen=True)
-class NativeStatus:
-    """Whether the native kernels are in use, and why not when they are not."""
-
-    available: bool
-    reason: str  # "loaded", "disabled by ITERNN_NATIVE=0", or the build/load error
-    path: Path | None = None
-    flags: tuple[str, ...] = ()
-
-    @property
-    def openmp(self) -> bool:
-        """Built with OpenMP (multi-threaded)."""
-        return "-fopenmp" in self.flags
-
-
-def cache_dir() -> Path:
-    """Folder of compiled libraries: ``$ITERNN_CACHE_DIR``, ``$XDG_CACHE_HOME/iternn``
-    or ``~/.cache/iternn``."""
-    if os.environ.get("ITERNN_CACHE_DIR"):
-        return Path(os.environ["ITERNN_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "iternn"
-
-
-def _compiler() -> str | None:
-    cc = os.environ.get("CC")
-    if cc:
-        return cc
-    for name in ("cc", "gcc", "clang"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-def _cpu_signature() -> str:
-    """Machine, CPU model and feature flags: what ``-march=native`` compiles for."""
-    parts = [platform.machine()]
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key = line.split(":", 1)[0].strip()
-                if key in ("model name", "flags", "Features", "CPU part"):
-                    parts.append(line.strip())
-                if len(parts) >= 4:
-                    break
-    except OSError:
-        parts.append(platform.processor())
-    return "\n".join(parts)
-
-
-@functools.cache
-def _compiler_version(cc: str) -> str:
-    try:
-        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def _library_path(cc: str, flags: tuple[str, ...]) -> Path:
-    h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cc.encode(), " ".join(flags).encode(),
-                 _compiler_version(cc).encode(), _cpu_signature().encode()):
-        h.update(part)
-        h.update(b"\0")
-    suffix = ".dll" if os.name == "nt" else ".so"
-    return cache_dir() / f"csr_kernels-{h.hexdigest()[:16]}{suffix}"
-
-
-def _compile(cc: str, flags: tuple[str, ...], target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        cmd = [cc, *flags, *_COMMON_FLAGS, str(SOURCE), "-o", tmp]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as e:
-            raise NativeBuildError(f"cannot run the C compiler {cc!r}: {e}") from None
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-8:]
-            raise NativeBuildError(f"`{' '.join(cmd)}` failed:\n" + "\n".join(tail))
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _build(force: bool) -> tuple[Path, tuple[str, ...]]:
-    cc = _compiler()
-    if cc is None:
-        raise NativeBuildError("no C compiler found (set CC, or install cc/gcc/clang)")
-    errors = []
-    for flags in _FLAG_SETS:
-        path = _library_path(cc, flags)
-        if path.exists() and not force:
-            return path, flags
-        try:
-            _compile(cc, flags, path)
-            return path, flags
-        except NativeBuildError as e:
-            errors.append(str(e))
-    raise NativeBuildError("\n".join(errors))
+_SOURCE = CSource(SOURCE, "csr_kernels", _FLAG_SETS)
+_compiler, _compile = compiler, _SOURCE.compile  # a build with any flag set (tests)
 
 
 def build(*, force: bool = False) -> Path:
     """Compile the kernels (unless a build for this source, compiler and CPU is cached,
     or ``force``) and return the library's path. Tries ``-march=native`` with OpenMP,
     then without OpenMP, then plain ``-O3``. Raises :class:`NativeBuildError`."""
-    return _build(force)[0]
+    return _SOURCE.build(force=force)[0]
 
 
 class _Library:
     """The loaded shared library with typed entry points."""
 
     def __init__(self, path: Path, flags: tuple[str, ...]) -> None:
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as e:
-            raise NativeBuildError(f"cannot load {path}: {e}") from None
-        if lib.iternn_kernels_abi() != _ABI:
-            raise NativeBuildError(f"{path} has interface {lib.iternn_kernels_abi()}, expected {_ABI}")
+        lib = open_library(path, "iternn_kernels_abi", _ABI)
         i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         self.spmm = {}
         self.sdd = {}
@@ -209,48 +88,14 @@ class _Library:
         self._handle = lib
 
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}
+_loader = NativeLoader(_SOURCE, _Library, "iternn: the native CSR kernels are unavailable, "
+                       "using torch.sparse instead (slower).")
+_state = _loader.state  # the remembered outcome (tests save and restore it)
 
-
-def _load() -> tuple[_Library | None, NativeStatus]:
-    if os.environ.get("ITERNN_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
-        return None, NativeStatus(False, "disabled by ITERNN_NATIVE=0")
-    try:
-        path, flags = _build(force=False)
-        lib = _Library(path, flags)
-    except NativeBuildError as e:
-        warnings.warn(f"iternn: the native CSR kernels are unavailable, using torch.sparse "
-                      f"instead (slower). Reason: {e}", RuntimeWarning, stacklevel=3)
-        return None, NativeStatus(False, str(e))
-    return lib, NativeStatus(True, "loaded", path, flags)
-
-
-def library() -> _Library | None:
-    """The loaded kernels (built on first call), or None when unavailable (see
-    :func:`status`). The outcome is remembered for the process."""
-    if "lib" not in _state:
-        with _lock:
-            if "lib" not in _state:
-                _state["lib"], _state["status"] = _load()
-    return _state["lib"]  # type: ignore[return-value]
-
-
-def status() -> NativeStatus:
-    """Whether the native kernels are in use (loads them on first call)."""
-    library()
-    return _state["status"]  # type: ignore[return-value]
-
-
-def available() -> bool:
-    """True when the native kernels are loaded and in use."""
-    return library() is not None
-
-
-def _reset() -> None:
-    """Forget the loaded library (tests: to re-read the environment)."""
-    with _lock:
-        _state.clear()
+#: The loaded kernels (built on first call) or None; whether they are in use and why not;
+#: True when they are in use. Each outcome is remembered for the process.
+library, status, available = _loader.library, _loader.status, _loader.available
+_reset = _loader.reset  # forget the outcome (tests: to re-read the environment)
 
 
 # ----------------------------------------------------------------------------- calls
@@ -262,7 +107,7 @@ _forked = False
 
 def _after_fork_in_child() -> None:
     global _forked
-    _forked = "lib" in _state
+    _forked = _loader.loaded
 
 
 if hasattr(os, "register_at_fork"):
