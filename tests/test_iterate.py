@@ -528,3 +528,34 @@ def test_ordered_update_is_gauss_seidel_inside_a_cycle(forced):
         got = {s: torch.stack([st_[s] for st_ in steps]) for s in ("a", "b")}
     assert torch.allclose(got["a"], torch.stack(want_a), atol=1e-12, rtol=0)
     assert torch.allclose(got["b"], torch.stack(want_b), atol=1e-12, rtol=0)
+
+
+def test_wavefront_with_keep_drops_what_nobody_reads_afterwards():
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    m = iternn.BlockMap({"x": 3, "a": 4, "b": 4, "c": 4, "y": 2})
+    m.connect("a", "x", nn.Linear(3, 4))
+    m.connect("b", "a", nn.Linear(4, 4))
+    m.connect("c", "b", nn.Linear(4, 4))
+    m.connect("y", "c", nn.Linear(4, 2))
+    m.connect("y", "b", nn.Linear(4, 2))  # b is read twice: it lives until y is computed
+    m.set_activation("b", nn.Tanh())
+    wave = iternn.engine.wavefront_plan(m, frozen=frozenset({"x"}))
+    x = torch.randn(5, 3)
+    refs, alive = {}, {}
+    m.block("b", "a").register_forward_pre_hook(lambda mod, args: refs.update(a=weakref.ref(args[0])))
+
+    def check(mod, args):
+        gc.collect()
+        alive["a"] = refs["a"]() is not None
+
+    m.block("y", "b").register_forward_pre_hook(check)
+    with torch.no_grad():
+        full = wave({"x": x}, None, x, (5,))
+        assert alive == {"a": True}  # the full state keeps every slot
+        out = wave({"x": x}, None, x, (5,), keep=frozenset({"y"}))
+    assert alive == {"a": False}  # a's last reader (b) had run: its value was gone
+    assert set(out) == {"x", "y"}
+    assert torch.equal(out["y"], full["y"])

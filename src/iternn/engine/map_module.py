@@ -55,6 +55,7 @@ class MapModule(nn.Module):
         self.output = output
         self.steps = steps
         self._held = frozenset((input,))
+        self._keep = frozenset((output,))  # what the fast path's wavefront keeps
         self._in_shape = map.shapes[input]
         # Declared sizes of a block between vector slots (how maps nest, see connect).
         if len(self._in_shape) == 1 and len(map.shapes[output]) == 1:
@@ -79,7 +80,8 @@ class MapModule(nn.Module):
         ):
             return iterate(m, {self.input: x}, self.steps, hold=frozen)[self.output]  # raises
         try:  # the fast path: no per-call checks beyond the shape and dtype above
-            return wave({self.input: x}, None, x, tuple(x.shape[: x.dim() - k]))[self.output]
+            batch = tuple(x.shape[: x.dim() - k])
+            return wave({self.input: x}, None, x, batch, keep=self._keep)[self.output]
         except RuntimeError:
             # A dtype or device mismatch surfaces as a RuntimeError from a kernel:
             # raise the named error instead, if that is what it was.

@@ -200,7 +200,13 @@ class StepPlan:
 
 
 class Wavefront:
-    """Each slot evaluated once, in level order (acyclic structure only)."""
+    """Each slot evaluated once, in a topological order (acyclic structure only).
+
+    Called with ``keep`` (the slots the caller reads afterwards, e.g. a model's
+    outputs), a slot's value is dropped as soon as its last reader has run, so memory
+    is reused while the wavefront advances, as in the source model's own forward; the
+    result then holds only ``keep`` and the frozen slots given.
+    """
 
     def __init__(self, m: BlockMap, frozen: frozenset[str], depth: int) -> None:
         dests = compile_destinations(m)
@@ -217,21 +223,45 @@ class Wavefront:
         )
         # The dtype/device inputs must have (checked per call by MapModule's fast path).
         self.dtype, self.device = parameter_spec(m)
+        self._releases: dict[frozenset[str], tuple[tuple[str, ...], ...]] = {}
 
-    def __call__(self, values: dict[str, Tensor], kwargs, ref: Tensor, batch) -> dict[str, Tensor]:
+    def _release_after(self, keep: frozenset[str]) -> tuple[tuple[str, ...], ...]:
+        """Per step, the computed slots nobody reads after it (and not kept)."""
+        plan = self._releases.get(keep)
+        if plan is None:
+            last: dict[str, int] = {}
+            for i, d in enumerate(self.order):
+                last[d.slot] = i  # a slot nobody reads is dropped right after it is computed
+                for t in d.terms:
+                    for src in t.srcs:
+                        if src not in self.frozen:
+                            last[src] = i
+            drop: list[list[str]] = [[] for _ in self.order]
+            for slot, i in last.items():
+                if slot not in keep:
+                    drop[i].append(slot)
+            plan = self._releases[keep] = tuple(tuple(x) for x in drop)
+        return plan
+
+    def __call__(self, values: dict[str, Tensor], kwargs, ref: Tensor, batch,
+                 keep: frozenset[str] | None = None) -> dict[str, Tensor]:
         values = dict(values)
-        for slot, src, lin, biases, act, dest in self.steps:
+        drops = self._release_after(keep) if keep is not None else None
+        for i, (slot, src, lin, biases, act, dest) in enumerate(self.steps):
             if lin is None or not _plain(lin) or kwargs:
                 values[slot] = evaluate(dest, values, kwargs, ref, batch)
-                continue
-            params = lin._parameters
-            b, wb = biases.get(slot), params["bias"]
-            if b is None:
-                b = wb
-            elif wb is not None:
-                b = wb + b
-            out = F.linear(values[src], params["weight"], b)
-            values[slot] = out if act is None else act(out)
+            else:
+                params = lin._parameters
+                b, wb = biases.get(slot), params["bias"]
+                if b is None:
+                    b = wb
+                elif wb is not None:
+                    b = wb + b
+                out = F.linear(values[src], params["weight"], b)
+                values[slot] = out if act is None else act(out)
+            if drops is not None:
+                for dead in drops[i]:
+                    del values[dead]
         return values
 
 
