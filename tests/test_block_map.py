@@ -552,3 +552,12 @@ def test_core_engine_and_converters_raise_only_the_error_family():
              for sub in ("core", "engine", "convert") for p in (root / sub).glob("*.py")
              for hit in plain.finditer(p.read_text())]
     assert found == []
+
+
+def test_in_place_block_copy_shares_its_parameters():
+    lin = nn.Linear(3, 3)
+    block = nn.Sequential(lin, nn.ReLU(inplace=True))
+    m = iternn.BlockMap({"a": 3, "b": 3})
+    stored = m.connect("b", "a", block)
+    assert stored is not block and stored[1].inplace is False and block[1].inplace is True
+    assert stored[0].weight is lin.weight and stored[0].bias is lin.bias  # still tied

@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conversion import leaves, source_line
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -25,16 +26,8 @@ from iternn.convert import ops
 from iternn.convert.module import ModuleMap, from_module
 
 TOL = 1e-6
-HERE = __file__.rsplit("/", 1)[-1]
 
 
-def _line(fn, text: str) -> str:
-    """``test_from_module.py:<line>`` of the line of ``fn``'s source containing ``text``."""
-    lines, start = inspect.getsourcelines(fn)
-    for i, line in enumerate(lines):
-        if text in line:
-            return f"{HERE}:{start + i}"
-    raise AssertionError(f"{text!r} not in the source of {fn}")
 
 
 # ============================================================================ helpers
@@ -64,18 +57,10 @@ def _close(a, b, tol: float = TOL) -> bool:
     return a == b
 
 
-def _leaves(out) -> list[Tensor]:
-    if isinstance(out, Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _leaves(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _leaves(v)]
-    return []
 
 
 def _loss(out, weights: list[Tensor]) -> Tensor:
-    return sum((y * w).sum() for y, w in zip(_leaves(out), weights) if y.is_floating_point())
+    return sum((y * w).sum() for y, w in zip(leaves(out), weights) if y.is_floating_point())
 
 
 def check_equivalent(model: nn.Module, net: ModuleMap, args: tuple, kwargs: dict | None = None,
@@ -83,7 +68,7 @@ def check_equivalent(model: nn.Module, net: ModuleMap, args: tuple, kwargs: dict
     """Outputs, input gradients and parameter gradients of ``net`` equal ``model``'s."""
     kwargs = kwargs or {}
     pairs = [(n, p, q) for n, p, q in _pairs(model, net) if isinstance(p, nn.Parameter)]
-    inputs = [a for a in _leaves((args, kwargs)) if a.is_floating_point()]
+    inputs = [a for a in leaves((args, kwargs)) if a.is_floating_point()]
     for a in inputs:
         a.requires_grad_(True)
     torch.manual_seed(seed)
@@ -91,10 +76,10 @@ def check_equivalent(model: nn.Module, net: ModuleMap, args: tuple, kwargs: dict
     torch.manual_seed(seed)
     y_m = net(*args, **kwargs)
     assert _close(y_t, y_m), "outputs differ"
-    weights = [torch.randn_like(y) if y.is_floating_point() else None for y in _leaves(y_t)]
+    weights = [torch.randn_like(y) if y.is_floating_point() else None for y in leaves(y_t)]
     src = [p for _, p, _ in pairs if p.requires_grad]
     dst = [q for _, p, q in pairs if p.requires_grad]
-    if not any(y.requires_grad for y in _leaves(y_t)):
+    if not any(y.requires_grad for y in leaves(y_t)):
         return
     g_t = torch.autograd.grad(_loss(y_t, weights), inputs + src, allow_unused=True)
     g_m = torch.autograd.grad(_loss(y_m, weights), inputs + dst, allow_unused=True)
@@ -118,7 +103,7 @@ def adam_steps(model: nn.Module, net: ModuleMap, make_args, steps: int = 3) -> N
             opt.zero_grad()
             torch.manual_seed(100 + k)
             out = mod(*args)
-            loss = sum((y.double() ** 2).mean() for y in _leaves(out) if y.requires_grad)
+            loss = sum((y.double() ** 2).mean() for y in leaves(out) if y.requires_grad)
             if isinstance(loss, Tensor):
                 loss.backward()
             opt.step()
@@ -628,11 +613,11 @@ class WithLSTM(nn.Module):
         return self.lstm(h.unsqueeze(1))[0]
 
 
-def test_unsupported_module_names_node_and_line():
+def test_unsupported_module_names_node_andsource_line():
     with pytest.raises(iternn.ConversionError) as err:
         from_module(WithLSTM(), torch.randn(2, 3))
     msg = str(err.value)
-    assert "node 'model_lstm'" in msg and "LSTM" in msg and _line(WithLSTM.forward, "self.lstm(") in msg
+    assert "node 'model_lstm'" in msg and "LSTM" in msg and source_line(WithLSTM.forward, "self.lstm(") in msg
 
 
 class Subclassed(nn.Module):
@@ -667,10 +652,10 @@ class Branchy(nn.Module):
         return -h
 
 
-def test_data_dependent_control_flow_names_node_and_line():
+def test_data_dependent_control_flow_names_node_andsource_line():
     with pytest.raises(iternn.ConversionError, match="data-dependent control flow") as err:
         from_module(Branchy(), torch.randn(2, 3))
-    assert "'gt'" in str(err.value) and _line(Branchy.forward, "if h.sum()") in str(err.value)
+    assert "'gt'" in str(err.value) and source_line(Branchy.forward, "if h.sum()") in str(err.value)
 
 
 class Mutates(nn.Module):
@@ -699,7 +684,7 @@ def test_in_place_change_of_an_input_is_refused(how, text):
     keep = x.clone()
     with pytest.raises(iternn.ConversionError, match="in place") as err:
         from_module(Mutates(how), x)
-    assert _line(Mutates.forward, text) in str(err.value) and "'x'" in str(err.value)
+    assert source_line(Mutates.forward, text) in str(err.value) and "'x'" in str(err.value)
     assert torch.equal(x, keep)  # the example itself was not changed
 
 
@@ -715,10 +700,10 @@ class SharedInPlace(nn.Module):
         return g, h.relu_(), h
 
 
-def test_in_place_change_of_a_shared_tensor_names_node_and_line():
+def test_in_place_change_of_a_shared_tensor_names_node_andsource_line():
     with pytest.raises(iternn.ConversionError, match="also read elsewhere") as err:
         from_module(SharedInPlace(), torch.randn(2, 3))
-    assert "'add'" in str(err.value) and _line(SharedInPlace.forward, "h += 1.0") in str(err.value)
+    assert "'add'" in str(err.value) and source_line(SharedInPlace.forward, "h += 1.0") in str(err.value)
 
 
 class InPlaceFine(nn.Module):
@@ -785,11 +770,11 @@ class Unsupported(nn.Module):
     ("squeeze", "squeeze", ".squeeze()", "name the dims"),
     ("zeros", "zeros", "torch.zeros(x.shape[1])", "constants alone"),
 ])
-def test_unconvertible_operations_name_node_and_line(what, node, text, pattern):
+def test_unconvertible_operations_name_node_andsource_line(what, node, text, pattern):
     with pytest.raises(iternn.ConversionError, match=pattern) as err:
         from_module(Unsupported(what), torch.randn(4, 3))
     assert f"node {node!r}" in str(err.value) or node in str(err.value)
-    assert _line(Unsupported.forward, text) in str(err.value)
+    assert source_line(Unsupported.forward, text) in str(err.value)
 
 
 class ModeDependent(nn.Module):
@@ -807,7 +792,7 @@ class ModeDependent(nn.Module):
 def test_code_that_depends_on_the_mode_is_refused():
     with pytest.raises(iternn.ConversionError, match="train/eval") as err:
         from_module(ModeDependent(), torch.randn(2, 3))
-    assert _line(ModeDependent.forward, "return h") in str(err.value) or "mul" in str(err.value)
+    assert source_line(ModeDependent.forward, "return h") in str(err.value) or "mul" in str(err.value)
 
 
 class NoGrad(nn.Module):
@@ -825,7 +810,7 @@ def test_autograd_switches_inside_forward_are_refused():
     """torch.fx drops ``with torch.no_grad()``: the gradients would differ silently."""
     with pytest.raises(iternn.ConversionError, match="switches autograd") as err:
         from_module(NoGrad(), torch.randn(2, 3))
-    assert _line(NoGrad.forward, "with torch.no_grad()") in str(err.value)
+    assert source_line(NoGrad.forward, "with torch.no_grad()") in str(err.value)
 
 
 class FrozenNorm(Residual):

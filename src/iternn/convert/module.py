@@ -229,6 +229,8 @@ class ModuleMap(nn.Module):
         self.params = [list(p) for p in checked]
         self.outputs = outputs
         self._held = frozenset(inputs)
+        # The wavefront drops every other slot after its last reader (memory is reused).
+        self._keep = frozenset(_template_slots(outputs, "output"))
         self._templates = tuple((name, tpl) for name, _, _, tpl in checked)
 
     def _check_shapes(self, m: BlockMap, t: dict, role: str) -> None:
@@ -270,7 +272,7 @@ class ModuleMap(nn.Module):
             read.take(tpl, value, name)
         if read.ref is None:
             raise MapError("the converted model needs at least one tensor argument")
-        values = wave(read.state, None, read.ref, (read.batch,))
+        values = wave(read.state, None, read.ref, (read.batch,), keep=self._keep)
         return _build(self.outputs, values, read.batch)
 
     def extra_repr(self) -> str:
@@ -649,7 +651,7 @@ class _Value:
     terms ``sum_k F_k(z_srcs)`` that becomes a slot when something needs it as one."""
 
     __slots__ = ("shape", "true_shape", "pos", "terms", "refs", "fresh", "held", "integer",
-                 "is_slot", "acts", "node", "mergeable", "name")
+                 "is_slot", "acts", "node", "mergeable", "name", "merged")
 
     def __init__(self, true_shape: tuple[int, ...], pos: int, terms: list, refs: int, node: fx.Node,
                  *, fresh: bool = True, held: bool = False, integer: bool = False,
@@ -666,6 +668,7 @@ class _Value:
         self.acts: list[nn.Module] = []
         self.node = node  # the node whose value the slot holds (names it)
         self.mergeable = mergeable
+        self.merged = False  # its terms were moved into a sum's slot
         self.name: str | None = None
 
 
@@ -691,6 +694,7 @@ class _Seq:
 
     source: _Value
     pieces: list  # [(index items, true shape)]
+    dtype: torch.dtype | None = None  # the pieces' dtype in the source (integer indices keep it)
 
 
 @dataclass
@@ -875,9 +879,11 @@ _BLOCK_MODULES = (
 )
 _DROPOUT_FUNCTIONS = {F.dropout: nn.Dropout, torch.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d,
                       F.dropout2d: nn.Dropout2d}
-#: Python operators whose in-place form (``a += b``) torch.fx records as the plain one.
-_AUGMENTABLE = frozenset({operator.add, operator.sub, operator.mul, operator.truediv, operator.pow,
-                          operator.matmul, operator.floordiv, operator.mod})
+#: Python operators whose in-place form (``a += b``) torch.fx records as the plain one,
+#: with the name of the in-place torch call that form makes (``a += b`` runs ``add_``).
+_AUGMENTABLE = {operator.add: "add_", operator.sub: "sub_", operator.mul: "mul_",
+                operator.truediv: "div_", operator.pow: "pow_", operator.matmul: "matmul_",
+                operator.floordiv: "floor_divide_", operator.mod: "remainder_"}
 
 
 def _dropout_flag(node: fx.Node) -> bool | None:
@@ -895,9 +901,10 @@ def _dropout_flag(node: fx.Node) -> bool | None:
 
 def _graph_key(node: fx.Node, index: dict) -> tuple:
     """What must agree between the train-mode and eval-mode traces of one node (nodes
-    named by position; tensor constants, which each trace stores anew, by kind)."""
+    named by position; tensor constants, which each trace stores anew, by kind; a node of
+    another trace, which an attribute kept from an earlier trace brings in, by identity)."""
     def norm(a):
-        return fx.node.map_arg(a, lambda n: ("node", index[n]))
+        return fx.node.map_arg(a, lambda n: ("node", index[n]) if n in index else ("foreign", id(n)))
     args, kwargs = node.args, dict(node.kwargs)
     if _dropout_flag(node) is not None:  # the training flag may follow the mode
         _, sig, _ = _OPS[node.target]
@@ -967,7 +974,11 @@ def from_module(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> 
     tracer_type = _Tracer
     _check_hooks(model, tracer_type())
     wrapper = _Call(model, params)
-    probe_root = copy.deepcopy(wrapper)
+    try:
+        probe_root = copy.deepcopy(wrapper)
+    except Exception as exc:  # a module holding something that cannot be copied
+        raise ConversionError(f"cannot copy {type(model).__name__} (conversion runs and keeps "
+                              f"copies): {type(exc).__name__}: {exc}") from exc
     inplace_lines = _run_source(probe_root, params, leaves)
     graph, flags = _trace_all_modes(wrapper, model, tracer_type)
     for node in graph.nodes:  # tensor constants fx stored on the traced root
@@ -1045,13 +1056,23 @@ def _leaf_templates(params: list) -> list[dict]:
 
 def _check_hooks(model: nn.Module, tracer: fx.Tracer) -> None:
     """Hooks of modules that are traced through would be lost, and a ``train()`` of the
-    model's own could not be followed by the converted model's: refuse them."""
+    model's own could not be followed by the converted model's: refuse them. So are
+    tensors computed by autograd kept as attributes (not parameters or buffers), which
+    cannot be copied."""
     for path, mod in model.named_modules():
         if type(mod).train is not nn.Module.train:
             raise ConversionError(
                 f"module {path or '<root>'} ({type(mod).__name__}) overrides train(): the "
                 "converted model's train()/eval() could not do what it does"
             )
+        for k, t in vars(mod).items():
+            if isinstance(t, Tensor) and not t.is_leaf:
+                raise ConversionError(
+                    f"module {path or '<root>'} ({type(mod).__name__}) keeps {k!r}, a tensor "
+                    "computed by autograd (pruning and torch.nn.utils.weight_norm keep their "
+                    "weight so), as an attribute: it cannot be copied (make it permanent first, "
+                    "e.g. prune.remove)"
+                )
         if tracer.is_leaf_module(mod, path or "model"):
             continue
         if mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or getattr(
@@ -1066,14 +1087,16 @@ def _devices(*tensors: Tensor) -> list[int]:
     return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
 
 
-def _run_source(root: _Call, params: list, leaves: list[_Leaf]) -> frozenset[str]:
+def _run_source(root: _Call, params: list, leaves: list[_Leaf]) -> dict[str, frozenset[str]]:
     """Run (a copy of) the source once on copies of the examples, recording in-place
     changes; refuse changes of inputs or of parameters and buffers made by the model's
-    own code. Returns the source lines of its other in-place operations (``a += b``,
-    which torch.fx records as ``a + b``)."""
+    own code. Returns the source lines of its other in-place operations, with their
+    names (``a += b``, which torch.fx records as ``a + b``, runs ``add_``)."""
     flat = [leaf.tensor.detach().clone() for leaf in leaves]
     inputs = _storages((leaf.template["input"], t) for leaf, t in zip(leaves, flat))
-    state = _storages((k, t) for k, t in root.model.state_dict(keep_vars=True).items())
+    plain = [(f"{path}.{k}" if path else k, t) for path, mod in root.model.named_modules()
+             for k, t in vars(mod).items() if isinstance(t, Tensor)]  # tensors kept as attributes
+    state = _storages([*root.model.state_dict(keep_vars=True).items(), *plain])
     rec = _Mutations()
     devices = _devices(*flat, *root.parameters())
     switches: list[str | None] = []
@@ -1109,7 +1132,7 @@ def _run_source(root: _Call, params: list, leaves: list[_Leaf]) -> frozenset[str
             f"set_grad_enabled or inference_mode) at {switched[0]}: torch.fx does not record "
             "it, so the converted model's gradients would differ"
         )
-    lines = set()
+    lines: dict[str, set[str]] = {}
     for fname, t, where, direct in rec.events:
         ptr = t.untyped_storage().data_ptr()
         if ptr in inputs:
@@ -1123,17 +1146,38 @@ def _run_source(root: _Call, params: list, leaves: list[_Leaf]) -> frozenset[str
                 "state changed by the model's own code cannot be converted"
             )
         if direct and where:
-            lines.add(_line_key(where))
-    return frozenset(lines)
+            lines.setdefault(_line_key(where), set()).add(fname)
+    return {k: frozenset(v) for k, v in lines.items()}
+
+
+def _rng_states(devices: list[int]) -> list[Tensor]:
+    return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in devices)]
 
 
 def _trace(wrapper: _Call, model: nn.Module, tracer_type, mode: bool | None) -> fx.Graph:
+    """One trace of the model, modes and RNG restored afterwards. Random numbers drawn
+    while tracing (``torch.rand(3)``: no traced argument, so fx runs it and keeps the
+    result as a constant) are refused: the source draws new ones at every call."""
     modes = [(m, m.training) for m in model.modules()]
+    devices = _devices(*model.parameters(), *model.buffers())
     try:
         if mode is not None:
             for m, _ in modes:
                 m.training = mode
-        return tracer_type().trace(wrapper)
+        with torch.random.fork_rng(devices=devices):
+            before = _rng_states(devices)
+            graph = tracer_type().trace(wrapper)
+            drew = not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices)))
+        if drew:
+            consts = [n for n in graph.nodes
+                      if n.op == "get_attr" and str(n.target).startswith("_tensor_constant")]
+            where = consts[0].meta.get("iternn_where") if consts else None
+            raise ConversionError(
+                "the model draws random numbers outside the traced operations (torch.rand, "
+                "randn, randint, bernoulli... on constant arguments"
+                f"{f', used at {where}' if where else ''}): torch.fx keeps the numbers of the "
+                "trace as a constant, the source draws new ones at every call")
+        return graph
     except ConversionError:
         raise
     except Exception as exc:
@@ -1147,25 +1191,55 @@ def _trace(wrapper: _Call, model: nn.Module, tracer_type, mode: bool | None) -> 
             m.training = flag
 
 
+def _same_constant(root: _Call, a: fx.Node, b: fx.Node) -> bool:
+    """Whether two nodes of the same kind (of two traces), when they read tensor constants
+    the tracer stored on ``root`` (``torch.tensor(...)`` in the code), read equal ones."""
+    if a.op != "get_attr" or not str(a.target).startswith("_tensor_constant"):
+        return True
+    x, y = getattr(root, a.target, None), getattr(root, b.target, None)
+    if not (isinstance(x, Tensor) and isinstance(y, Tensor)):
+        return x is y
+    return x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and (
+        torch.equal(x, y) or (x.is_floating_point() and bool(torch.isclose(x, y, 0, 0, True).all())))
+
+
 def _trace_all_modes(wrapper: _Call, model: nn.Module, tracer_type) -> tuple[fx.Graph, dict]:
     """The trace in the model's modes, checked against the traces in train and in eval
     mode: they must agree but for dropout's ``training`` flags. Returns the graph and,
-    per dropout call node, its flag in (train, eval, current) mode."""
-    graph = _trace(wrapper, model, tracer_type, None)
-    train = list(_trace(wrapper, model, tracer_type, True).nodes)
-    evals = list(_trace(wrapper, model, tracer_type, False).nodes)
+    per dropout call node, its flag in (train, eval, current) mode.
+
+    Tracing runs the model's Python code: state it keeps between calls in attributes
+    (``self.calls += 1``, ``self.prev = h``) shows as traces that differ, and is refused;
+    every module's attributes are restored afterwards (``self.last = h`` would leave an
+    fx proxy behind in the source)."""
+    tables = ("_parameters", "_buffers", "_modules")
+    saved = [(m, dict(vars(m)), {k: dict(vars(m)[k]) for k in tables if k in vars(m)})
+             for m in model.modules()]
+    try:
+        graph = _trace(wrapper, model, tracer_type, None)
+        train = list(_trace(wrapper, model, tracer_type, True).nodes)
+        evals = list(_trace(wrapper, model, tracer_type, False).nodes)
+    finally:
+        for m, attrs, kept in saved:
+            vars(m).clear()
+            vars(m).update(attrs)
+            for k, table in kept.items():
+                attrs[k].clear()
+                attrs[k].update(table)
     nodes = list(graph.nodes)
     indexes = [{n: i for i, n in enumerate(g)} for g in (nodes, train, evals)]
     for i, node in enumerate(nodes):
         keys = {_graph_key(g[i], ix) if i < len(g) else None
                 for g, ix in ((train, indexes[1]), (evals, indexes[2]))}
-        if keys != {_graph_key(node, indexes[0])}:
+        if keys != {_graph_key(node, indexes[0])} or not all(
+                _same_constant(wrapper, node, g[i]) for g in (train, evals)):
             where = node.meta.get("iternn_where") or "an unknown line"
             raise ConversionError(
                 f"node {node.name!r} ({_describe(node)}) at {where}"
                 " differs between the train-mode and the eval-mode trace: the model's code "
                 "depends on train/eval mode (beyond dropout), which train()/eval() on the "
-                "converted model could not follow"
+                "converted model could not follow, or on state it keeps between calls (an "
+                "attribute its forward changes), which the converted model would fix"
             )
     if len(train) != len(nodes) or len(evals) != len(nodes):
         raise ConversionError(
@@ -1208,7 +1282,7 @@ def _shapes(root: _Call, graph: fx.Graph, leaves: list[_Leaf]) -> tuple[dict, di
 # ============================================================================ the converter
 class _Converter:
     def __init__(self, wrapper: _Call, graph: fx.Graph, info_a: dict, info_b: dict,
-                 leaves: list[_Leaf], flags: dict, inplace_lines: frozenset[str]) -> None:
+                 leaves: list[_Leaf], flags: dict, inplace_lines: dict[str, frozenset[str]]) -> None:
         self.root = wrapper
         self.graph = graph
         self.nodes = list(graph.nodes)
@@ -1226,11 +1300,15 @@ class _Converter:
         self.last_random = -1
         self.outputs: dict | None = None
         self.owned: set[int] = set()  # modules whose train/eval mode comes from the source
+        self.values: list[_Value] = []  # every value made by new_value
         uses: dict[int, int] = {}
+        self.called_buffers: dict[int, str] = {}  # buffers of called layers (running statistics)
         for n in self.nodes:
             if n.op == "call_module":
                 mod = self.root.get_submodule(n.target)
                 uses[id(mod)] = uses.get(id(mod), 0) + 1
+                for _, buf in mod.named_buffers():
+                    self.called_buffers[id(buf)] = str(n.target).removeprefix("model.")
         self.module_uses = uses
 
     # ------------------------------------------------------------------ errors
@@ -1294,6 +1372,7 @@ class _Converter:
         true = self.sample_shape(node) if shape is None else shape
         v = _Value(true, self.pos[node], terms, len(node.users), node, fresh=fresh,
                    integer=integer, mergeable=not pinned)
+        self.values.append(v)
         if v.refs != 1 or pinned:
             self.materialize(v)
         return v
@@ -1374,6 +1453,12 @@ class _Converter:
     def run(self) -> None:
         for node in self.nodes:
             self.env[node] = self.convert(node)
+        # A value nothing computes from (read only for its shape, or through an alias that
+        # nothing reads) still gets its slot: the source computes it too, which may move
+        # running statistics or call hooks.
+        for v in self.values:
+            if not v.is_slot and not v.merged:
+                self.materialize(v)
 
     def convert(self, node: fx.Node) -> Any:
         op = node.op
@@ -1413,9 +1498,10 @@ class _Converter:
                 bound = sig.bind(node.args, dict(node.kwargs))
             except _Unbound as exc:
                 raise self.fail(node, f"unsupported call: {exc}") from None
-        if (node.op == "call_function" and target in _AUGMENTABLE
-                and _line_key(node.meta.get("iternn_where")) in self.inplace_lines):
-            options = {**options, "inplace": True}  # `a += b` at this line: fx shows `a + b`
+        if (node.op == "call_function" and target in _AUGMENTABLE and _AUGMENTABLE[target]
+                in self.inplace_lines.get(_line_key(node.meta.get("iternn_where")), ())):
+            # `a += b` at this line (or another `+` next to an in-place add): fx shows `a + b`
+            options = {**options, "inplace": True}
         return getattr(self, f"op_{handler}")(node, bound, **options)
 
     # ------------------------------------------------------------------ sources
@@ -1444,6 +1530,11 @@ class _Converter:
         except AttributeError:
             raise self.fail(node, f"the model has no attribute {target!r}") from None
         path = target.removeprefix("model.")
+        if id(obj) in self.called_buffers:
+            owner = self.called_buffers[id(obj)]
+            raise self.fail(node, f"it reads {path!r}, a buffer of the layer {owner!r}, which the "
+                                  "layer updates in place when it is called (running statistics): "
+                                  "the converted model could not keep the order of the two")
         if isinstance(obj, Tensor):
             return _Param(copy.deepcopy(obj, self.memo), path)
         raise self.fail(node, f"attribute {path!r} is a {type(obj).__name__}, not a tensor")
@@ -1463,8 +1554,15 @@ class _Converter:
 
     # ------------------------------------------------------------------ modules
     def copy_module(self, mod: nn.Module) -> nn.Module:
+        """A copy of a layer of the model (one per layer: a layer called twice, and
+        parameters tied between layers, stay shared), with ``inplace`` switched off: a
+        block or activation must not write into what it reads, and the map would otherwise
+        make a copy of its own, untying the parameters of the activation it is part of."""
         out = copy.deepcopy(mod, self.memo)
-        self.owned.update(id(m) for m in out.modules())
+        for m in out.modules():
+            self.owned.add(id(m))
+            if getattr(m, "inplace", False) is True:
+                m.inplace = False
         return out
 
     def call_module(self, node: fx.Node) -> Any:
@@ -1482,6 +1580,14 @@ class _Converter:
             hint = f" (a subclass of {base.__name__}: its forward may differ)" if base else ""
             raise self.fail(node, f"module {path!r} of type {cls.__name__}{hint} is not supported "
                                   "by from_module")
+        backward = mod._backward_hooks or getattr(mod, "_backward_pre_hooks", None)
+        forward = mod._forward_hooks or mod._forward_pre_hooks
+        if backward or (forward and cls not in (*_BLOCK_MODULES, nn.Embedding)):
+            kept = "backward hooks are not kept" if backward else (
+                "only layers called as blocks (Linear, convolutions, pooling, normalisation, "
+                "Embedding) keep their forward hooks")
+            raise self.fail(node, f"{cls.__name__} {path!r} has hooks: {kept}; the converted model "
+                                  "would not call them")
         src = self.batched(node, node.args[0])
         if cls is nn.Embedding:
             return self.embedding(node, src, mod)
@@ -1558,7 +1664,8 @@ class _Converter:
         v = self.batched(node, b["input"])
         if inplace:
             self.check_inplace(node, b["input"])
-        return self.elementwise(node, v, ops.UnaryOp(op))
+        # detach() shares its input's storage: an in-place change of it changes the input
+        return self.elementwise(node, v, ops.UnaryOp(op), fresh=op != "detach")
 
     def op_clamp(self, node: fx.Node, b: dict, *, inplace: bool = False) -> _Value:
         v = self.batched(node, b["input"])
@@ -1705,6 +1812,8 @@ class _Converter:
             tx, merged_x = self.terms_of(x, out, False)
         if clash():  # pragma: no cover - distinct values have distinct slots
             raise self.fail(node, "a sum of one slot with itself")
+        x.merged = x.merged or merged_x
+        y.merged = y.merged or merged_y
         return self.new_value(node, tx + ty)
 
     # ------------------------------------------------------------------ shapes
@@ -1882,7 +1991,7 @@ class _Converter:
                 start += width
             pieces.append((items, tuple(shape[1:])))
         self.materialize(v)
-        return _Seq(v, pieces)
+        return _Seq(v, pieces, info.dtype)
 
     def op_chunk(self, node: fx.Node, b: dict) -> _Seq:
         return self.split_pieces(node, self.batched(node, b["input"]), b["dim"])
@@ -2033,7 +2142,8 @@ class _Converter:
             v = self.piece(node, arg.seq.source, items, true)
             v.refs = 1
             s = self.materialize(v)
-            return {"output": s, "shape": list(true), "dtype": None}
+            dtype = str(arg.seq.dtype).removeprefix("torch.") if s.integer else None
+            return {"output": s, "shape": list(true), "dtype": dtype}
         if isinstance(arg, tuple):
             return {"tuple": [self.output_template(node, a) for a in arg]}
         if isinstance(arg, list):

@@ -55,7 +55,8 @@ def source_slots(src: Source) -> tuple[str, ...]:
 
 
 def _out_of_place(module: nn.Module) -> nn.Module:
-    """``module``, or a copy with every ``inplace=True`` switched off.
+    """``module``, or a copy with every ``inplace=True`` switched off (sharing its
+    parameters and buffers with ``module``).
 
     Blocks and activations read tensors the caller still owns (an identity block hands
     the caller's slot tensor on; a bias broadcast is a view of the parameter), so none
@@ -63,7 +64,10 @@ def _out_of_place(module: nn.Module) -> nn.Module:
     """
     if not any(getattr(m, "inplace", False) is True for m in module.modules()):
         return module
-    module = copy.deepcopy(module)
+    # A copy of the module objects only: parameters and buffers stay the caller's, so
+    # weights shared with other blocks (tying) stay shared.
+    memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    module = copy.deepcopy(module, memo)
     for m in module.modules():
         if getattr(m, "inplace", False) is True:
             m.inplace = False
