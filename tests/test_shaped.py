@@ -136,7 +136,7 @@ def _state(m, batch, seed):
             for s, shape in m.shapes.items()}
 
 
-def _close(a, b):
+def _assert_close(a, b):
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].shape == b[k].shape, k
@@ -151,7 +151,7 @@ def test_shaped_map_iterates_like_the_reference(batch, update, trajectory):
     state = _state(m, batch, 1)
     got = iternn.iterate(m, state, 4, hold=["x"], trajectory=trajectory, update=update)
     want = reference_iterate(m, state, 4, hold=["x"], trajectory=trajectory, update=update)
-    _close(got, want)
+    _assert_close(got, want)
 
 
 @pytest.mark.parametrize("batch", [(3,), (2, 3)])
@@ -164,7 +164,7 @@ def test_forced_shaped_map_matches_the_reference(batch, update, inner):
     state = _state(m, batch, 3)
     got = iternn.iterate(m, state, 5, force=force, inner=inner, trajectory=True, update=update)
     want = reference_iterate(m, state, 5, force=force, inner=inner, trajectory=True, update=update)
-    _close(got, want)
+    _assert_close(got, want)
 
 
 def test_forced_conv_is_batched_over_time_in_one_call():
@@ -260,7 +260,7 @@ def test_save_load_round_trip_of_a_shaped_multi_source_map(tmp_path):
         iternn.io.unregister_codec(GatedConv)
     assert dict(back.shapes) == dict(m.shapes) and back.edges == m.edges
     state = _state(m, (2,), 5)
-    _close(iternn.iterate(back, state, 3, hold=["x"]), iternn.iterate(m, state, 3, hold=["x"]))
+    _assert_close(iternn.iterate(back, state, 3, hold=["x"]), iternn.iterate(m, state, 3, hold=["x"]))
 
 
 def test_summary_of_a_shaped_map():
@@ -316,7 +316,7 @@ def test_random_shaped_maps_match_the_reference(m, steps, forced, update, trajec
                          update=update)
     want = reference_iterate(m, state, steps, hold=hold, force=force, trajectory=trajectory,
                              update=update)
-    _close(got, want)
+    _assert_close(got, want)
 
 
 _LAYERS = [
