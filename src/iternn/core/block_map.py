@@ -249,7 +249,8 @@ class BlockMap(nn.Module):
         global RNG state and every submodule's mode restored). Connecting a block that
         already exists is an error; :meth:`disconnect` it first. A module with in-place
         operations (``inplace=True``) would overwrite the state it reads, so such a
-        module is stored as an out-of-place copy; any other module is stored as given
+        module is stored as an out-of-place copy (of the module objects only: it shares
+        the given module's parameters and buffers); any other module is stored as given
         (the returned object is the one in the map).
         """
         self._check_slot(dst, "destination slot")
