@@ -47,6 +47,19 @@ def random_maps(draw, max_slots: int = 4, max_size: int = 4, acyclic: bool | Non
     return m.double()
 
 
+class GatedConv(nn.Module):
+    """``conv(a) * sigmoid(b)`` on feature maps: a two-source, sample-wise, non-linear block."""
+
+    samplewise = True
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, a, b):
+        return self.conv(a) * torch.sigmoid(b)
+
+
 def random_state(m: iternn.BlockMap, batch=(3,), seed: int = 0, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
     return {

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from maps import GatedConv
 from torch import nn
 
 import iternn
@@ -277,17 +278,6 @@ def test_cli_analyze_bad_usage_exits_2(argv, capsys):
         main(argv)
     assert exc.value.code == 2
     assert "usage:" in capsys.readouterr().err
-
-
-class GatedConv(nn.Module):
-    """``conv(a) * sigmoid(b)`` on feature maps: a two-source block, not linear."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, a, b):
-        return self.conv(a) * torch.sigmoid(b)
 
 
 def conv_map():

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from maps import GatedConv
 from torch import nn
 
 import iternn
@@ -182,17 +183,6 @@ def test_without_path_a_figure_is_returned_and_pyplot_is_not_imported():
     if not had_pyplot:
         assert "matplotlib.pyplot" not in sys.modules
 
-
-
-class GatedConv(nn.Module):
-    """``conv(a) * sigmoid(b)``: a two-source block that is not linear."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, a, b):
-        return self.conv(a) * torch.sigmoid(b)
 
 
 class Placement(nn.Module):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from maps import reference_iterate
+from maps import GatedConv, reference_iterate
 from torch import nn
 
 import iternn
@@ -20,19 +20,6 @@ class Product(nn.Module):
 
     def forward(self, a, b):
         return a * b
-
-
-class GatedConv(nn.Module):
-    """``conv(a) * sigmoid(b)`` on feature maps: a two-source sample-wise block."""
-
-    samplewise = True
-
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, a, b):
-        return self.conv(a) * torch.sigmoid(b)
 
 
 def _conv_map(seed=0, bias=True):
