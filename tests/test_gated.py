@@ -717,58 +717,102 @@ def _cell_reference(g4: torch.Tensor, c_prev: torch.Tensor):
     return torch.stack([i, f, o, g]), c, o * c.tanh()
 
 
+def _native_layer(d4: torch.Tensor, r: torch.Tensor, c0: torch.Tensor):
+    """Run the native layer kernel over drives ``d4`` ``(T, 4, B, H)`` (gate order i, f,
+    o, g) with the same recurrent part ``r`` every step; returns ``(a, c, h)``."""
+    T, _, B, H = d4.shape
+    a, c, h = torch.empty(T, 4, B, H), torch.empty(T, B, H), torch.empty(T, B, H)
+    kernel = lstm_native.LayerKernel(d4.unbind(1), r, c0, a, c, h)
+    for t in range(T):
+        kernel.step(t)
+    return a, c, h
+
+
 @needs_native
 @pytest.mark.parametrize("B,H", [(1, 1), (3, 5), (2, 8), (32, 128), (7, 13)])
 def test_native_cell_matches_torch_ops_to_float_rounding(B, H):
     g = torch.Generator().manual_seed(B * 100 + H)
-    g4 = torch.randn(4, B, H, generator=g) * 4
+    d4 = torch.randn(3, 4, B, H, generator=g) * 4
     special = torch.tensor([0.0, -0.0, 100.0, -100.0, 1e-30, -1e-30, 0.6249, 0.6251, 90.0, -90.0])
-    k = min(special.numel(), g4.numel())
-    g4.view(-1)[:k] = special[:k]
-    c_prev = torch.randn(B, H, generator=g) * 3
-    want_g, want_c, want_h = _cell_reference(g4.double(), c_prev.double())
-    c_out, h_out = torch.empty(B, H), torch.empty(B, H)
-    got = g4.clone()
-    lstm_native.cell(got, c_prev, c_out, h_out)
-    def rel(a, b):  # error relative to max(1, |value|): float32 rounding is ~6e-8
-        return ((a.double() - b).abs() / b.abs().clamp_min(1)).max().item()
+    k = min(special.numel(), d4[0].numel())
+    d4[0].reshape(-1)[:k] = special[:k]
+    r = torch.randn(4, B, H, generator=g)
+    r.view(-1)[:k] = 0.0
+    c0 = torch.randn(B, H, generator=g) * 3
+    a, c, h = _native_layer(d4, r, c0)
+    c_prev = c0.double()
+    for t in range(3):  # the reference, step by step, from the kernel's previous cell state
+        want_a, want_c, want_h = _cell_reference(d4[t].double() + r.double(), c_prev)
+        def rel(x, y):  # error relative to max(1, |value|): float32 rounding is ~6e-8
+            return ((x.double() - y).abs() / y.abs().clamp_min(1)).max().item()
 
-    assert rel(got, want_g) <= 3e-7 and rel(c_out, want_c) <= 4e-7 and rel(h_out, want_h) <= 4e-7
-    assert torch.isfinite(got).all() and torch.isfinite(h_out).all()
+        assert rel(a[t], want_a) <= 3e-7 and rel(c[t], want_c) <= 4e-7 and rel(h[t], want_h) <= 4e-7
+        c_prev = c[t].double()
+    assert torch.isfinite(a).all() and torch.isfinite(h).all()
+
+
+@needs_native
+def test_native_cell_reads_strided_and_broadcast_drives():
+    """Column slices of one fused projection and a drive expanded over time are read in
+    place, with the same results as contiguous copies."""
+    g = torch.Generator().manual_seed(5)
+    T, B, H = 4, 3, 10
+    fused = torch.randn(T, B, 4 * H, generator=g)
+    drives = [fused[..., k * H:(k + 1) * H] for k in range(3)]
+    drives.append(torch.randn(B, H, generator=g).expand(T, B, H))
+    r, c0 = torch.randn(4, B, H, generator=g), torch.randn(B, H, generator=g)
+    got = [torch.empty(T, 4, B, H), torch.empty(T, B, H), torch.empty(T, B, H)]
+    kernel = lstm_native.LayerKernel(drives, r, c0, *got)
+    for t in range(T):
+        kernel.step(t)
+    want = _native_layer(torch.stack([d.contiguous() for d in drives], 1), r, c0)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
 
 
 @needs_native
 def test_native_cell_propagates_nan_and_saturates_at_infinity():
-    g4 = torch.tensor([[math.nan, math.inf, -math.inf, 0.0]]).expand(4, 4).reshape(4, 1, 4).clone()
-    c_prev = torch.tensor([[0.5, 0.5, 0.5, math.nan]])
-    c_out, h_out = torch.empty(1, 4), torch.empty(1, 4)
-    lstm_native.cell(g4, c_prev, c_out, h_out)
-    want_g, want_c, want_h = _cell_reference(g4.new_tensor([[math.nan, math.inf, -math.inf, 0.0]])
-                                             .expand(4, 4).reshape(4, 1, 4), c_prev)
-    for a, b in ((g4, want_g), (c_out, want_c), (h_out, want_h)):
-        assert torch.equal(a.isnan(), b.isnan())
-        assert torch.allclose(a.nan_to_num(), b.nan_to_num(), atol=1e-6)
+    d4 = torch.tensor([[math.nan, math.inf, -math.inf, 0.0]]).expand(4, 4).reshape(1, 4, 1, 4)
+    c0 = torch.tensor([[0.5, 0.5, 0.5, math.nan]])
+    a, c, h = _native_layer(d4.clone(), torch.zeros(4, 1, 4), c0)
+    want_a, want_c, want_h = _cell_reference(d4[0], c0)
+    for x, y in ((a[0], want_a), (c[0], want_c), (h[0], want_h)):
+        assert torch.equal(x.isnan(), y.isnan())
+        assert torch.allclose(x.nan_to_num(), y.nan_to_num(), atol=1e-6)
 
 
 @needs_native
 def test_native_cell_rejects_bad_operands():
-    g4, c, co, ho = torch.zeros(4, 2, 3), torch.zeros(2, 3), torch.empty(2, 3), torch.empty(2, 3)
+    T, B, H = 2, 2, 3
+    d = [torch.zeros(T, B, H) for _ in range(4)]
+    r, c0 = torch.zeros(4, B, H), torch.zeros(B, H)
+    a, c, h = torch.empty(T, 4, B, H), torch.empty(T, B, H), torch.empty(T, B, H)
+    K = lstm_native.LayerKernel
     with pytest.raises(iternn.MapTypeError, match="float32"):
-        lstm_native.cell(g4.double(), c, co, ho)
-    with pytest.raises(iternn.MapTypeError, match="c_prev"):
-        lstm_native.cell(g4, [0.0], co, ho)
+        K(d, r.double(), c0, a, c, h)
+    with pytest.raises(iternn.MapTypeError, match="c0"):
+        K(d, r, [0.0], a, c, h)
+    with pytest.raises(iternn.MapTypeError, match="4 tensors"):
+        K(d[:3], r, c0, a, c, h)
     with pytest.raises(iternn.MapError, match="contiguous"):
-        lstm_native.cell(g4, torch.zeros(3, 2).t(), co, ho)
+        K(d, r, torch.zeros(H, B).t(), a, c, h)
+    with pytest.raises(iternn.MapError, match="unit stride"):
+        K([*d[:3], torch.zeros(T, H, B).transpose(1, 2)], r, c0, a, c, h)
     with pytest.raises(iternn.MapError, match="sizes"):
-        lstm_native.cell(torch.zeros(3, 2, 3), c, co, ho)
+        K(d, torch.zeros(3, B, H), c0, a, c, h)
     with pytest.raises(iternn.MapError, match="sizes"):
-        lstm_native.cell(g4, c, torch.empty(2, 4), ho)
+        K(d, r, c0, a, c, torch.empty(T, B, H + 1))
     with pytest.raises(iternn.MapError, match="overlap"):
-        lstm_native.cell(g4, c, co, co)
-    with pytest.raises(iternn.MapError, match="overlap"):
-        lstm_native.cell(g4, g4[0], co, ho)
-    with pytest.raises(iternn.MapError):
-        lstm_native.cell(torch.zeros(0), torch.zeros(0), torch.empty(0), torch.empty(0))
+        K(d, r, c0, a, c, c)
+    with pytest.raises(iternn.MapError, match="drives.2. and a overlap"):
+        K([*d[:2], a[:, 0], d[3]], r, c0, a, c, h)
+    with pytest.raises(iternn.MapError, match="no empty"):
+        K([torch.zeros(0, B, H)] * 4, r, c0, torch.empty(0, 4, B, H), torch.empty(0, B, H),
+          torch.empty(0, B, H))
+    kernel = K(d, r, c0, a, c, h)
+    for t in (-1, T):
+        with pytest.raises(iternn.MapError, match="out of range"):
+            kernel.step(t)
 
 
 @needs_native
@@ -782,8 +826,8 @@ def test_native_inference_path_matches_the_torch_op_path(monkeypatch, proj, shap
     net = from_lstm(src)
     x = torch.randn(*shape)
     calls = []
-    real = gated._lstm_loop_native
-    monkeypatch.setattr(gated, "_lstm_loop_native", lambda *a: calls.append(1) or real(*a))
+    real = lstm_native.LayerKernel
+    monkeypatch.setattr(lstm_native, "LayerKernel", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         out, (h, c) = net(x)
         want, (wh, wc) = src(x)
@@ -796,7 +840,7 @@ def test_native_inference_path_matches_the_torch_op_path(monkeypatch, proj, shap
         assert maxdiff(a, b) <= 1e-6 and maxdiff(a, w) <= 1e-5
     calls.clear()
     monkeypatch.undo()
-    monkeypatch.setattr(gated, "_lstm_loop_native", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(lstm_native, "LayerKernel", lambda *a: calls.append(1) or real(*a))
     y, _ = net(x)  # autograd: the unchanged differentiable kernel
     assert not calls and y.requires_grad and maxdiff(y.detach(), ref) <= 1e-6
 
@@ -808,8 +852,9 @@ def test_native_off_by_environment(monkeypatch):
         assert not lstm_native.available()
         assert "ITERNN_NATIVE=0" in lstm_native.status().reason
         with pytest.raises(iternn.NativeBuildError, match="unavailable"):
-            lstm_native.cell(torch.zeros(4, 1, 1), torch.zeros(1, 1), torch.empty(1, 1),
-                             torch.empty(1, 1))
+            lstm_native.LayerKernel([torch.zeros(1, 1, 1)] * 4, torch.zeros(4, 1, 1),
+                                    torch.zeros(1, 1), torch.empty(1, 4, 1, 1),
+                                    torch.empty(1, 1, 1), torch.empty(1, 1, 1))
         torch.manual_seed(0)
         src = nn.LSTM(3, 4)
         x = torch.randn(2, 3)

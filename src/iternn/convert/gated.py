@@ -49,16 +49,17 @@ over the whole trajectory of ``h(l-1)`` in one call, as torch does; on CPU the m
 the same masks from the same RNG stream as ``nn.LSTM``/``nn.GRU``.
 
 **Speed.** The input projections (``u -> gates``) are plain ``nn.Linear`` blocks fed from
-outside the layer's cycle, so the sequence plan evaluates them for all time steps in
-one GEMM each. The cycle itself is recognised by the component kernel registered here
+outside the layer's cycle that read one sequence, so the sequence plan evaluates them
+for all time steps as one GEMM (the gates' weights stacked). The cycle itself is
+recognised by the component kernel registered here
 (:func:`iternn.engine.plan.register_component_kernel`): when a layer's component has
 exactly the structure above (block types, sources, activations, no hooks, no
 ``block_kwargs``), it runs as one loop with one batched GEMM for the four (three)
 recurrent blocks per step and in-place gate arithmetic, and as one autograd node whose
 backward is the hand-written backpropagation through time (differentiable, so double
 backward works). Without autograd (``torch.no_grad``, or nothing requires grad), a
-float32 CPU layer applies the gate activations and the cell and output updates of a step
-in one call of a small compiled kernel (:mod:`iternn.convert.lstm_native`; its
+float32 CPU layer adds the drives and applies the gate activations and the cell and
+output updates of a step in one call of a small compiled kernel (:mod:`iternn.convert.lstm_native`; its
 ``exp``/``tanh`` agree with torch's to float rounding, not bitwise; ``ITERNN_NATIVE=0``
 or a failed build falls back to the torch ops). Anything else (an edited block, a hook, ``block_kwargs``,
 ``torch.func`` transforms, forward-mode AD) runs through the engine's generic
@@ -85,7 +86,6 @@ from ..engine.iterate import iterate
 from ..engine.plan import register_component_kernel
 from ..errors import ConversionError, MapError, MapTypeError
 from . import lstm_native
-from .lstm_native import check_buffers
 from .rnn import check_sequence
 
 __all__ = [
@@ -225,47 +225,38 @@ def _lstm_forward(drives: Sequence[Tensor], W: Tensor, h0: Tensor, c0: Tensor,
     return G, C, TC, M, Hs
 
 
-def _lstm_loop_native(step, G: Tensor, C: Tensor, M: Tensor | None, Hs: Tensor, h0: Tensor,
-                      c0: Tensor, wb: Tensor, wrt: Tensor | None) -> None:
-    """:func:`_lstm_loop` (without ``TC``) with the gate activations and the cell and
-    output updates of a step in one call of the native kernel ``step``
-    (:mod:`iternn.convert.lstm_native`; float32, contiguous buffers, checked here once)."""
-    T, _, B, H = G.shape
-    P = Hs.shape[-1]
-    out = M if M is not None else Hs
-    n = check_buffers(G, c0, C, out)
-    steps, hs = G.unbind(0), Hs.unbind(0)
-    ms = M.unbind(0) if M is not None else hs
-    h_wide = Hs.unsqueeze(1).expand(T, 4, B, P).unbind(0)
-    hx = h0.unsqueeze(0).expand(4, B, P)
-    g_ptr, c_ptr, o_ptr, c_prev = G.data_ptr(), C.data_ptr(), out.data_ptr(), c0.data_ptr()
-    g_step, c_step = 4 * n * G.element_size(), n * C.element_size()
-    for t in range(T):
-        steps[t].baddbmm_(hx, wb)
-        c_t = c_ptr + t * c_step
-        step(g_ptr + t * g_step, c_prev, c_t, o_ptr + t * c_step, n)
-        if wrt is not None:
-            torch.mm(ms[t], wrt, out=hs[t])
-        c_prev, hx = c_t, h_wide[t]
-
-
 def _lstm_infer(drives: Sequence[Tensor], W: Tensor, h0: Tensor, c0: Tensor,
                 Wr: Tensor | None) -> tuple[Tensor, ...]:
     """``_lstm_forward(..., keep_tanh=False)`` without autograd, through the native cell
-    kernel where it applies (float32 on CPU, the kernel built): equal to float rounding."""
+    kernel where it applies (float32 on CPU, the kernel built): equal to float rounding.
+    Each step is one batched GEMM into a small scratch buffer and one kernel call that
+    reads the drives where they are and writes the step's gates, cell and output."""
     f32 = all(t.dtype == torch.float32 and t.device.type == "cpu"
               for t in (W, h0, c0, *drives, *(() if Wr is None else (Wr,))))
     lib = lstm_native.library() if f32 else None
     if lib is None or h0.numel() == 0 or c0.numel() == 0:
         return _lstm_forward(drives, W, h0, c0, Wr, keep_tanh=False)
-    G = torch.stack(tuple(drives), 1)
-    T, _, B, H = G.shape
+    T, B, H = drives[0].shape
     P = h0.shape[-1]
-    C = G.new_empty(T, B, H)
+    drives = [d if d.stride(2) == 1 else d.contiguous() for d in drives]
+    G = h0.new_empty(T, 4, B, H)
+    C = h0.new_empty(T, B, H)
     M = torch.empty_like(C) if Wr is not None else None
-    Hs = G.new_empty(T, B, P)
-    _lstm_loop_native(lib.step, G, C, M, Hs, h0, c0.contiguous(), W.view(4, H, P).transpose(1, 2),
-                      None if Wr is None else Wr.t())
+    Hs = h0.new_empty(T, B, P)
+    R = h0.new_empty(4, B, H)
+    kernel = lstm_native.LayerKernel(drives, R, c0.contiguous(), G, C, M if M is not None else Hs)
+    wb = W.view(4, H, P).transpose(1, 2)
+    wrt = None if Wr is None else Wr.t()
+    hs = Hs.unbind(0)
+    ms = M.unbind(0) if M is not None else hs
+    h_wide = Hs.unsqueeze(1).expand(T, 4, B, P).unbind(0)
+    hx = h0.unsqueeze(0).expand(4, B, P)
+    for t in range(T):
+        torch.bmm(hx, wb, out=R)
+        kernel.step(t)
+        if wrt is not None:
+            torch.mm(ms[t], wrt, out=hs[t])
+        hx = h_wide[t]
     return G, C, None, M, Hs
 
 

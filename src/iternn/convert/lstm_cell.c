@@ -1,9 +1,9 @@
 /* The fused LSTM cell update for iternn.convert.gated (float32, x86-64 AVX2 + FMA).
 
-   One call does one time step of one layer after the recurrent GEMM:
-     g4 = (4, n) pre-activations in the order i, f, o, g (overwritten by the activations
-     sigmoid(i), sigmoid(f), sigmoid(o), tanh(g)); c_out = f * c_prev + i * g;
-     h_out = o * tanh(c_out).
+   One call does one time step of one layer after the recurrent GEMM: it adds the step's
+   input drive and recurrent part of each gate (order i, f, o, g), applies sigmoid(i),
+   sigmoid(f), sigmoid(o), tanh(g) and writes them, c = f * c_prev + i * g and
+   h = o * tanh(c): one pass where torch needs an add and six element-wise ops.
    exp is Cephes' single-precision polynomial (range reduction by n ln 2, degree-6
    polynomial, scaling by 2^n through the exponent bits); tanh is Cephes' odd polynomial
    for |x| < 0.625 and 1 - 2 / (exp(2|x|) + 1) above. Both are within 2-3 ulp of the
@@ -12,9 +12,22 @@
    says whether this CPU runs it (AVX2 and FMA), else the caller uses torch. */
 #include <stdint.h>
 
-#define ITERNN_LSTM_CELL_ABI 1
+#define ITERNN_LSTM_CELL_ABI 2
 
 int iternn_lstm_cell_abi(void) { return ITERNN_LSTM_CELL_ABI; }
+
+/* One layer's buffers, laid out by the caller (iternn.convert.lstm_native.LayerKernel).
+   Gate order everywhere: i, f, o, g. Drive element (t, b, j) of gate k is
+   d[k][t * d_step[k] + b * d_row[k] + j] (a step stride of 0: the same drive every
+   step); r is (4, rows, H) (h_{t-1} W^T, written by the caller's GEMM before each
+   step); a is (steps, 4, rows, H); c and h are (steps, rows, H); c0 is (rows, H). */
+typedef struct {
+    const float *d[4];
+    int64_t d_step[4], d_row[4];
+    const float *r, *c0;
+    float *a, *c, *h;
+    int64_t steps, rows, H;
+} iternn_lstm_layer;
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -66,44 +79,66 @@ __attribute__((target("avx2,fma"))) static inline __m256 tanh8(__m256 x) {
     return _mm256_blendv_ps(small, big, _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_GE_OQ));
 }
 
-/* Returns 0, or -1 for a bad argument (n not positive). Any n: the last n % 8 elements
-   go through the same vector code on a zero-padded copy. */
-__attribute__((target("avx2,fma"))) int iternn_lstm_cell_f32(float *g4, const float *c_prev,
-                                                             float *c_out, float *h_out,
-                                                             int64_t n) {
-    if (n <= 0) return -1;
-    float *gi = g4, *gf = g4 + n, *go = g4 + 2 * n, *gg = g4 + 3 * n;
-    int64_t full = n - n % 8;
-    for (int64_t j = 0; j < full; j += 8) {
-        __m256 i = sigmoid8(_mm256_loadu_ps(gi + j)), f = sigmoid8(_mm256_loadu_ps(gf + j));
-        __m256 o = sigmoid8(_mm256_loadu_ps(go + j)), g = tanh8(_mm256_loadu_ps(gg + j));
-        _mm256_storeu_ps(gi + j, i);
-        _mm256_storeu_ps(gf + j, f);
-        _mm256_storeu_ps(go + j, o);
-        _mm256_storeu_ps(gg + j, g);
-        __m256 c = _mm256_add_ps(_mm256_mul_ps(f, _mm256_loadu_ps(c_prev + j)), _mm256_mul_ps(i, g));
-        _mm256_storeu_ps(c_out + j, c);
-        _mm256_storeu_ps(h_out + j, _mm256_mul_ps(o, tanh8(c)));
-    }
-    if (full < n) {
-        float t[6][8] = {{0}};
-        int64_t r = n - full;
-        for (int64_t k = 0; k < r; ++k) {
-            t[0][k] = gi[full + k]; t[1][k] = gf[full + k]; t[2][k] = go[full + k];
-            t[3][k] = gg[full + k]; t[4][k] = c_prev[full + k];
+/* One element block of 8: pre-activations (i, f, o, g) and c_prev in; the activated
+   gates, c and h = o * tanh(c) out. */
+__attribute__((target("avx2,fma"))) static inline void cell8(const __m256 x[4], __m256 c_prev,
+                                                             __m256 act[4], __m256 *c, __m256 *h) {
+    act[0] = sigmoid8(x[0]);
+    act[1] = sigmoid8(x[1]);
+    act[2] = sigmoid8(x[2]);
+    act[3] = tanh8(x[3]);
+    *c = _mm256_fmadd_ps(act[1], c_prev, _mm256_mul_ps(act[0], act[3]));
+    *h = _mm256_mul_ps(act[2], tanh8(*c));
+}
+
+/* Returns 0, or -1 for a bad argument. Any H: the last H % 8 elements of a row go
+   through the same vector code on a zero-padded copy. */
+__attribute__((target("avx2,fma"))) int iternn_lstm_step_f32(const iternn_lstm_layer *L,
+                                                             int64_t t) {
+    if (!L || t < 0 || t >= L->steps || L->rows <= 0 || L->H <= 0 || !L->r || !L->c0 || !L->a
+        || !L->c || !L->h)
+        return -1;
+    for (int k = 0; k < 4; ++k)
+        if (!L->d[k]) return -1;
+    const int64_t rows = L->rows, H = L->H, n = rows * H, full = H - H % 8;
+    const float *c_prev = t == 0 ? L->c0 : L->c + (t - 1) * n;
+    float *a = L->a + t * 4 * n, *c = L->c + t * n, *h = L->h + t * n;
+    for (int64_t b = 0; b < rows; ++b) {
+        const float *d[4], *r[4];
+        float *out[4];
+        for (int k = 0; k < 4; ++k) {
+            d[k] = L->d[k] + t * L->d_step[k] + b * L->d_row[k];
+            r[k] = L->r + k * n + b * H;
+            out[k] = a + k * n + b * H;
         }
-        __m256 i = sigmoid8(_mm256_loadu_ps(t[0])), f = sigmoid8(_mm256_loadu_ps(t[1]));
-        __m256 o = sigmoid8(_mm256_loadu_ps(t[2])), g = tanh8(_mm256_loadu_ps(t[3]));
-        __m256 c = _mm256_add_ps(_mm256_mul_ps(f, _mm256_loadu_ps(t[4])), _mm256_mul_ps(i, g));
-        _mm256_storeu_ps(t[0], i);
-        _mm256_storeu_ps(t[1], f);
-        _mm256_storeu_ps(t[2], o);
-        _mm256_storeu_ps(t[3], g);
-        _mm256_storeu_ps(t[4], c);
-        _mm256_storeu_ps(t[5], _mm256_mul_ps(o, tanh8(c)));
-        for (int64_t k = 0; k < r; ++k) {
-            gi[full + k] = t[0][k]; gf[full + k] = t[1][k]; go[full + k] = t[2][k];
-            gg[full + k] = t[3][k]; c_out[full + k] = t[4][k]; h_out[full + k] = t[5][k];
+        const float *cp = c_prev + b * H;
+        float *cb = c + b * H, *hb = h + b * H;
+        __m256 x[4], act[4], cv, hv;
+        for (int64_t j = 0; j < full; j += 8) {
+            for (int k = 0; k < 4; ++k)
+                x[k] = _mm256_add_ps(_mm256_loadu_ps(d[k] + j), _mm256_loadu_ps(r[k] + j));
+            cell8(x, _mm256_loadu_ps(cp + j), act, &cv, &hv);
+            for (int k = 0; k < 4; ++k) _mm256_storeu_ps(out[k] + j, act[k]);
+            _mm256_storeu_ps(cb + j, cv);
+            _mm256_storeu_ps(hb + j, hv);
+        }
+        if (full < H) {
+            float tmp[7][8] = {{0}};
+            const int64_t rest = H - full;
+            for (int64_t j = 0; j < rest; ++j) {
+                for (int k = 0; k < 4; ++k) tmp[k][j] = d[k][full + j] + r[k][full + j];
+                tmp[4][j] = cp[full + j];
+            }
+            for (int k = 0; k < 4; ++k) x[k] = _mm256_loadu_ps(tmp[k]);
+            cell8(x, _mm256_loadu_ps(tmp[4]), act, &cv, &hv);
+            for (int k = 0; k < 4; ++k) _mm256_storeu_ps(tmp[k], act[k]);
+            _mm256_storeu_ps(tmp[5], cv);
+            _mm256_storeu_ps(tmp[6], hv);
+            for (int64_t j = 0; j < rest; ++j) {
+                for (int k = 0; k < 4; ++k) out[k][full + j] = tmp[k][j];
+                cb[full + j] = tmp[5][j];
+                hb[full + j] = tmp[6][j];
+            }
         }
     }
     return 0;
@@ -112,8 +147,8 @@ __attribute__((target("avx2,fma"))) int iternn_lstm_cell_f32(float *g4, const fl
 #else
 int iternn_lstm_cell_supported(void) { return 0; }
 
-int iternn_lstm_cell_f32(float *g4, const float *c_prev, float *c_out, float *h_out, int64_t n) {
-    (void)g4; (void)c_prev; (void)c_out; (void)h_out; (void)n;
+int iternn_lstm_step_f32(const iternn_lstm_layer *L, int64_t t) {
+    (void)L; (void)t;
     return -1;
 }
 #endif

@@ -333,19 +333,21 @@ class SequencePlan:
     def _drive(
         self, terms: Sequence[Term], seq: Mapping[str, Tensor], held: Mapping[str, Tensor],
         kwargs, bias: Tensor | None, steps: int, batch: tuple[int, ...],
+        start: Tensor | None = None,
     ) -> Tensor | None:
-        """External drive of one slot: sequence terms batched over time, held terms once."""
+        """External drive of one slot: sequence terms batched over time, held terms once,
+        added to ``start`` (a part computed already, over the whole sequence)."""
         timed = tuple(t for t in terms if any(s in seq for s in t.srcs))
         const = tuple(t for t in terms if t not in timed)
         batched = tuple(t for t in timed if t.batchable and not (kwargs and t.key in kwargs))
         opaque = tuple(t for t in timed if t not in batched)
-        out = None
+        out = start
         if batched:
             # Row-wise and sample-wise blocks: one call for the whole sequence (a held
             # source of a multi-source block is expanded over time, a view).
             values = {s: seq[s] if s in seq else held[s].expand(steps, *held[s].shape)
                       for t in batched for s in t.srcs}
-            out = accumulate(batched, values, kwargs, (steps, *batch), bias=bias)
+            out = accumulate(batched, values, kwargs, (steps, *batch), start=out, bias=bias)
             bias = None
         if opaque:
             # An opaque module may give the leading dims a meaning of its own (a
@@ -378,15 +380,23 @@ class SequencePlan:
         reads: dict[str, Tensor] = dict(forced)
         traj: dict[str, Tensor] = dict(forced)
         for comp in self.components:
-            drives = []
-            for d, ext, internal in zip(comp.dests, comp.external, comp.internal):
+            biases = []
+            for d, internal in zip(comp.dests, comp.internal):
                 # Biases of internal plain-linear blocks join the slot bias in the drive,
                 # once for the whole sequence instead of once per step.
                 bias = d.bias
                 for t in internal:
                     if t.skip_bias:
                         bias = t.module.bias if bias is None else bias + t.module.bias
-                drives.append(self._drive(ext, reads, held, kwargs, bias, steps, batch))
+                biases.append(bias)
+            fused = _shared_source_products(comp, reads, kwargs, biases)
+            drives = []
+            for k, (ext, bias) in enumerate(zip(comp.external, biases)):
+                start = None
+                if k in fused:
+                    term, start = fused[k]
+                    ext, bias = tuple(t for t in ext if t is not term), None
+                drives.append(self._drive(ext, reads, held, kwargs, bias, steps, batch, start))
             if not comp.cyclic:
                 (d,), (drive,) = comp.dests, drives
                 out = finish(d, drive, ref, (steps, *batch))
@@ -519,6 +529,46 @@ def _recurrence(
             h = act(h)
         outs.append(h)
     return torch.stack(outs)
+
+
+def _shared_source_products(
+    comp: _Component, seq: Mapping[str, Tensor], kwargs, biases: Sequence[Tensor | None]
+) -> dict[int, tuple[Term, Tensor]]:
+    """Plain-linear drive terms of several destinations of ``comp`` that read the same
+    sequence, as one matmul: ``{destination index: (term, its part of the product)}``.
+
+    The weights (and each destination's drive bias) are stacked by rows, so the product
+    is ``(steps, *batch, sum n_d)`` and each part a column slice of it (a view). An LSTM
+    layer's four input projections become one GEMM. Terms whose weights differ in dtype
+    or device, or that take ``block_kwargs``, are left to :meth:`SequencePlan._drive`.
+    """
+    groups: dict[str, list[tuple[int, Term]]] = {}
+    for k, ext in enumerate(comp.external):
+        seen = set()
+        for t in ext:
+            if (t.linear and t.src in seq and t.src not in seen and _plain(t.module)
+                    and not (kwargs and t.key in kwargs)):
+                seen.add(t.src)
+                groups.setdefault(t.src, []).append((k, t))
+    fused: dict[int, tuple[Term, Tensor]] = {}
+    for src, members in groups.items():
+        if len(members) < 2:
+            continue
+        weights = [t.module.weight for _, t in members]
+        parts = [biases[k] if t.module.bias is None else (
+                 t.module.bias if biases[k] is None else t.module.bias + biases[k])
+                 for k, t in members]
+        kinds = {(x.dtype, x.device) for x in (*weights, *parts) if x is not None}
+        if len(kinds) != 1:
+            continue
+        bias = None
+        if any(b is not None for b in parts):
+            bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b
+                              for w, b in zip(weights, parts)])
+        out = F.linear(seq[src], torch.cat(weights), bias)
+        for (k, t), piece in zip(members, out.split([w.shape[0] for w in weights], -1)):
+            fused[k] = (t, piece)
+    return fused
 
 
 #: Whole-component kernels, tried in registration order (see register_component_kernel).
