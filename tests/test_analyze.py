@@ -12,6 +12,7 @@ import iternn
 from iternn.cli import main
 from iternn.dynamics import DynamicsError, fixed_point, spectral_radius
 from iternn.dynamics import report as report_mod
+from iternn.dynamics.propagation import propagation
 from iternn.dynamics.report import PICTURES, REPORT_NAME, analyze
 from iternn.io import FormatError
 
@@ -20,10 +21,14 @@ pytest.importorskip("matplotlib")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def assert_pictures(folder):
+#: The pictures of a map without attention: all but the propagation across positions.
+DRAWN = [name for name in PICTURES if name != "propagation.png"]
+
+
+def assert_pictures(folder, names=DRAWN):
     from matplotlib.image import imread
 
-    for name in PICTURES:
+    for name in names:
         path = folder / name
         assert path.read_bytes()[:8] == PNG_SIGNATURE, name
         img = torch.from_numpy(imread(path))
@@ -88,11 +93,13 @@ def test_analyze_a_saved_mlp(tmp_path):
     # every block is linear: F is one matrix of the 15 + 20 + 8 weights (biases are b)
     assert ("every block is linear, so `F` is one 14x14 matrix over the packed state with 43 "
             "non-zeros (density 0.219)") in text
-    for name in PICTURES:
+    for name in DRAWN:
         assert f"]({name})" in text
     assert_pictures(out)
+    # No block mixes positions: no propagation section, no picture of it.
+    assert "Propagation across positions" not in text and "propagation.png" not in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.safetensors", "r"]
-    assert sorted(p.name for p in out.iterdir()) == sorted([REPORT_NAME, *PICTURES])
+    assert sorted(p.name for p in out.iterdir()) == sorted([REPORT_NAME, *DRAWN])
 
 
 def test_analyze_a_recurrent_map_reports_the_right_numbers(cyclic_report):
@@ -325,3 +332,24 @@ def test_analyze_a_map_with_shaped_slots_and_a_multi_source_block(tmp_path):
     with pytest.raises(ValueError, match=r"slot 'x' of the state must have shape \(1, 4, 4\) "
                                          r"or \(1, 1, 4, 4\)"):
         analyze(m, tmp_path / "r3", state={"x": torch.ones(16)})
+
+
+def test_analyze_a_transformer_map_shows_the_propagation_across_positions(tmp_path):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)  # sequence-first, non-causal
+    net = iternn.from_transformer(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False))
+    out = analyze(net, tmp_path / "r", quick=True, pictures=True)
+    text = (out / REPORT_NAME).read_text()
+    assert "## Propagation across positions" in text
+    assert "A random sequence of 8 positions" in text and "nothing held" in text
+    # One layer, nothing held: x -> l1, so only k = 1 (the structural length) is shown,
+    # and non-causal attention reaches every position from every position at once.
+    row = re.search(r"\| 1 \| ([0-9.e+-]+) \| 64 of 64 \| no \| yes \|", text)
+    assert row and "| 2 |" not in text.split("## Propagation across positions")[1].split("##")[0]
+    # The number is propagation's on the sequence drawn from the seed (slot by slot).
+    g = torch.Generator().manual_seed(6)  # seed 0: the propagation's own generator
+    seq = {s: torch.randn(8, 8, generator=g, dtype=torch.float64) for s in net.map.slots}
+    prop = propagation(net.map.double(), seq, 1)
+    assert float(row.group(1)) == pytest.approx(float(prop.max()), rel=1e-5)
+    assert "](propagation.png)" in text
+    assert_pictures(out, [*DRAWN, "propagation.png"])

@@ -21,11 +21,13 @@ from .plots import (
     plot_eigenvalues,
     plot_impulse_response,
     plot_lyapunov,
+    plot_propagation,
     plot_singular_values,
     plot_structure,
     plot_trajectories,
     structure_matrix,
 )
+from .propagation import propagation
 from .report import analyze
 from .solvers import (
     SOLVERS,
@@ -67,6 +69,8 @@ __all__ = [
     "spectral_radius",
     "lyapunov_spectrum",
     "largest_lyapunov",
+    "propagation",
+    "plot_propagation",
     "analyze",
     "as_matrix",
     "structure_matrix",

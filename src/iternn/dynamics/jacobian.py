@@ -27,7 +27,24 @@ element; a state without batch dims (slot tensors of exactly the slot's shape) g
 single one. Slots missing from the state start at zero (as in :func:`iternn.iterate`).
 Blocks that look across the leading dims (the attention of a transformer layer reads
 the sequence dim, batch normalisation in train mode the batch) break this assumption:
-for them the per-element results leave out the cross-element terms.
+for them a per-element result is not the element's own Jacobian (autograd perturbs
+every element alike, so an element's block sums its dependence on all of them) and
+the cross-element terms are lost; ``positions=True`` makes a sequence one state.
+
+Positions: ``positions=True`` (:func:`jacobian`, :func:`spectral_radius`,
+:func:`eigenvalues`, :func:`singular_values`) takes a whole sequence as one state, for
+maps whose blocks mix positions (attention). The position axis is the last leading dim
+of the slot tensors, ``(*batch, T, *shape)``, or the first, ``(T, *batch, *shape)``, for
+sequence-first attention (``batch_first=False``, torch's default); an unbatched
+``(T, *shape)`` sequence either way. Each free slot then spans ``T·n_s`` rows and
+columns, its ``(T, *shape)`` flattened row-major (position by position: rows
+``t·n_s … (t+1)·n_s − 1`` of a slot are position ``t``), slots in slot order, and the
+result is one Jacobian (radius, spectrum) per sequence, ``(*batch, T·N, T·N)``, with the
+cross-position terms. A map whose blocks into the free slots all act on each position
+alone (:func:`~iternn.dynamics.functional.sequence_blocks`) has no sequence dimension:
+``positions=True`` on it, or on a state without a leading dim, is a
+:class:`~iternn.dynamics.DynamicsError` (see
+:func:`~iternn.dynamics.functional.positions_of`).
 
 Every function raises :class:`~iternn.dynamics.DynamicsError` (a ``ValueError``) naming
 the slot or option on bad input: unknown slots, non-finite values, an empty free part,
@@ -40,6 +57,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Collection, Mapping
 
 import torch
@@ -50,7 +68,7 @@ from ..core.calls import is_shaped
 from ..core.memory import check_bytes
 from ..core.rowwise import ELEMENTWISE
 from ..errors import DynamicsError
-from .functional import MapFunction
+from .functional import MapFunction, positions_of
 from .validate import (
     as_block_map,
     check_generator,
@@ -78,14 +96,23 @@ JACOBIAN_METHODS = ("auto", "autograd", "structured")
 # ---------------------------------------------------------------------------- preparation
 
 
+def check_positions(positions: object) -> bool:
+    """``positions=`` is a bool."""
+    if not isinstance(positions, bool):
+        raise DynamicsError(f"positions must be a bool, got {positions!r}")
+    return positions
+
+
 def _prepare(
     m: object,
     state: object,
     hold: object,
     update: object,
     block_kwargs: Mapping | None = None,
+    positions: object = False,
 ) -> tuple[BlockMap, MapFunction, Tensor, tuple[int, ...]]:
-    """Validated ``(map, G, z, batch)``: ``z`` the packed free slots of ``state``.
+    """Validated ``(map, G, z, batch)``: ``z`` the packed free slots of ``state``,
+    ``batch`` its leading dims (without the position axis with ``positions``).
 
     The map's weights must be finite (:func:`~iternn.dynamics.validate.check_map_finite`):
     every caller hands matrices made from them to ``torch.linalg``.
@@ -93,18 +120,18 @@ def _prepare(
     bm = as_block_map(m)
     hold = check_hold(bm, hold)
     update = check_update(update)
+    positions = check_positions(positions)
     full, batch = check_state(bm, state, hold)
     check_map_finite(bm)
     if len(hold) == len(bm.slots):
         raise DynamicsError(
             "every slot is held: the free part is empty, so there is no square Jacobian"
         )
-    g = MapFunction(bm, full, hold=hold, update=update, block_kwargs=block_kwargs)
-    return bm, g, g.pack(full).detach(), batch
-
-
-def _element(state: Mapping[str, Tensor], batch: tuple[int, ...], index: tuple[int, ...]):
-    return {s: v[index] for s, v in state.items()} if batch else dict(state)
+    pos = positions_of(bm, full, hold) if positions else None
+    g = MapFunction(bm, full, hold=hold, update=update, block_kwargs=block_kwargs,
+                    positions=pos)
+    z = g.pack(full).detach()
+    return bm, g, z, tuple(z.shape[:-1])
 
 
 # ---------------------------------------------------------------------------- Jacobian
@@ -167,6 +194,8 @@ def _block_affine(m: BlockMap, d: str, s: str):
 
 def _structure(m: BlockMap, g: MapFunction, block_kwargs) -> str | None:
     """``None`` if the structured path applies, else why not (for the error message)."""
+    if g.positions is not None:
+        return "positions=True (the structured path assembles one position's Jacobian)"
     if g.update != "jacobi":
         return f"update={g.update!r} (the structured path is for the Jacobi application)"
     for d in g.free:
@@ -269,17 +298,29 @@ def _structured(m: BlockMap, g: MapFunction, z: Tensor, batch, sparse: bool) -> 
     return torch.sparse_coo_tensor(index, values, (n, n), check_invariants=False).coalesce()
 
 
+#: Rows of a Jacobian computed together in reverse mode (each holds its own backward
+#: pass's intermediate values).
+_ROWS = 256
+
+
 def _autograd_jacobian(g: MapFunction, z: Tensor) -> Tensor:
     """Exact ``dG/dz`` per batch element: forward mode, one shared tangent per column.
 
     Batch elements being independent, perturbing every element by the same ``u``
-    gives ``d G(z + u)[b] / du = J_b``. Modules that ``vmap`` cannot handle fall back
-    to reverse mode, one row at a time.
+    gives ``d G(z + u)[b] / du = J_b``. Modules without forward mode (torch's attention
+    kernels) go to reverse mode, :data:`_ROWS` rows at a time (``jacrev``), and modules
+    that ``vmap`` cannot handle to reverse mode one row at a time.
     """
     n = g.size
     zero = z.new_zeros(n)
     try:
         return torch.func.jacfwd(lambda u: g(z + u), randomness="same")(zero)
+    except (RuntimeError, NotImplementedError):
+        pass
+    try:
+        with warnings.catch_warnings():  # vmap's note that a kernel runs sample by sample
+            warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
+            return torch.func.jacrev(lambda u: g(z + u), chunk_size=_ROWS)(zero)
     except (RuntimeError, NotImplementedError):
         pass
     with torch.enable_grad():
@@ -304,6 +345,7 @@ def jacobian(
     method: str = "auto",
     sparse: bool = False,
     block_kwargs: Mapping[str, Mapping] | None = None,
+    positions: bool = False,
 ) -> Tensor:
     """The exact Jacobian ``dG/dz`` of one application at ``state``.
 
@@ -328,6 +370,10 @@ def jacobian(
             non-zeros of other ``dense_weight()`` blocks, every entry of a dense
             ``nn.Linear``); otherwise it is the non-zeros of the dense Jacobian.
         block_kwargs: passed to the blocks (see :func:`iternn.iterate`).
+        positions: take the position axis of a sequence state into the state (see the
+            module docstring): one Jacobian ``(T·N, T·N)`` per sequence with the
+            cross-position terms, for maps whose blocks mix positions (attention).
+            ``sparse=True`` then needs one unbatched sequence ``(T, *shape)``.
 
     Rows and columns are the free slots in slot order, each flattened row-major
     (``MapFunction.pack``). ``N`` is the total number of units of the free slots.
@@ -337,11 +383,11 @@ def jacobian(
         raise DynamicsError(f"method must be one of {JACOBIAN_METHODS}, got {method!r}")
     if not isinstance(sparse, bool):
         raise DynamicsError(f"sparse must be a bool, got {sparse!r}")
-    bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs)
+    bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs, positions)
     if sparse and batch:
         raise DynamicsError(
             "sparse=True needs a state without batch dims (each slot tensor exactly the "
-            f"slot's shape), got batch {batch}"
+            f"slot's shape{', after its positions' if positions else ''}), got batch {batch}"
         )
     return _jacobian_at(bm, g, z, batch, method=method, sparse=sparse, block_kwargs=block_kwargs)
 
@@ -399,6 +445,7 @@ def eigenvalues(
     hold: Collection[str] = (),
     update: str = "jacobi",
     block_kwargs: Mapping[str, Mapping] | None = None,
+    positions: bool = False,
 ) -> Tensor:
     """All eigenvalues of the Jacobian at ``state``, largest modulus first (complex).
 
@@ -406,9 +453,10 @@ def eigenvalues(
     ``(N,)``, or ``(*batch, N)`` for a batched state. At a fixed point, ``|λ| < 1`` for
     all of them means the fixed point is stable. When the free slots form no cycle
     (an MLP-like map) the Jacobian is nilpotent by structure and the eigenvalues are
-    returned as exact zeros.
+    returned as exact zeros. ``positions=True``: of the Jacobian over whole sequences,
+    ``(*batch, T·N)`` (see the module docstring).
     """
-    bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs)
+    bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs, positions)
     if _nilpotent(bm, g):
         ctype = torch.complex128 if z.dtype == torch.float64 else torch.complex64
         return torch.zeros(*batch, g.size, dtype=ctype, device=z.device)
@@ -425,13 +473,15 @@ def singular_values(
     hold: Collection[str] = (),
     update: str = "jacobi",
     block_kwargs: Mapping[str, Mapping] | None = None,
+    positions: bool = False,
 ) -> Tensor:
     """Singular values of the Jacobian at ``state``, descending: ``(N,)`` or ``(*batch, N)``.
 
     Dense (``torch.linalg.svdvals`` of :func:`jacobian`). The largest is the local
-    Lipschitz constant of one application (in the 2-norm).
+    Lipschitz constant of one application (in the 2-norm). ``positions=True``: of the
+    Jacobian over whole sequences, ``(*batch, T·N)`` (see the module docstring).
     """
-    bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs)
+    bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs, positions)
     jac = _jacobian_at(bm, g, z, batch, block_kwargs=block_kwargs)
     check_matrix_finite(jac, "the Jacobian", g.free, g.sizes, g.shapes)
     return torch.linalg.svdvals(jac)
@@ -582,6 +632,7 @@ def spectral_radius(
     generator: torch.Generator | None = None,
     strict: bool = True,
     block_kwargs: Mapping[str, Mapping] | None = None,
+    positions: bool = False,
 ) -> Tensor:
     """Spectral radius ``max |λ|`` of the Jacobian of one application at ``state``.
 
@@ -604,6 +655,10 @@ def spectral_radius(
             results are deterministic).
         strict: raise :class:`DynamicsError` when not converged within ``iters``
             products; ``False`` returns the last estimate.
+        positions: take the position axis of a sequence state into the state (see the
+            module docstring): one Jacobian ``(T·N, T·N)`` per sequence with the
+            cross-position terms, for maps whose blocks mix positions (attention).
+            ``N`` is then ``T`` times the free units.
 
     Like any Krylov eigensolver it can settle on a slightly smaller eigenvalue when
     several eigenvalues have nearly the same modulus and ``krylov`` is too small to
@@ -618,16 +673,14 @@ def spectral_radius(
     krylov = check_int(krylov, "krylov", 3)
     tol = check_positive(tol, "tol")
     check_generator(generator)
-    bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs)
+    bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs, positions)
     if _nilpotent(bm, g):  # exactly 0 by structure (see _nilpotent)
         return torch.zeros(batch, dtype=torch.float64, device=z.device)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    full = g.unpack(z)
     out = torch.empty(batch, dtype=torch.float64)
     for idx in itertools.product(*(range(b) for b in batch)):
-        elem = _element(full, batch, idx)
-        ge = MapFunction(bm, elem, hold=g.hold, update=g.update, block_kwargs=block_kwargs)
-        ze = ge.pack(elem).detach()
+        ge, ze = g.element(z, idx)
+
         def draw() -> Tensor:
             return torch.randn(g.size, generator=gen, dtype=torch.float64,
                                device=gen.device).to(z.device)

@@ -17,6 +17,11 @@ factorisations and the averages are in float64 whatever the map's dtype (the map
 runs in its own dtype: pass ``m.double()`` and a float64 state for a float64
 trajectory).
 
+With ``positions=True`` the state is a whole sequence (as in
+:func:`~iternn.dynamics.jacobian.jacobian`): the tangent space is the free slots at
+every position, ``N = T · n_free``, so a perturbation can move between positions
+through the map's attention; one spectrum per sequence.
+
 When the free slots form no cycle (an MLP-like map with its input held) every product
 of ``p + 1`` Jacobians is exactly zero (``p`` the longest block path among the free
 slots), so with ``steps >= p + 1`` every exponent is exactly ``-inf``; this is read
@@ -36,8 +41,8 @@ from ..core.graph import BlockGraph
 from ..core.memory import check_bytes
 from ..engine.iterate import iterate
 from ..errors import DynamicsError
-from .functional import MapFunction, pack_slots
-from .jacobian import _autograd_jacobian, _jacobian_at
+from .functional import MapFunction, pack_slots, positions_of
+from .jacobian import _autograd_jacobian, _jacobian_at, check_positions
 from .validate import (
     as_block_map,
     check_force,
@@ -104,6 +109,7 @@ def lyapunov_spectrum(
     update: str = "jacobi",
     generator: torch.Generator | None = None,
     block_kwargs: Mapping[str, Mapping] | None = None,
+    positions: bool = False,
 ) -> Tensor:
     """The ``k`` largest Lyapunov exponents along the trajectory from ``state``.
 
@@ -126,6 +132,10 @@ def lyapunov_spectrum(
         update: ``"jacobi"`` or ``"ordered"`` (see :func:`iternn.iterate`).
         generator: draws the initial random orthonormal tangent basis (default: a
             generator seeded 0, so results are deterministic).
+        positions: the state is a sequence whose position axis belongs to the state
+            (see :func:`~iternn.dynamics.jacobian.jacobian`): ``N`` counts the free
+            units at every position, ``(*batch, k)`` has no position axis, and the
+            tangent vectors carry the cross-position terms of attention blocks.
 
     Returns:
         float64 exponents, largest first, in natural log per application.
@@ -136,11 +146,12 @@ def lyapunov_spectrum(
     hold = check_hold(bm, hold)
     update = check_update(update)
     check_generator(generator)
+    positions = check_positions(positions)
     forced_names = tuple(force) if isinstance(force, Mapping) else ()
-    full, batch = check_state(bm, state, hold, frozen=forced_names)
+    full, lead = check_state(bm, state, hold, frozen=forced_names)
     check_map_finite(bm)  # the tangent basis goes through torch.linalg.qr
     ref = next(iter(full.values()))
-    forced = check_force(bm, force, hold, length=warmup + steps, batch=batch, dtype=ref.dtype,
+    forced = check_force(bm, force, hold, length=warmup + steps, batch=lead, dtype=ref.dtype,
                          device=ref.device)
     frozen = hold + tuple(s for s in bm.slots if s in forced)
     free = tuple(s for s in bm.slots if s not in frozen)
@@ -148,7 +159,12 @@ def lyapunov_spectrum(
         raise DynamicsError(
             "every slot is held or forced: the tangent space is empty, there are no exponents"
         )
-    n = sum(bm.slots[s] for s in free)
+    pos = positions_of(bm, full, frozen) if positions else None
+    batch = lead  # the leading dims of one trajectory's state, without its positions
+    if pos is not None:
+        cut = len(lead) + pos.axis
+        batch = lead[:cut] + lead[cut + 1:]
+    n = sum(bm.slots[s] for s in free) * (1 if pos is None else pos.length)
     if k is None:
         k = n
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
@@ -188,22 +204,24 @@ def lyapunov_spectrum(
                         f"applications {t + 1}..{t + size}); the map diverges from this state"
                     )
             before = {s: torch.cat([cur[s].unsqueeze(0), traj[s][:-1]]) for s in free}
-            zs = pack_slots(bm, before, free, (size, *batch))
+            zs = pack_slots(bm, before, free, (size, *batch), pos)
             if dense:  # G_t at every state of the chunk, time as one more batch dim
                 timed = {s: v.expand(size, *v.shape) for s, v in held.items()}
                 g = MapFunction(bm, {**timed, **part}, hold=frozen, update=update,
-                                block_kwargs=block_kwargs)
+                                block_kwargs=block_kwargs, positions=pos)
                 jac = _jacobian_at(bm, g, zs, (size, *batch),
                                    block_kwargs=block_kwargs).to(torch.float64)
             elif not part:
-                g = MapFunction(bm, held, hold=frozen, update=update, block_kwargs=block_kwargs)
+                g = MapFunction(bm, held, hold=frozen, update=update, block_kwargs=block_kwargs,
+                                positions=pos)
             for i in range(size):
                 if dense:
                     jq = jac[i] @ q
                 else:
                     if part:
                         g = MapFunction(bm, {**held, **{s: seq[i] for s, seq in part.items()}},
-                                        hold=frozen, update=update, block_kwargs=block_kwargs)
+                                        hold=frozen, update=update, block_kwargs=block_kwargs,
+                                        positions=pos)
                     jq = _columns(g, zs[i], q.to(zs.dtype)).to(torch.float64)
                 check_matrix_finite(jq, "the tangent vectors J q")
                 q, r = torch.linalg.qr(jq)
@@ -227,11 +245,13 @@ def largest_lyapunov(
     update: str = "jacobi",
     generator: torch.Generator | None = None,
     block_kwargs: Mapping[str, Mapping] | None = None,
+    positions: bool = False,
 ) -> Tensor:
     """The largest Lyapunov exponent (``k = 1``: one tangent vector, renormalised each
     application): a 0-d float64 tensor, or ``(*batch,)``. Natural log per application;
-    positive means chaos (nearby trajectories separate), negative a stable orbit."""
+    positive means chaos (nearby trajectories separate), negative a stable orbit.
+    ``positions=True``: over whole sequences, as in :func:`lyapunov_spectrum`."""
     return lyapunov_spectrum(
         m, state, steps=steps, hold=hold, k=1, warmup=warmup, force=force, update=update,
-        generator=generator, block_kwargs=block_kwargs,
+        generator=generator, block_kwargs=block_kwargs, positions=positions,
     )[..., 0]

@@ -20,6 +20,8 @@ is returned.
 * :func:`plot_bifurcation` — a bifurcation diagram over a one-parameter family
   (:func:`bifurcation_data` computes it).
 * :func:`plot_lyapunov` — a Lyapunov spectrum.
+* :func:`plot_propagation` — propagation across positions: one ``T x T`` image per
+  application (:func:`~iternn.dynamics.propagation.propagation` computes it).
 
 matplotlib is an optional dependency (``pip install iternn[plots]``); it is imported when
 a picture is drawn, not when this module is imported.
@@ -62,6 +64,7 @@ __all__ = [
     "BifurcationData",
     "plot_bifurcation",
     "plot_lyapunov",
+    "plot_propagation",
     "WEIGHT",
     "OPAQUE",
 ]
@@ -953,4 +956,66 @@ def plot_lyapunov(
         ax.set_title(title or "Lyapunov spectrum (empty)")
     ax.legend(fontsize="small")
     ax.grid(True, alpha=0.3)
+    return _finish(fig, path)
+
+
+# ---------------------------------------------------------------------------- positions
+#: :func:`plot_propagation` draws at most this many applications (the first ones).
+_MAX_PANELS = 16
+
+
+def plot_propagation(
+    prop: Tensor | Sequence, path: PathLike | None = None, *, title: str | None = None
+) -> Figure | Path:
+    """Propagation across positions: one ``T x T`` image per application ``k``.
+
+    ``prop``: ``(steps, T, T)`` as returned by
+    :func:`~iternn.dynamics.propagation.propagation` for one sequence (``[k − 1, j, i]``
+    = ``‖∂z^(k)_j / ∂z^(0)_i‖``), or one ``(T, T)`` matrix. Row = destination position
+    ``j``, column = source position ``i`` (a causal map is lower-triangular); one
+    logarithmic colour scale for all panels, exact zeros white. At most 16 applications
+    are drawn (the first ones; the title says so).
+    """
+    p = _tensor(prop, "propagation")
+    if p.is_complex():
+        raise DynamicsError("propagation norms must be real")
+    if p.dim() == 2:
+        p = p.unsqueeze(0)
+    if p.dim() != 3 or p.shape[-1] != p.shape[-2] or not p.numel():
+        raise DynamicsError(
+            "propagation must be (steps, T, T) or (T, T) for one sequence (select a batch "
+            f"element first), got shape {tuple(p.shape)}"
+        )
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.colors import LogNorm
+
+    steps, length = p.shape[0], p.shape[-1]
+    shown = min(steps, _MAX_PANELS)
+    cols = min(shown, 4)
+    rows = -(-shown // cols)
+    fig = _figure(2.4 * cols + 1.4, 2.4 * rows + 0.9, constrained=True)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    positive = p[torch.isfinite(p) & (p > 0)]
+    scale = (LogNorm(vmin=float(positive.min()), vmax=float(positive.max()))
+             if positive.numel() else LogNorm(vmin=1.0, vmax=10.0))
+    cmap = colormaps["viridis"].with_extremes(bad="white")
+    image = None
+    for k, ax in enumerate(axes.flat):
+        if k >= shown:
+            ax.set_axis_off()
+            continue
+        data = np.ma.masked_where(~(p[k] > 0).numpy(), p[k].numpy())
+        image = ax.imshow(data, cmap=cmap, norm=scale, interpolation="nearest")
+        ax.set_title(f"k = {k + 1}", fontsize="medium")
+        ax.xaxis.set_major_locator(_integer_locator())
+        ax.yaxis.set_major_locator(_integer_locator())
+        if k % cols == 0:
+            ax.set_ylabel("destination position j")
+        if k // cols == rows - 1 or k + cols >= shown:
+            ax.set_xlabel("source position i")
+    fig.colorbar(image, ax=axes, shrink=0.9,
+                 label=r"$\|\partial z^{(k)}_j / \partial z^{(0)}_i\|$ (white: exactly 0)")
+    more = f", first {shown} of {steps} applications" if shown < steps else ""
+    fig.suptitle(title or f"propagation across {length} positions{more}")
     return _finish(fig, path)

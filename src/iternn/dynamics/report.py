@@ -4,12 +4,15 @@
 state, and writes ``report.md`` and PNG pictures into one folder: the block structure
 (which blocks are linear, and each one's matrix: its size and non-zeros, from
 :func:`~iternn.dynamics.matrix.block_matrix`), the structural and empirical impulse
-response, the Jacobian's spectral radius, eigenvalues and singular values at the
-state, fixed points found from several starts with their stability, the largest
-Lyapunov exponent and the leading ones, a trajectory and a bifurcation diagram. Slots
-may be shaped (a ``(C, H, W)`` feature map counts its ``C·H·W`` entries everywhere,
-flattened row-major as in ``m.pack``) and blocks may read several slots. The command
-line runs it as ``iternn analyze MAP``.
+response, for maps with attention (a block holding a module with a ``batch_first``
+flag: torch's attention and transformer layers, a converted transformer) the
+propagation across the positions of a random sequence
+(:func:`~iternn.dynamics.propagation.propagation`), the Jacobian's spectral radius,
+eigenvalues and singular values at the state, fixed points found from several starts
+with their stability, the largest Lyapunov exponent and the leading ones, a trajectory
+and a bifurcation diagram. Slots may be shaped (a ``(C, H, W)`` feature map counts its
+``C·H·W`` entries everywhere, flattened row-major as in ``m.pack``) and blocks may read
+several slots. The command line runs it as ``iternn analyze MAP``.
 
 The analysis runs on a float64 copy of the map in eval mode (dropout off); the map
 given is not modified. Every number depends only on the map, the state and ``seed``:
@@ -44,21 +47,28 @@ from .fixed_points import find_fixed_points, fixed_point
 from .impulse import impulse_response
 from .jacobian import eigenvalues, singular_values, spectral_radius
 from .lyapunov import lyapunov_spectrum
+from .propagation import propagation
 from .solvers import Anderson
 from .validate import check_hold, check_int, check_map_finite, check_update
 
-__all__ = ["analyze", "REPORT_NAME", "PICTURES", "DENSE_LIMIT"]
+__all__ = ["analyze", "REPORT_NAME", "PICTURES", "DENSE_LIMIT", "POSITIONS"]
 
 #: The Markdown file written into the report folder.
 REPORT_NAME = "report.md"
 #: Dense spectra (eigenvalues, singular values) and the fixed-point search are made
 #: only when the free state has at most this many entries.
 DENSE_LIMIT = 512
+#: The propagation across positions is drawn for sequences of this many positions, fewer
+#: (at least 2) where the sequence's free state would have more than ``4 * DENSE_LIMIT``
+#: entries (each application's Jacobian is formed over the whole sequence).
+POSITIONS = 8
 
-#: The pictures, in report order: file name -> what it shows.
+#: The pictures, in report order: file name -> what it shows. ``propagation.png`` is
+#: drawn for maps with attention only (their blocks mix the positions of a sequence).
 PICTURES = {
     "structure.png": "block structure",
     "impulse_response.png": "impulse response",
+    "propagation.png": "propagation across positions",
     "eigenvalues.png": "Jacobian eigenvalues",
     "singular_values.png": "Jacobian singular values",
     "trajectory.png": "trajectory",
@@ -142,6 +152,15 @@ def _default_hold(module: nn.Module, bm: BlockMap) -> tuple[str, ...]:
     if isinstance(inp, str) and inp in bm.slots:
         return (inp,)
     return ("x",) if "x" in bm.slots else ()
+
+
+def _attends(m: BlockMap) -> bool:
+    """Whether a block of ``m`` says where a sequence's positions are: a submodule with a
+    ``batch_first`` flag (``nn.MultiheadAttention``, hence every torch transformer layer;
+    a converted transformer used as a block). Such a map mixes positions (attention),
+    and its report shows the propagation across them."""
+    return any(isinstance(getattr(sub, "batch_first", None), bool)
+               for d, src in m.edges for sub in m.block(d, src).modules())
 
 
 def _default_update(module: nn.Module) -> str:
@@ -381,8 +400,8 @@ class _Analysis:
 
     # ------------------------------------------------------------------ sections
     #: The report's sections, in order (one progress step each).
-    SECTIONS = ("header", "parameters", "structure", "impulse", "spectrum", "trajectory",
-                "fixed_points", "lyapunov", "bifurcation")
+    SECTIONS = ("header", "parameters", "structure", "impulse", "propagation", "spectrum",
+                "trajectory", "fixed_points", "lyapunov", "bifurcation")
 
     def run(self, progress: _Progress) -> str:
         with progress:
@@ -558,6 +577,53 @@ class _Analysis:
         table = [[str(t)] + [_f(runs[k].norm[t], 4) for k in labels] for t in shown]
         self.add("", *_table(["t"] + labels, table))
         self.picture("impulse_response.png", lambda p: plot_impulse_response(runs, p))
+
+    def propagation(self) -> None:
+        """For a map with attention (:func:`_attends`): how a perturbation at one position
+        of a random sequence reaches the others, application by application."""
+        from .plots import plot_propagation
+
+        if not _attends(self.m):
+            return
+        self.add("", "## Propagation across positions", "")
+        n_all = self.m.size
+        length = min(POSITIONS, 4 * DENSE_LIMIT // n_all)
+        if length < 2:
+            note = (f"propagation across positions: skipped, a sequence of 2 positions has "
+                    f"{2 * n_all} > {4 * DENSE_LIMIT} state entries")
+            self.attempt.notes.append(note)
+            self.unavailable(f"skipped ({2 * n_all} > {4 * DENSE_LIMIT} state entries for 2 "
+                             "positions)")
+            return
+        n_steps = 4 if self.quick else 8
+        if self.length_free is not None and math.isfinite(self.length_free):
+            n_steps = min(max(int(self.length_free), 1), 8)
+        gen = self.gen(6)
+        ref = self.state[next(iter(self.m.slots))]
+        seq = {s: torch.randn(length, *shape, generator=gen, dtype=torch.float64)
+               .to(dtype=ref.dtype, device=ref.device) for s, shape in self.m.shapes.items()}
+        prop, why = self.attempt("propagation across positions", lambda: propagation(
+            self.m, seq, n_steps, update=self.update).cpu())
+        if prop is None:
+            self.unavailable(why)
+            return
+        self.add(f"A random sequence of {length} positions (standard normal entries for every "
+                 "slot, drawn from the seed; one unbatched sequence), nothing held: "
+                 "`P_k[j, i] = ‖∂z^(k)_j / ∂z^(0)_i‖` over all slots "
+                 "(`iternn.dynamics.propagation(...)[k − 1]`), how a perturbation at "
+                 "position `i` reaches position `j` after `k` applications (row = "
+                 "destination `j`, column = source `i`).", "")
+        upper = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
+        rows = []
+        for k in range(n_steps):
+            p = prop[k]
+            rows.append([str(k + 1), _f(p.max()), f"{int((p > 0).sum())} of {length * length}",
+                         _f(not bool((p[upper] > 0).any())),
+                         _f(bool((p[~torch.eye(length, dtype=torch.bool)] > 0).all()))])
+        self.add(*_table(["k", "largest ‖·‖", "non-zero entries",
+                          "zero above the diagonal (causal: i > j never reached)",
+                          "every other position reached"], rows))
+        self.picture("propagation.png", lambda p: plot_propagation(prop, p))
 
     def spectrum(self) -> None:
         from .plots import plot_eigenvalues, plot_singular_values
