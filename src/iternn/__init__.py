@@ -18,7 +18,7 @@ from . import errors as _errors
 from .errors import *  # noqa: F403 - the whole error family is public API
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
-    from . import dynamics, sparse
+    from . import continuum, dynamics, sparse
     from .convert import (
         EncoderLayerBlock,
         GRUMap,
@@ -60,8 +60,8 @@ _LAZY: dict[str, str] = {
 }
 
 #: Subpackages and modules reachable as ``iternn.<name>`` without importing them first.
-_SUBMODULES = frozenset({"cli", "convert", "core", "demo", "dynamics", "engine", "errors",
-                         "io", "sparse", "study"})
+_SUBMODULES = frozenset({"cli", "continuum", "convert", "core", "demo", "dynamics", "engine",
+                         "errors", "io", "sparse", "study"})
 
 __all__ = [
     "BlockMap",
@@ -92,6 +92,7 @@ __all__ = [
     "register_codec",
     "as_matrix",
     "dynamics",
+    "continuum",
     "sparse",
     "SparseLinear",
     "MaskedLinear",

@@ -14,6 +14,7 @@ from .jacobian import eigenvalues, jacobian, singular_values, spectral_radius
 from .linalg import verified_solve
 from .lyapunov import largest_lyapunov, lyapunov_spectrum
 from .matrix import as_matrix
+from .memory import MEMORY_MODES, feed_inputs, input_memory
 from .plots import (
     BifurcationData,
     bifurcation_data,
@@ -70,6 +71,9 @@ __all__ = [
     "lyapunov_spectrum",
     "largest_lyapunov",
     "propagation",
+    "input_memory",
+    "feed_inputs",
+    "MEMORY_MODES",
     "plot_propagation",
     "analyze",
     "as_matrix",
