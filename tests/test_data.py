@@ -338,7 +338,8 @@ def test_unknown_option_lists_valid_ones():
 @pytest.mark.parametrize("name,opts,word", [
     ("digits", {"val_fraction": 1.5}, "val_fraction"),
     ("digits", {"val_fraction": 0.5, "test_fraction": 0.5}, "test_fraction"),
-    ("mnist1d", {"val_fraction": 0.0}, "val_fraction"),
+    ("mnist1d", {"val_fraction": 1.0}, "val_fraction"),
+    ("mnist1d", {"val_fraction": -0.1}, "val_fraction"),
     ("regression", {"n_train": 0}, "n_train"),
     ("regression", {"noise": -1.0}, "noise"),
     ("anomaly", {"source": "cifar"}, "source"),

@@ -1,21 +1,30 @@
 """The ``iternn`` command line: every parser and the one exit-code rule.
 
-    iternn study [--config FILE | --quick] [--jobs N] [--out DIR] [--shard i/n] [--no-pictures]
-    iternn train --dataset D --model M [--hidden W[,W...]] [--density P] [--epochs E] [...]
+    iternn study [--config FILE | --preset NAME | --quick] [--select S] [--epochs E | --steps N]
+                 [--weight-decay W] [--patience P] [--val-fraction F]
+                 [--jobs N] [--out DIR] [--shard i/n] [--no-pictures]
+    iternn train --dataset D --model M [--hidden W[,W...]] [--density P] [--epochs E | --steps N]
+                 [--select S] [--weight-decay W] [--val-fraction F] [...]
     iternn bench [--quick] [--which all|core|sparse]
     iternn analyze MAP [--out DIR] [--seed N] [--steps N] [--quick] [--no-pictures] [--quiet]
     iternn demo [--seed N] [--reps N]
+    iternn continuum [--quick] [--out DIR] [--threads N] [--no-pictures] [--quiet]
     python -m iternn.study.distributed (--build MODULE:FUNC | --dataset D) [...]
 
-``study`` runs the grid of a config (``--quick``: the built-in quick study, what ``make
-demo`` runs; neither: the built-in default study) into ``--out`` (default
-``./iternn-study-<config name>``) and prints where ``report.md`` is. ``train`` trains one
+``study`` runs the grid of a config (``--preset NAME``: a built-in study, ``quick``,
+``default`` or ``mnist1d-baselines``; ``--quick`` is ``--preset quick``, what ``make demo``
+runs; none: the built-in default study) into ``--out`` (default
+``./iternn-study-<config name>``) and prints where ``report.md`` is. ``--select``,
+``--epochs``/``--steps``, ``--weight-decay``, ``--patience`` and ``--val-fraction`` set
+that option for the whole study (:func:`iternn.study.config.with_overrides`). ``train`` trains one
 model of one family; under ``torchrun --nproc_per_node=N`` it trains data-parallel
 (:mod:`iternn.study.distributed`, whose own entry point is :func:`distributed_main`).
 ``bench`` runs ``benchmarks/run.py`` and ``benchmarks/sparse.py`` of the source checkout.
 ``analyze`` reads a map saved with ``iternn.save`` and writes a report folder
 (``report.md`` and PNG pictures), by default ``./iternn-report-<MAP stem>``. ``demo`` is
-the short conversion tour.
+the short conversion tour. ``continuum`` runs the continuum instrument
+(:mod:`iternn.continuum`) and writes its report folder, by default
+``./iternn-continuum-quick`` or ``./iternn-continuum-full``.
 
 Every command runs through :func:`run_command`, so every command exits the same way:
 
@@ -230,6 +239,22 @@ def _hidden_or_none(text: str) -> tuple[int, ...]:
     return () if not text.strip() else _hidden(text)
 
 
+def _fraction(text: str) -> float:
+    """A number in [0, 1) (argparse type)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return v
+
+
+_SELECT_HELP = ("which weights a run ends with (and its test metrics describe): val_loss, the "
+                "epoch of lowest validation loss; val_acc, of highest validation accuracy; final, "
+                "the last")
+
+
 def _device(text: str) -> str:
     if not _DEVICE_RE.match(text):
         raise argparse.ArgumentTypeError(
@@ -267,15 +292,34 @@ def build_parser() -> argparse.ArgumentParser:
             "Run a grid of trainings (datasets x budgets x models x densities x seeds) and write "
             "a report folder: report.md with tables, plots and a reading of the paper's claims, "
             "results.csv/json and one folder per run. Runs already present are reused, so an "
-            "interrupted study continues where it stopped. Without --config and --quick the "
-            "built-in default study runs (about 34 minutes on 2 CPU cores; see iternn.study.config). "
-            "Exits 1 when a run failed or every run diverged (the report is written anyway)."),
+            "interrupted study continues where it stopped. Without --config and --preset the "
+            "built-in default study runs (see iternn.study.config for the built-in studies and "
+            "their run times). The training flags set that option for the whole study. Exits 1 "
+            "when a run failed or every run diverged (the report is written anyway)."),
         epilog="Several machines: give each the same config and --shard i/n (i = 1..n), then copy "
                "all runs/ folders into one --out and run the study once more to get one report.")
     src = st.add_mutually_exclusive_group()
     src.add_argument("--config", metavar="FILE", help="a TOML study config")
+    src.add_argument("--preset", choices=("quick", "default", "mnist1d-baselines"), default=None,
+                     help="a built-in study: quick (about 1.5 minutes on 2 CPU cores), default "
+                          "(MNIST-1D, digits, anomaly), mnist1d-baselines (the published MNIST-1D "
+                          "MLP, CNN and GRU with the published recipe, each also as its map)")
     src.add_argument("--quick", action="store_true",
-                     help="the built-in quick study (about 1.5 minutes on 2 CPU cores; `make demo`)")
+                     help="the built-in quick study: --preset quick (`make demo`)")
+    st.add_argument("--select", choices=("val_loss", "val_acc", "final"), default=None,
+                    help=_SELECT_HELP)
+    budget = st.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=positive_int, default=None, metavar="N",
+                        help="epochs of every run")
+    budget.add_argument("--steps", type=positive_int, default=None, metavar="N",
+                        help="optimizer steps of every run (instead of epochs)")
+    st.add_argument("--weight-decay", type=_nonneg_float, default=None, metavar="W",
+                    help="weight decay of every run")
+    st.add_argument("--patience", type=_nonneg_int, default=None, metavar="N",
+                    help="early stopping after N epochs without improvement (0: off)")
+    st.add_argument("--val-fraction", type=_fraction, default=None, metavar="F",
+                    help="validation share of every dataset's training data (0: none, with "
+                         "--select final)")
     st.add_argument("--jobs", type=positive_int, default=None, metavar="N",
                     help="parallel processes (default: the config's `jobs`)")
     st.add_argument("--out", metavar="DIR", default=None,
@@ -296,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
             "diverged."))
     tr.add_argument("--dataset", required=True, help="mnist1d, digits, regression, anomaly, mnist_idx")
     tr.add_argument("--model", required=True,
-                    help="mlp, mlp_map, dense_map, sparse_map (flat data); forced_map, rnn, gru, lstm "
+                    help="mlp, mlp_map, dense_map, sparse_map, resmlp, resmlp_map (matched to the "
+                         "budget), cnn1d, cnn1d_map, bigru, bigru_map (published MNIST-1D shapes; "
+                         "--hidden is their width) for flat data; forced_map, rnn, gru, lstm "
                          "(anomaly)")
     tr.add_argument("--hidden", type=_hidden, default=None, metavar="W[,W...]",
                     help="MLP hidden widths fixing the budget (sequences: the forced map's width); "
@@ -311,12 +357,23 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data-path", metavar="DIR", default=None,
                     help="folder of the MNIST IDX files (dataset mnist_idx)")
     tr.add_argument("--activation", default=None, help="relu, tanh, ... (default relu; tanh for sequences)")
-    tr.add_argument("--epochs", type=positive_int, default=20, help="default 20")
+    budget = tr.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=positive_int, default=None, help="default 20")
+    budget.add_argument("--steps", type=positive_int, default=None,
+                        help="optimizer steps instead of epochs")
     tr.add_argument("--lr", type=_positive_float, default=3e-3, help="default 0.003")
     tr.add_argument("--batch-size", type=positive_int, default=64, help="default 64")
     tr.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
+    tr.add_argument("--weight-decay", type=_nonneg_float, default=0.0, metavar="W",
+                    help="default 0")
+    tr.add_argument("--select", choices=("val_loss", "val_acc", "final"), default="val_loss",
+                    help=_SELECT_HELP + " (default val_loss)")
     tr.add_argument("--patience", type=_nonneg_int, default=0,
-                    help="early stopping after N epochs without a better validation loss (0: off)")
+                    help="early stopping after N epochs without improvement of the --select "
+                         "criterion (0: off)")
+    tr.add_argument("--val-fraction", type=_fraction, default=None, metavar="F",
+                    help="validation share of the training data (mnist1d, digits, mnist_idx; "
+                         "0: none, with --select final)")
     tr.add_argument("--device", type=_device, default="cpu",
                     help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     tr.add_argument("--out", metavar="DIR", default=None, help="run folder")
@@ -369,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=_nonneg_int, default=0)
     demo.add_argument("--reps", type=positive_int, default=5, help="timing repetitions (median)")
     demo.set_defaults(handler=_cmd_demo)
+
+    from .continuum.cli import add_parser as add_continuum_parser  # it imports this module
+
+    add_continuum_parser(sub, parents)
     return p
 
 
@@ -476,7 +537,10 @@ def _cmd_study(args: argparse.Namespace) -> None:
     if args.config:  # a bad config is refused before torch is imported
         config = study_config.load_config(args.config)
     else:
-        config = study_config.QUICK if args.quick else study_config.DEFAULT
+        config = study_config.preset("quick" if args.quick else args.preset or "default")
+    config = study_config.with_overrides(
+        config, select=args.select, weight_decay=args.weight_decay, epochs=args.epochs,
+        steps=args.steps, patience=args.patience, val_fraction=args.val_fraction)
     from .study import run_study
 
     out = _out_folder(args.out, f"iternn-study-{config.name}")
@@ -512,8 +576,9 @@ def _train_options(args: argparse.Namespace) -> dict[str, Any]:
             "density": args.density, "extra_steps": args.extra_steps, "seed": args.seed,
             "data_seed": args.data_seed, "data_path": args.data_path,
             "activation": _resolved_activation(args), "optimizer": args.optimizer, "lr": args.lr,
-            "batch_size": args.batch_size, "epochs": args.epochs, "patience": args.patience,
-            "device": args.device}
+            "batch_size": args.batch_size, "epochs": args.epochs, "steps": args.steps,
+            "patience": args.patience, "weight_decay": args.weight_decay, "select": args.select,
+            "val_fraction": args.val_fraction, "device": args.device}
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -527,6 +592,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
                           f"(known: {', '.join(DATASET_TASKS)})")
     if args.data_path and args.dataset != "mnist_idx":
         raise ConfigError(f"--data-path is for --dataset mnist_idx, not {args.dataset!r}")
+    if args.val_fraction is not None:
+        from .study.data import dataset_options
+
+        if "val_fraction" not in dataset_options(args.dataset):
+            raise ConfigError(f"--val-fraction: dataset {args.dataset!r} has no validation "
+                              "fraction (its splits are given by count)")
+        if args.val_fraction == 0 and args.select != "final":
+            raise ConfigError(f"--val-fraction 0 leaves no validation split, which --select "
+                              f"{args.select} chooses the weights on (use --select final)")
     from .study.models import FAMILIES
 
     family = FAMILIES.get(args.model)
@@ -545,14 +619,17 @@ def _cmd_train(args: argparse.Namespace) -> None:
         summary_writer_class()  # a missing package fails here, before the data is loaded
     try:
         cfg = train_config({"optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs,
-                            "batch_size": args.batch_size, "patience": args.patience,
-                            "device": args.device}, args.seed)
+                            "steps": args.steps, "batch_size": args.batch_size,
+                            "patience": args.patience, "weight_decay": args.weight_decay,
+                            "select": args.select, "device": args.device}, args.seed)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"train options: {e}") from None
     from .study.data import load_dataset
     from .study.models import build_model
 
-    options = {"path": args.data_path} if args.data_path else {}
+    options: dict[str, Any] = {"path": args.data_path} if args.data_path else {}
+    if args.val_fraction is not None:
+        options["val_fraction"] = args.val_fraction
     try:
         data = load_dataset(args.dataset, seed=args.data_seed, **options)
     except (ValueError, TypeError) as e:  # a bad option; DataError (a bad file) as it is

@@ -16,7 +16,8 @@ Datasets
     (:data:`MNIST1D_ARGS`: 5000 samples, ``train_split=0.8``, generator seed 42). The
     package's download path is never used, so nothing touches the network. The generator's
     4000 train / 1000 test samples are kept as generated; the validation split is a seeded,
-    class-stratified ``val_fraction`` (default 10 %) of the generator's train split.
+    class-stratified ``val_fraction`` (default 10 %) of the generator's train split
+    (``val_fraction=0``: none, all 4000 train, as the published baselines trained).
     ``seed`` chooses that validation split; ``generator_seed`` (default 42, the published
     data) chooses the data themselves. The generator seeds numpy's and Python's *global*
     random generators; the loader saves and restores both around the call (under a lock),
@@ -49,6 +50,10 @@ Datasets
 
 Splits and standardisation
 --------------------------
+``val_fraction`` (``mnist1d``, ``digits``, ``mnist_idx``) may be 0: the validation split is
+then empty (for training that keeps the final weights, ``select="final"`` of
+:class:`~iternn.study.train.TrainConfig`); every other split must have rows.
+
 Splits are fixed by ``seed`` and disjoint *as rows*: byte-identical samples are kept
 together in one split (splitting works on groups of identical rows), so no row of one
 split occurs in another (:meth:`Dataset.duplicates_across_splits` counts such rows; it is
@@ -394,7 +399,7 @@ def _opt_choice(ds: str, opt: str, v: Any, choices: Sequence[str]) -> str:
 
 def _row_keys(x: np.ndarray) -> list[bytes]:
     """A 128-bit digest of each row's bytes (rows = first axis)."""
-    x2 = np.ascontiguousarray(x.reshape(len(x), -1))
+    x2 = np.ascontiguousarray(x.reshape(len(x), int(np.prod(x.shape[1:], dtype=np.int64))))
     return [hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in x2]
 
 
@@ -532,9 +537,10 @@ def _digits_splits(seed: int, val_fraction: float, test_fraction: float):
     return [x[p] for p in parts], [y[p] for p in parts]
 
 
-def _check_nonempty(ds: str, xs: list[np.ndarray]) -> None:
+def _check_nonempty(ds: str, xs: list[np.ndarray], *, val_fraction: float) -> None:
+    """Every split has rows, but the validation split when ``val_fraction`` is 0."""
     for s, a in zip(SPLITS, xs):
-        if len(a) == 0:
+        if len(a) == 0 and not (s == "val" and val_fraction == 0):
             raise DataError(f"dataset {ds!r}: the {s} split is empty; use larger split fractions")
 
 
@@ -546,11 +552,11 @@ def _check_nonempty(ds: str, xs: list[np.ndarray]) -> None:
 def _load_mnist1d(seed: int, *, val_fraction: float = 0.1, generator_seed: int = 42,
                   standardize: bool = True) -> Dataset:
     ds = "mnist1d"
-    val_fraction = _opt_float(ds, "val_fraction", val_fraction, 0.0, 1.0)
+    val_fraction = _opt_float(ds, "val_fraction", val_fraction, 0.0, 1.0, lo_open=False)
     generator_seed = _opt_int(ds, "generator_seed", generator_seed, lo=0)
     standardize = _opt_bool(ds, "standardize", standardize)
     xs, ys = _mnist1d_splits(seed, val_fraction, generator_seed)
-    _check_nonempty(ds, xs)
+    _check_nonempty(ds, xs, val_fraction=val_fraction)
     meta = {"source": "mnist1d.data.make_dataset (generated locally, no download)", "seed": seed,
             "options": {"val_fraction": val_fraction, "generator_seed": generator_seed,
                         "standardize": standardize},
@@ -561,14 +567,14 @@ def _load_mnist1d(seed: int, *, val_fraction: float = 0.1, generator_seed: int =
 def _load_digits(seed: int, *, val_fraction: float = 0.2, test_fraction: float = 0.2,
                  standardize: bool = True) -> Dataset:
     ds = "digits"
-    val_fraction = _opt_float(ds, "val_fraction", val_fraction, 0.0, 1.0)
+    val_fraction = _opt_float(ds, "val_fraction", val_fraction, 0.0, 1.0, lo_open=False)
     test_fraction = _opt_float(ds, "test_fraction", test_fraction, 0.0, 1.0)
     if val_fraction + test_fraction >= 1.0:
         raise DataError(f"dataset {ds!r}: options 'val_fraction' + 'test_fraction' must be < 1, "
                          f"got {val_fraction} + {test_fraction}")
     standardize = _opt_bool(ds, "standardize", standardize)
     xs, ys = _digits_splits(seed, val_fraction, test_fraction)
-    _check_nonempty(ds, xs)
+    _check_nonempty(ds, xs, val_fraction=val_fraction)
     meta = {"source": "sklearn.datasets.load_digits (bundled, 8x8)", "seed": seed,
             "options": {"val_fraction": val_fraction, "test_fraction": test_fraction,
                         "standardize": standardize}}
@@ -721,7 +727,7 @@ def _load_mnist_idx(seed: int, *, path: str | os.PathLike | None = None, val_fra
     if not directory.is_dir():
         raise MissingFileError(errno.ENOENT, f"dataset {ds!r}: option 'path' is not a folder",
                                 str(directory))
-    val_fraction = _opt_float(ds, "val_fraction", val_fraction, 0.0, 1.0)
+    val_fraction = _opt_float(ds, "val_fraction", val_fraction, 0.0, 1.0, lo_open=False)
     drop_overlap = _opt_bool(ds, "drop_overlap", drop_overlap)
     standardize = _opt_bool(ds, "standardize", standardize)
     files = [_find_mnist_file(directory, b) for b in _MNIST_FILES]
@@ -748,7 +754,7 @@ def _load_mnist_idx(seed: int, *, path: str | os.PathLike | None = None, val_fra
                             _rng(seed, _SALT_SPLIT))
     xs = [xi[tr], xi[va], xti]
     ys = [yi[tr].astype(np.int64), yi[va].astype(np.int64), yti.astype(np.int64)]
-    _check_nonempty(ds, xs)
+    _check_nonempty(ds, xs, val_fraction=val_fraction)
     xs = [a.astype(np.float32) / np.float32(255.0) for a in xs]
     meta = {"source": f"MNIST IDX files in {directory}", "seed": seed, "files": [f.name for f in files],
             "options": {"path": str(directory), "val_fraction": val_fraction, "drop_overlap": drop_overlap,

@@ -26,6 +26,41 @@ widths, e.g. ``(32,)``; the budget is the trainable count of that MLP (weights +
     ``iternn.matched_map(mlp, density=d, seed=seed)``: the same six-block map with every
     block random-sparse at density ``d`` (``0 < d < 1``), width solved from the budget and
     the rounding remainder added as extra entries: exactly the budget.
+``"resmlp"``
+    A :class:`ResidualMLP`: input layer ``h = act(W_1 x + b_1)``, then one residual block
+    ``h = h + act(W_k h + b_k)`` per further hidden width, then the output layer
+    ``y = W_L h + b_L``. The widths must be equal (``hidden = [w, w, ...]``; one width: no
+    block, the plain MLP). A residual block adds no parameter, so the count is the MLP's
+    of the same widths: exactly the budget. ``hidden = [100, 100]`` on MNIST-1D is the
+    published MNIST-1D MLP baseline (40-100-100-10, one residual block: 15 210 parameters).
+``"resmlp_map"``
+    ``iternn.from_module`` of that very network (same seed, same initial weights): its
+    exact block-map twin (the skip connection is the identity block into ``h``).
+
+**Published shapes** (not matched to the budget: ``hidden`` is the family's own width;
+:attr:`Family.matched` is ``False`` and :attr:`Family.count` gives the exact count). They
+read the ``F`` features of a flat sample as a 1-D signal of length ``F``:
+
+``"cnn1d"``
+    A :class:`ConvClassifier`, the published MNIST-1D CNN baseline at ``hidden = [C]``
+    channels (published: 25): three ``Conv1d`` (kernel 5, 3, 3; stride 2; padding 1;
+    ``1 -> C -> C -> C`` channels, ``act`` after each), flattened into
+    ``Linear(C L_3, n_y)``, where ``L_3`` is the length after the three convolutions
+    (5 for ``F = 40``). Count ``6 C + 2 (3 C² + C) + C L_3 n_y + n_y`` (5 210 at C = 25).
+``"cnn1d_map"``
+    ``iternn.from_module`` of that network: its exact block-map twin (each convolution a
+    block-Toeplitz block).
+``"bigru"``
+    A :class:`BiGRUClassifier`, the published MNIST-1D GRU baseline at ``hidden = [H]``
+    (published: 6): a bidirectional ``nn.GRU(1, H)`` over the ``F`` features as ``F`` time
+    steps of one scalar, every step's ``2 H`` outputs flattened into
+    ``Linear(2 H F, n_y)``. Count ``6 (H + H² + 2 H) + 2 H F n_y + n_y`` (5 134 at
+    H = 6, F = 40). The gates are the GRU's own (the
+    ``activation`` option does not apply, as for ``gru``).
+``"bigru_map"``
+    A :class:`BiGRUMap`: each direction of that GRU as ``iternn.from_gru`` of a
+    one-direction GRU holding that direction's weights (the backward one reads the
+    reversed sequence, as torch's reverse direction does): the same function.
 
 Sequence tasks (``"sequence"``: ``x`` is ``(N, T, F)``, one label per sequence): ``hidden``
 is one int ``H``; the budget is the trainable count of the **dense forced map** of width
@@ -59,6 +94,7 @@ one (tests use it to inject a failing model).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,7 +103,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..convert.gated import from_gru
 from ..convert.mlp import from_mlp
+from ..convert.module import from_module
 from ..core.block_map import BlockMap, source_slots
 from ..core.memory import check_bytes, tensor_bytes
 from ..core.summary import count_trainable
@@ -82,11 +120,15 @@ from ..sparse.builders import (
 
 __all__ = [
     "ACTIVATIONS",
+    "BiGRUClassifier",
+    "BiGRUMap",
+    "ConvClassifier",
     "FAMILIES",
     "FLAT_TASKS",
     "Family",
     "ForcedMap",
     "RecurrentClassifier",
+    "ResidualMLP",
     "budget",
     "build_model",
     "check_density",
@@ -128,7 +170,9 @@ class Family:
     ``build(data, hidden, density, seed, activation) -> nn.Module`` gets normalised
     arguments (``hidden`` a tuple of ints; ``density`` a float or ``None``).
     ``density``: ``"none"`` (no density), ``"sparse"`` (``0 < d < 1``) or ``"any"``
-    (``0 < d <= 1``, default 1).
+    (``0 < d <= 1``, default 1). ``matched``: ``hidden`` fixes the budget the family is
+    matched to (:func:`budget`); ``False``: ``hidden`` is the family's own width (a
+    published shape) and ``count(data, hidden)`` its exact trainable count.
     """
 
     name: str
@@ -138,6 +182,8 @@ class Family:
     description: str = ""
     is_map: bool = False
     iterated: bool = False  # takes extra_steps (a held-input map iterated a fixed number of times)
+    matched: bool = True
+    count: Callable[[Any, tuple[int, ...]], int] | None = None
 
 
 FAMILIES: dict[str, Family] = {}
@@ -341,6 +387,105 @@ class RecurrentClassifier(nn.Module):
         return self.readout(out[:, -1])
 
 
+class ResidualMLP(nn.Module):
+    """``h = act(W_1 x + b_1)``; ``h = h + act(W_k h + b_k)`` for each block; ``y = W_L h + b_L``.
+
+    ``input`` is the first layer, ``blocks`` the residual layers (``width -> width``),
+    ``output`` the last; each use of the activation is its own module. Built in that
+    order from torch's global RNG (as ``nn.Sequential`` of the same layers would be).
+    """
+
+    def __init__(self, n_in: int, width: int, n_blocks: int, n_out: int,
+                 activation: str = "relu") -> None:
+        super().__init__()
+        self.input = nn.Linear(n_in, width)
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(n_blocks))
+        self.output = nn.Linear(width, n_out)
+        self.acts = nn.ModuleList(ACTIVATIONS[activation]() for _ in range(n_blocks + 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.acts[0](self.input(x))
+        for block, act in zip(self.blocks, self.acts[1:]):
+            h = h + act(block(h))
+        return self.output(h)
+
+
+def _conv_lengths(n: int) -> tuple[int, int, int]:
+    """Signal lengths after each convolution of :class:`ConvClassifier`."""
+    out = []
+    for kernel in (5, 3, 3):
+        n = (n + 2 - kernel) // 2 + 1
+        out.append(n)
+    return tuple(out)
+
+
+class ConvClassifier(nn.Module):
+    """Three ``Conv1d`` (kernel 5, 3, 3; stride 2; padding 1) over the features as a
+    one-channel signal, ``act`` after each, then ``Linear`` on the flattened channels;
+    ``forward(x: (B, F)) -> (B, n_out)``."""
+
+    def __init__(self, n_in: int, channels: int, n_out: int, activation: str = "relu") -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, channels, 5, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        self.linear = nn.Linear(channels * _conv_lengths(n_in)[-1], n_out)
+        self.acts = nn.ModuleList(ACTIVATIONS[activation]() for _ in range(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.unsqueeze(1)
+        for conv, act in zip((self.conv1, self.conv2, self.conv3), self.acts):
+            h = act(conv(h))
+        return self.linear(h.flatten(1))
+
+
+class BiGRUClassifier(nn.Module):
+    """A bidirectional ``nn.GRU(1, width)`` over the ``seq_len`` features as time steps of
+    one scalar; every step's ``2 width`` outputs (forward direction first) feed
+    ``Linear(2 width seq_len, n_out)``; ``forward(x: (B, seq_len)) -> (B, n_out)``."""
+
+    def __init__(self, seq_len: int, width: int, n_out: int) -> None:
+        super().__init__()
+        self.gru = nn.GRU(1, width, batch_first=True, bidirectional=True)
+        self.readout = nn.Linear(2 * width * seq_len, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.gru(x.unsqueeze(-1))
+        return self.readout(out.flatten(1))
+
+
+def _direction(gru: nn.GRU, suffix: str) -> nn.GRU:
+    """A one-direction ``nn.GRU`` holding copies of one direction's weights of ``gru``."""
+    ref = gru.weight_ih_l0
+    one = nn.GRU(gru.input_size, gru.hidden_size, batch_first=gru.batch_first,
+                 device="meta", dtype=ref.dtype).to_empty(device=ref.device)
+    with torch.no_grad():
+        for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
+            getattr(one, name).copy_(getattr(gru, name + suffix))
+    return one
+
+
+class BiGRUMap(nn.Module):
+    """:class:`BiGRUClassifier` with each direction of its GRU as a block map:
+    ``forward_map`` is ``iternn.from_gru`` of the forward direction, ``backward_map`` of
+    the reverse direction, run on the reversed sequence (and its outputs reversed back),
+    which is what torch's reverse direction computes. ``readout`` is a copy."""
+
+    def __init__(self, source: BiGRUClassifier) -> None:
+        super().__init__()
+        if not isinstance(source, BiGRUClassifier):
+            raise MapTypeError(f"source must be a BiGRUClassifier, got {type(source).__name__}")
+        self.forward_map = from_gru(_direction(source.gru, ""))
+        self.backward_map = from_gru(_direction(source.gru, "_reverse"))
+        self.readout = copy.deepcopy(source.readout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        seq = x.unsqueeze(-1)
+        fwd, _ = self.forward_map(seq)
+        bwd, _ = self.backward_map(seq.flip(1))
+        return self.readout(torch.cat([fwd, bwd.flip(1)], -1).flatten(1))
+
+
 # --------------------------------------------------------------------------- builders
 
 
@@ -360,6 +505,73 @@ def _build_dense_map(data, hidden, density, seed, activation) -> nn.Module:
 def _build_sparse_map(data, hidden, density, seed, activation) -> nn.Module:
     mlp = _build_mlp(data, hidden, None, seed, activation)
     return matched_map(mlp, density=density, seed=seed)
+
+
+def _equal_widths(family: str, hidden: tuple[int, ...]) -> int:
+    if len(set(hidden)) != 1:
+        raise MapError(f"{family} needs equal hidden widths (each residual block adds h to "
+                       f"act(W h)), got {list(hidden)}")
+    return hidden[0]
+
+
+def _one_width(family: str, hidden: tuple[int, ...]) -> int:
+    if len(hidden) != 1:
+        raise MapError(f"{family} takes one hidden width (its published shape's width), got "
+                       f"{list(hidden)}")
+    return hidden[0]
+
+
+def _build_resmlp(data, hidden, density, seed, activation) -> nn.Module:
+    width = _equal_widths("resmlp", hidden)
+    return _seeded(seed, lambda: ResidualMLP(_n_features(data), width, len(hidden) - 1,
+                                             _n_outputs(data), activation))
+
+
+def _example(data) -> Tensor:
+    return torch.zeros(1, _n_features(data), dtype=torch.get_default_dtype())
+
+
+def _build_resmlp_map(data, hidden, density, seed, activation) -> nn.Module:
+    return from_module(_build_resmlp(data, hidden, density, seed, activation), _example(data))
+
+
+def _check_conv_input(data) -> None:
+    if _n_features(data) < 3:
+        raise MapError(f"cnn1d needs at least 3 features (its first kernel spans 5 with padding "
+                       f"1), the data has {_n_features(data)}")
+
+
+def _build_cnn1d(data, hidden, density, seed, activation) -> nn.Module:
+    channels = _one_width("cnn1d", hidden)
+    _check_conv_input(data)
+    return _seeded(seed, lambda: ConvClassifier(_n_features(data), channels, _n_outputs(data),
+                                                activation))
+
+
+def _build_cnn1d_map(data, hidden, density, seed, activation) -> nn.Module:
+    return from_module(_build_cnn1d(data, hidden, density, seed, activation), _example(data))
+
+
+def _build_bigru(data, hidden, density, seed, activation) -> nn.Module:
+    width = _one_width("bigru", hidden)
+    return _seeded(seed, lambda: BiGRUClassifier(_n_features(data), width, _n_outputs(data)))
+
+
+def _build_bigru_map(data, hidden, density, seed, activation) -> nn.Module:
+    return BiGRUMap(_build_bigru(data, hidden, density, seed, activation))
+
+
+def _cnn1d_count(data, hidden: tuple[int, ...]) -> int:
+    c = _one_width("cnn1d", hidden)
+    _check_conv_input(data)
+    n_y = _n_outputs(data)
+    return 6 * c + 2 * (3 * c * c + c) + c * _conv_lengths(_n_features(data))[-1] * n_y + n_y
+
+
+def _bigru_count(data, hidden: tuple[int, ...]) -> int:
+    h = _one_width("bigru", hidden)
+    n_y = _n_outputs(data)
+    return 6 * (h + h * h + 2 * h) + 2 * h * _n_features(data) * n_y + n_y
 
 
 def _build_forced_map(data, hidden, density, seed, activation) -> nn.Module:
@@ -394,6 +606,22 @@ for _fam in (
            "matched_map(MLP, density=1): dense six-block map", is_map=True, iterated=True),
     Family("sparse_map", FLAT_TASKS, "sparse", _build_sparse_map,
            "matched_map(MLP, density=d): random-sparse six-block map", is_map=True, iterated=True),
+    Family("resmlp", FLAT_TASKS, "none", _build_resmlp,
+           "residual MLP: h = h + act(W h) blocks between input and output layers"),
+    Family("resmlp_map", FLAT_TASKS, "none", _build_resmlp_map,
+           "from_module(residual MLP): its exact block-map twin", is_map=True),
+    Family("cnn1d", FLAT_TASKS, "none", _build_cnn1d,
+           "1-D CNN (published MNIST-1D shape; hidden = channels)", matched=False,
+           count=_cnn1d_count),
+    Family("cnn1d_map", FLAT_TASKS, "none", _build_cnn1d_map,
+           "from_module(1-D CNN): its exact block-map twin", is_map=True, matched=False,
+           count=_cnn1d_count),
+    Family("bigru", FLAT_TASKS, "none", _build_bigru,
+           "bidirectional GRU over the features (published MNIST-1D shape; hidden = width)",
+           matched=False, count=_bigru_count),
+    Family("bigru_map", FLAT_TASKS, "none", _build_bigru_map,
+           "from_gru of each direction of that GRU: the same function", is_map=True,
+           matched=False, count=_bigru_count),
     Family("forced_map", SEQUENCE_TASKS, "any", _build_forced_map,
            "forced (x, h, y) map over the sequence, blocks hx, hh, yh at density d", is_map=True),
     Family("rnn", SEQUENCE_TASKS, "none", _recurrent_builder("rnn"), "nn.RNN + Linear readout"),
@@ -430,7 +658,9 @@ def check_feasible(family: str, data: Any, *, hidden: int | Sequence[int],
     A six-block map always holds its ``y <- x`` and ``y <- y`` blocks (``n_y n_x + n_y²``
     entries at density 1) whatever its hidden width, so a small budget can be below the
     smallest such map: e.g. ``dense_map`` on digits (64 features, 10 classes) needs more
-    than the 610 parameters of a hidden-8 MLP. Cheap (arithmetic only).
+    than the 610 parameters of a hidden-8 MLP. Also refused: ``resmlp`` widths that differ,
+    and a published-shape family (``cnn1d``, ``bigru`` and their maps) given more than one
+    width (or, ``cnn1d``, fewer than 3 features). Cheap (arithmetic only).
     """
     fam = FAMILIES.get(family)
     if fam is None or family not in _BUILTIN:
@@ -440,6 +670,12 @@ def check_feasible(family: str, data: Any, *, hidden: int | Sequence[int],
     d = check_density(fam, density)
     n_x, n_y = _n_features(data), _n_outputs(data)
     target = budget(data, widths)
+    if not fam.matched:
+        fam.count(data, widths)  # a MapError naming the family
+        return
+    if family in ("resmlp", "resmlp_map"):
+        _equal_widths(family, widths)
+        return
     try:
         if family == "dense_map":
             solve_hidden_width(target, n_x, n_y, 1.0)
@@ -461,7 +697,8 @@ def build_model(family: str, data: Any, *, hidden: int | Sequence[int], density:
     times than ``matched_map``'s default (the MLP's number of layers): see
     :func:`live_trainable` for why that matters. With ``check=True`` (default) the
     trainable count is verified against :func:`budget` within :func:`count_tolerance`
-    (:class:`~iternn.StudyError` otherwise; a built-in family never fails it). Raises
+    (a published-shape family: against its :attr:`Family.count`, exactly;
+    :class:`~iternn.StudyError` otherwise; a built-in family never fails it). Raises
     :class:`~iternn.MapError` for an unknown family, a family that does not serve the
     dataset's task, a bad density, hidden width, activation or ``extra_steps``, and
     :class:`~iternn.SizeError` (a ``MemoryError``), before anything is allocated, when the
@@ -496,7 +733,7 @@ def build_model(family: str, data: Any, *, hidden: int | Sequence[int], density:
     if extra_steps:
         model.steps += extra_steps
     if check and family in _BUILTIN:
-        target = budget(data, widths)
+        target = budget(data, widths) if fam.matched else fam.count(data, widths)
         got = count_trainable(model)
         tol = count_tolerance(family, data, widths, d)
         ok = (0 <= target - got < tol) if family == "dense_map" else abs(got - target) <= tol
@@ -508,7 +745,8 @@ def build_model(family: str, data: Any, *, hidden: int | Sequence[int], density:
 _BUILTIN = frozenset(FAMILIES)
 #: Parameter copies alive while a built-in family is built: the maps made from an MLP hold
 #: the MLP and the map at once.
-_COPIES = {"mlp_map": 2, "dense_map": 2, "sparse_map": 2}
+_COPIES = {"mlp_map": 2, "dense_map": 2, "sparse_map": 2, "resmlp_map": 2, "cnn1d_map": 2,
+           "bigru_map": 2}
 
 
 def parameter_bytes(family: str, data: Any, hidden: int | Sequence[int]) -> tuple[int, int]:
@@ -518,7 +756,8 @@ def parameter_bytes(family: str, data: Any, hidden: int | Sequence[int]) -> tupl
     the map at once for the maps made from an MLP). Arithmetic only: a lower bound of what
     building needs (no index arrays, no activations), so it never refuses a model that fits.
     """
-    n = budget(data, hidden)
+    fam = FAMILIES[family]
+    n = budget(data, hidden) if fam.matched else fam.count(data, normalize_hidden(hidden, _task(data)))
     return n, tensor_bytes(n * _COPIES.get(family, 1), torch.get_default_dtype())
 
 

@@ -5,9 +5,12 @@
 * ``report.md`` — sections **Datasets** (sizes, class balance), **Models** (families and
   their trainable counts against the budget), **Results** (per dataset x budget x model x
   density: test accuracy and loss, mean ± sample std over seeds, trainable count, epochs,
-  wall time per run, runs ok / diverged / failed), **Plots**, **Claims** (whether each of
-  the paper's claims held *on this data*, computed from the numbers, with the strength of
-  the evidence), **Context** (published MNIST-1D baselines), **Failures** and **Raw
+  wall time per run, runs ok / diverged / failed; each table says which weights its test
+  metrics come from: the dataset's ``select`` rule and training budget), **Plots**,
+  **Claims** (whether each of the paper's claims held *on this data*, computed from the
+  numbers, with the strength of the evidence), **Context** (published MNIST-1D
+  baselines; runs of the published shapes — ``resmlp``, ``cnn1d``, ``bigru`` and their
+  maps — on MNIST-1D are put beside the published figures), **Failures** and **Raw
   results**.
 * PNG plots (matplotlib, drawn on ``Figure`` + ``FigureCanvasAgg``; pyplot is never
   imported): ``acc_vs_params_<label>.png`` (accuracy against trainable parameters, one
@@ -51,7 +54,8 @@ from .sweep import (
     load_datasets,
 )
 
-__all__ = ["write_report", "REPORT_NAME", "SECTIONS", "MNIST1D_BASELINES", "compare", "group_stats"]
+__all__ = ["write_report", "REPORT_NAME", "SECTIONS", "MNIST1D_BASELINES", "MNIST1D_PUBLISHED",
+           "compare", "group_stats", "selection_text"]
 
 REPORT_NAME = "report.md"
 #: The level-2 headings of ``report.md``, in order.
@@ -60,6 +64,18 @@ SECTIONS = ("Datasets", "Models", "Results", "Plots", "Claims", "Context: publis
 #: Published MNIST-1D test accuracies (Greydanus 2020, "Scaling down deep learning",
 #: arXiv:2011.14439, the mnist1d README), for context only: other models, sizes, training.
 MNIST1D_BASELINES = (("logistic regression", 0.32), ("MLP", 0.68), ("GRU", 0.91), ("CNN", 0.94))
+#: The published MNIST-1D baselines a family reproduces: family -> (the published shape's
+#: ``hidden``, the baseline's name, the published test accuracy as text). The map
+#: families are listed under their module's entry (``<family>_map``).
+MNIST1D_PUBLISHED = {
+    "resmlp": ((100, 100), "MLP 40-100-100-10 (one residual block)",
+               "68 % (paper); 65.1 % (the authors' rerun)"),
+    "cnn1d": ((25,), "CNN (3 conv layers, 25 channels)", "~94 %"),
+    "bigru": ((6,), "GRU (bidirectional, width 6)", "~91 %"),
+}
+_SELECT_RULES = {"val_loss": "the epoch with the lowest validation loss",
+                 "val_acc": "the epoch with the highest validation accuracy",
+                 "final": "the final weights, after the last step"}
 _OK = ("ok", "early_stopped")
 
 
@@ -175,6 +191,26 @@ def _table(header: Sequence[str], rows: list[Sequence[Any]]) -> list[str]:
     return out
 
 
+def selection_text(train: dict[str, Any], options: dict[str, Any]) -> str:
+    """One sentence: which weights a dataset's test metrics come from (its ``select``
+    rule) and the training that led there (budget, batch, optimizer, early stopping, a
+    missing validation split)."""
+    select = train.get("select") or "val_loss"
+    budget = (f"{train['steps']} optimizer steps" if train.get("steps")
+              else f"up to {train['epochs']} epochs")
+    parts = [f"{budget} of batch {train['batch_size']}, {train['optimizer']} at lr {train['lr']:g}"]
+    if train.get("weight_decay"):
+        parts.append(f"weight decay {train['weight_decay']:g}")
+    if train.get("patience"):
+        parts.append(f"early stopping after {train['patience']} epochs without improvement")
+    if options.get("val_fraction") == 0:
+        parts.append("no validation split (val_fraction = 0)")
+    if options.get("standardize") is False:
+        parts.append("raw (unstandardised) features")
+    return (f"Selection `select = \"{select}\"`: test metrics of {_SELECT_RULES[select]}; "
+            + "; ".join(parts) + ".")
+
+
 def _score_text(row: dict[str, Any]) -> str:
     key, _ = _metric(row["task"])
     pct = key == "test_acc"
@@ -268,6 +304,9 @@ def _plot_curves(rows: list[dict], label: str, path: Path) -> Path | None:
     hidden = tuple(rows[0]["hidden"])
     task = rows[0]["task"]
     field = "val_loss" if task == "regression" else "val_acc"
+    if not any(m.get(field) is not None for r in rows for run in r["runs"]
+               for m in run.get("metrics", [])):
+        field = "train_loss"  # no validation split
     fig = _figure()
     ax = fig.add_subplot()
     drawn = 0
@@ -288,7 +327,8 @@ def _plot_curves(rows: list[dict], label: str, path: Path) -> Path | None:
     if not drawn:
         return None
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy" if field == "val_acc" else "validation loss")
+    ax.set_ylabel({"val_acc": "validation accuracy", "val_loss": "validation loss",
+                   "train_loss": "training loss (no validation split)"}[field])
     ax.set_title(f"{label}: training curves (mean over seeds, hidden {_h(hidden)})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -313,7 +353,7 @@ def _spy_plots(config: StudyConfig, datasets: dict[str, Any], out: Path,
         hidden = ds.hidden[0]
         for family in ds.models:
             fam = FAMILIES[family]
-            if not fam.is_map:
+            if not fam.is_map or family in ("bigru_map",):  # two maps, no single structure
                 continue
             dens: list[float | None] = [None] if fam.density == "none" else \
                 [d for d in ds.densities if fam.density == "any" or d < 1]
@@ -409,11 +449,42 @@ def _band_reading(wins: Sequence[float], tested: Sequence[float]) -> str:
 
 def _best_by_val(rows: list[dict], task: str) -> dict | None:
     rows = [r for r in rows if r["n_ok"]]
-    if not rows:
-        return None
+    if not rows or all(r["val_acc"] is None and r["best_val_loss"] is None for r in rows):
+        return None  # nothing completed, or no validation split to choose by
     if task == "regression":
         return min(rows, key=lambda r: (r["best_val_loss"] if r["best_val_loss"] is not None else math.inf))
     return max(rows, key=lambda r: (r["val_acc"] if r["val_acc"] is not None else -math.inf))
+
+
+#: (module family, its block-map family, the converter): pairs that must be the same network.
+_TWINS = (("mlp", "mlp_map", "from_mlp"), ("resmlp", "resmlp_map", "from_module"),
+          ("cnn1d", "cnn1d_map", "from_module"), ("bigru", "bigru_map", "from_gru per direction"))
+
+
+def _twin_claim(records: list[dict], label: str, hidden: tuple, module: str, twin: str, how: str,
+                key: str, row: dict) -> list[str]:
+    """The claim line "the module and its map train to the same numbers", from the per-seed
+    scores of the runs both completed (none: no line)."""
+    pairs: dict[int, dict[str, dict]] = {}
+    for r in records:
+        if r["label"] == label and tuple(r["hidden"]) == hidden and \
+                r["family"] in (module, twin) and r["status"] in _OK:
+            pairs.setdefault(r["seed"], {})[r["family"]] = r
+    diffs = [abs(p[module][key] - p[twin][key]) for p in pairs.values()
+             if len(p) == 2 and p[module].get(key) is not None and p[twin].get(key) is not None]
+    if not diffs:
+        return []
+    same = max(diffs) <= (1e-3 if key == "test_acc" else 1e-4 * max(1.0, abs(row[key] or 1.0)))
+    unit = " points" if key == "test_acc" else ""
+    mx = 100 * max(diffs) if key == "test_acc" else max(diffs)
+    what = ("The MLP and its block-map twin (`from_mlp`)" if module == "mlp" else
+            f"`{module}` and its block-map twin `{twin}` (`{how}`)")
+    return [f"- *{what} train to the same numbers*: **{'yes' if same else 'no'}** — same "
+            f"function, same seed, same initial weights; largest |Δ {key}| over {len(diffs)} "
+            f"seed(s): {mx:.3g}{unit} "
+            + ("(identical up to float rounding)" if same else
+               "(the two evaluate in a different order, and the float rounding that opens grows "
+               "over the training steps)")]
 
 
 def _claims(config: StudyConfig, stats: list[dict], records: list[dict],
@@ -435,33 +506,19 @@ def _claims(config: StudyConfig, stats: list[dict], records: list[dict],
             get = {_name(r): r for r in hr}
             fam = lambda f, hr=hr: [r for r in hr if r["family"] == f]  # noqa: E731
             budget = hr[0].get("budget")
-            lines.append(f"Budget: hidden {_h(hidden)} = {budget} trainable parameters.")
+            lines.append(f"Budget: hidden {_h(hidden)} = {budget} trainable parameters."
+                         if budget is not None else
+                         f"Published shape: hidden {_h(hidden)} (not matched to a budget).")
             lines.append("")
             cmp = lambda a, b, vals=vals, hib=hib: compare(  # noqa: E731
                 _values(a, vals), _values(b, vals), higher_better=hib)
             if ds.task != "sequence":
-                mlp, twin = get.get("mlp"), get.get("mlp_map")
+                mlp = get.get("mlp")
                 sparse = [r for r in fam("sparse_map") if r["n_ok"]]
-                if mlp and twin:
-                    pairs = {}
-                    for r in records:
-                        if r["label"] == ds.label and tuple(r["hidden"]) == hidden and \
-                                r["family"] in ("mlp", "mlp_map") and r["status"] in _OK:
-                            pairs.setdefault(r["seed"], {})[r["family"]] = r
-                    diffs = [abs(p["mlp"][key] - p["mlp_map"][key]) for p in pairs.values()
-                             if len(p) == 2 and p["mlp"].get(key) is not None
-                             and p["mlp_map"].get(key) is not None]
-                    if diffs:
-                        same = max(diffs) <= (1e-3 if key == "test_acc" else 1e-4 * max(
-                            1.0, abs(mlp[key] or 1.0)))
-                        unit = " points" if key == "test_acc" else ""
-                        mx = 100 * max(diffs) if key == "test_acc" else max(diffs)
-                        lines.append(
-                            f"- *The MLP and its block-map twin (`from_mlp`) are the same network*: "
-                            f"**{'yes' if same else 'no'}** — same seed, same initial weights; largest "
-                            f"|Δ {key}| over {len(diffs)} seed(s): {mx:.3g}{unit} "
-                            + ("(identical up to float rounding)" if same else
-                               "(float rounding in a different evaluation order grows during training)"))
+                for module, twin, how in _TWINS:
+                    if get.get(module) and get.get(twin):
+                        lines += _twin_claim(records, ds.label, hidden, module, twin, how, key,
+                                             get[module])
                 extras = sorted({r.get("extra_steps") or 0 for r in hr
                                  if r["family"] in ("dense_map", "sparse_map")}) or [0]
                 best_per_extra = {}
@@ -475,8 +532,12 @@ def _claims(config: StudyConfig, stats: list[dict], records: list[dict],
                                      f"application{'s' if e != 1 else ''}{tag}:")
                     pre = "  - " if len(extras) > 1 else "- "
                     sub = "    - " if len(extras) > 1 else "  - "
+                    best = _best_by_val(sp, ds.task) if sp else None
+                    if sp and best is None:
+                        lines.append(pre + "no validation scores to choose a density by (no "
+                                     "validation split): the sparse maps are not compared")
+                        sp = []
                     if sp and mlp and mlp["n_ok"]:
-                        best = _best_by_val(sp, ds.task)
                         best_per_extra[e] = best
                         claim = ("*A random-sparse map at the same budget beats the MLP* (best density "
                                  f"by validation: d={best['density']:g})")
@@ -486,7 +547,6 @@ def _claims(config: StudyConfig, stats: list[dict], records: list[dict],
                                      f"{', '.join(f'{d:g}' for d in wins) if wins else 'none'} "
                                      f"(of {', '.join(format(r['density'], 'g') for r in sp)})")
                     if sp and dn and dn["n_ok"]:
-                        best = _best_by_val(sp, ds.task)
                         claim = ("*Some sparsity beats the dense map at the same budget* (best density "
                                  f"by validation: d={best['density']:g})")
                         lines.append(pre + _verdict(cmp(best, dn), claim, best, dn, chance))
@@ -538,6 +598,74 @@ def _claims(config: StudyConfig, stats: list[dict], records: list[dict],
                     lines.append("- no RNN/GRU/LSTM baseline was run: the comparison is not tested here")
             lines.append("")
     return lines
+
+
+# --------------------------------------------------------------------------- context
+
+
+def _twin_gap(records: list[dict], label: str, hidden: tuple, family: str) -> float | None:
+    """Largest |test accuracy of the map - of its module| over the seeds both completed."""
+    by_seed: dict[int, dict[str, float]] = {}
+    for r in records:
+        if r["label"] == label and tuple(r["hidden"]) == hidden and r["status"] in _OK \
+                and r["family"] in (family, family + "_map") and r.get("test_acc") is not None:
+            by_seed.setdefault(r["seed"], {})[r["family"]] = r["test_acc"]
+    gaps = [abs(p[family] - p[family + "_map"]) for p in by_seed.values() if len(p) == 2]
+    return max(gaps) if gaps else None
+
+
+def _context(config: StudyConfig, stats: list[dict], records: list[dict]) -> list[str]:
+    """The Context section: the published MNIST-1D figures, and beside them this study's
+    runs of the published shapes (or its MLP and best model)."""
+    L = [("Test accuracies reported with MNIST-1D (Greydanus 2020, *Scaling down deep learning*, "
+          "arXiv:2011.14439, and the dataset's README): "
+          + ", ".join(f"{n} ~{100 * a:.0f} %" for n, a in MNIST1D_BASELINES)
+          + "; a later rerun of the MLP by the dataset's authors gave 65.1 %. Their recipe: Adam at "
+          "lr 0.01, batch 100, 6000 steps on the 4000 training samples as generated, the final "
+          "weights scored on the 1000 test samples.")]
+    specs = {d.label: d for d in config.datasets if d.name == "mnist1d"}
+    m1 = [r for r in stats if r["label"] in specs]
+    if not m1:
+        return L + ["", "(MNIST-1D was not part of this study.)"]
+    base = [r for r in m1 if r["family"].removesuffix("_map") in MNIST1D_PUBLISHED]
+    if base:
+        L += ["", "The published shapes, trained here through the same trainer (each also as its "
+              "exact block map: `from_module` for the MLP and the CNN, `from_gru` per direction "
+              "of the GRU). Measured: mean ± sample std of the test accuracy over seeds, and each "
+              "seed's value; *map vs module*: the largest per-seed gap between a map and its "
+              "module, which only float rounding in another evaluation order can open.", ""]
+        rows = []
+        for r in base:
+            fam = r["family"].removesuffix("_map")
+            shape, what, published = MNIST1D_PUBLISHED[fam]
+            if tuple(r["hidden"]) != shape:
+                published = f"– (published shape: hidden {_h(shape)})"
+            gap = _twin_gap(records, r["label"], tuple(r["hidden"]), fam) \
+                if r["family"].endswith("_map") else None
+            seeds = ", ".join(f"{100 * v:.1f}" for v in r["test_acc_values"]) or "–"
+            rows.append([f"{what}: `{r['family']}`", _h(r["hidden"]),
+                         "–" if r["trainable"] is None else r["trainable"], published,
+                         _ms(r["test_acc"], r["test_acc_std"], True) + f" (n={r['n_ok']})", seeds,
+                         "–" if gap is None else f"{100 * gap:.2g} points",
+                         "–" if not r["all_wall"] else f"{statistics.fmean(r['all_wall']):.1f}"])
+        L += _table(["model", "hidden", "trainable", "published test acc", "measured test acc %",
+                     "per seed %", "map vs module", "wall s/run"], rows)
+        L.append("")
+        for label in dict.fromkeys(r["label"] for r in base):
+            L.append(f"- {label}: {selection_text(specs[label].train, specs[label].options)}")
+        return L
+    L.append("")
+    best = max((r for r in m1 if r["test_acc"] is not None), key=lambda r: r["test_acc"], default=None)
+    mlps = [r for r in m1 if r["family"] == "mlp" and r["test_acc"] is not None]
+    if mlps:
+        big = max(mlps, key=lambda r: r["budget"] or 0)
+        L.append(f"Here: the MLP with hidden {_h(big['hidden'])} ({big['budget']} parameters) reached "
+                 f"{_score_text(big)} against the published MLP's ~68 % (other sizes and training: "
+                 f"{selection_text(specs[big['label']].train, specs[big['label']].options)})")
+    if best is not None:
+        L.append(f"Best model here: {_name(best)} with hidden "
+                 f"{_h(best['hidden'])}: {_score_text(best)}.")
+    return L
 
 
 # --------------------------------------------------------------------------- the report
@@ -615,9 +743,10 @@ def write_report(config: StudyConfig, out_dir: str | Path, *, records: list[dict
         s = summaries.get(ds.label) or {}
         meta = s.get("meta") or {}
         if meta.get("source"):
+            scaled = ("inputs standardised with train-split statistics" if s.get("standardized", True)
+                      else "inputs as the source gives them (not standardised)")
             L.append(f"- **{ds.label}**: {meta['source']}; options {ds.options or 'default'}; "
-                     f"splits seeded with data_seed={config.data_seed}; inputs standardised with "
-                     "train-split statistics.")
+                     f"splits seeded with data_seed={config.data_seed}; {scaled}.")
     # -- models
     L += ["", "## Models", ""]
     L.append("Every family of a dataset is matched to one *budget* of trainable parameters: the MLP's "
@@ -627,7 +756,10 @@ def write_report(config: StudyConfig, out_dir: str | Path, *, records: list[dict
              "closest (see `iternn.study.models`). *Live*: the trainable entries that can reach the "
              "output within the model's applications (`iternn.study.models.live_trainable`); the "
              "others never get a gradient. *Steps*: applications of a held-input map (`+n`: extra "
-             "applications beyond the MLP's number of layers).")
+             "applications beyond the MLP's number of layers). `resmlp` and `resmlp_map` match "
+             "the budget of their widths exactly; the published MNIST-1D shapes (`cnn1d`, "
+             "`bigru` and their maps) are not matched to a budget: their `hidden` is their own "
+             "width, and their budget is shown as –.")
     L.append("")
     from .models import FAMILIES
 
@@ -658,13 +790,13 @@ def write_report(config: StudyConfig, out_dir: str | Path, *, records: list[dict
     # -- results
     L += ["", "## Results", ""]
     L.append("Mean ± sample standard deviation over seeds of the runs that completed (status ok or "
-             "early-stopped; test metrics at the epoch with the lowest validation loss). Accuracies "
-             "in %. Wall time: mean per run, seconds.")
+             "early-stopped). Each table says which weights its test metrics come from (the "
+             "dataset's selection rule). Accuracies in %. Wall time: mean per run, seconds.")
     for ds in config.datasets:
         rs = [r for r in stats if r["label"] == ds.label]
         if not rs:
             continue
-        L += ["", f"### {ds.label}", ""]
+        L += ["", f"### {ds.label}", "", selection_text(ds.train, ds.options), ""]
         table = []
         for r in rs:
             table.append([_h(r["hidden"]), _model_name(r["family"], None, r.get("extra_steps") or 0),
@@ -716,7 +848,8 @@ def write_report(config: StudyConfig, out_dir: str | Path, *, records: list[dict
         for cap, p in items:
             L += [f"![{heading}: {cap}]({p.name})", ""]
     if pictures:
-        L.append("Training curves: validation accuracy (loss for regression) per epoch at the first "
+        L.append("Training curves: validation accuracy (loss for regression; the training loss where "
+                 "a dataset has no validation split) per epoch at the first "
                  "budget, the mean over the seeds still running (a run that stopped early drops out). "
                  "Spy plots: rows are destination slots, columns source slots (the paper's F); black: "
                  "a weight entry. Sparse blocks show their actual random pattern.")
@@ -736,23 +869,7 @@ def write_report(config: StudyConfig, out_dir: str | Path, *, records: list[dict
 
     # -- context
     L += ["## Context: published MNIST-1D baselines", ""]
-    L.append("Test accuracies reported with MNIST-1D (Greydanus 2020, *Scaling down deep learning*, "
-             "arXiv:2011.14439): " + ", ".join(f"{n} ~{100 * a:.0f} %" for n, a in MNIST1D_BASELINES)
-             + ". Those models are larger and trained longer than the ones here; they are context, "
-             "not a target.")
-    m1 = [r for r in stats if r["label"] in {d.label for d in config.datasets if d.name == "mnist1d"}]
-    if m1:
-        best = max((r for r in m1 if r["test_acc"] is not None), key=lambda r: r["test_acc"], default=None)
-        mlps = [r for r in m1 if r["family"] == "mlp" and r["test_acc"] is not None]
-        if mlps:
-            big = max(mlps, key=lambda r: r["budget"] or 0)
-            L.append(f"Here: the MLP with hidden {_h(big['hidden'])} ({big['budget']} parameters) reached "
-                     f"{_score_text(big)} against the published MLP's ~68 %.")
-        if best is not None:
-            L.append(f"Best model here: {_name(best)} with hidden "
-                     f"{_h(best['hidden'])}: {_score_text(best)}.")
-    else:
-        L.append("(MNIST-1D was not part of this study.)")
+    L += _context(config, stats, records)
 
     # -- failures
     L += ["", "## Failures and divergences", ""]

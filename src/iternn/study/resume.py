@@ -13,21 +13,24 @@ new value) any change it cannot honour:
 * anything that defines the model, the data or its split (dataset, its options and data
   seed, family, widths, density, activation, init seed, ...) and every training option
   but those below: the optimizer, learning rate, batch size, clipping, loss and schedule
-  shape the trajectory, and the optimizer's restored state carries them;
+  shape the trajectory, and the optimizer's restored state carries them; the selection
+  rule (``select``) decides which weights every later epoch is compared with, and a step
+  budget (``steps``) may end an epoch part-way;
 * ``epochs`` may grow (or shrink down to the epochs already trained): training
   continues from the last checkpoint, a finished run included, and ends where an
   uninterrupted run with the new number would, bit for bit on CPU. Not with
   ``lr_schedule="cosine"``, whose learning rates depend on ``epochs`` from the first
   epoch on, so a change is refused there;
 * ``patience`` may change when the new value would not have stopped the run before the
-  checkpoint's epoch (checked by replaying the stored validation losses): early stopping
-  only decides when to stop, so the result is again that of an uninterrupted run with the
-  new patience;
+  checkpoint's epoch (checked by replaying the stored validation scores of the run's
+  ``select`` criterion): early stopping only decides when to stop, so the result is again
+  that of an uninterrupted run with the new patience;
 * ``device`` may change (the checkpoint is read onto the CPU and moved): same numbers up
   to the arithmetic of the devices.
 
 A run folder with a checkpoint but no ``run.json`` (written by an older version of
-iternn) cannot be checked, so it is a :class:`~iternn.ResumeError` too.
+iternn) cannot be checked, so it is a :class:`~iternn.ResumeError` too. A stored record
+without a training option added since (``select``, ``steps``) holds its default.
 """
 
 from __future__ import annotations
@@ -41,13 +44,15 @@ from typing import Any
 from ..errors import ResumeError
 from .checkpoint import atomic_write_text
 
-__all__ = ["RUN_JSON", "RESUME_FREE", "write_run_options", "read_run_options",
-           "resume_differences", "stop_epoch"]
+__all__ = ["RUN_JSON", "RESUME_FREE", "ADDED_DEFAULTS", "write_run_options",
+           "read_run_options", "resume_differences", "stop_epoch"]
 
 #: The stored run options inside a run folder.
 RUN_JSON = "run.json"
 #: Training options a resume may change (under the rules of the module docstring).
 RESUME_FREE = ("device", "epochs", "patience")
+#: Training options added after the first run records: a record without one holds this.
+ADDED_DEFAULTS: dict[str, Any] = {"select": "val_loss", "steps": None}
 _FORMAT = "iternn.run/1"
 
 
@@ -84,14 +89,18 @@ def read_run_options(folder: Path) -> dict[str, Any]:
     return record
 
 
-def stop_epoch(metrics: Sequence[Mapping[str, Any]], patience: int | None) -> int | None:
+def stop_epoch(metrics: Sequence[Mapping[str, Any]], patience: int | None, *,
+               select: str = "val_loss") -> int | None:
     """The epoch after which early stopping with ``patience`` stops, replaying the
-    validation losses of ``metrics`` (``None``: it would not stop within them)."""
+    validation scores of ``metrics`` under ``select`` (``"val_loss"``: lower is better,
+    ``"val_acc"``: higher; ``None``: it would not stop within them)."""
     if patience is None:
         return None
     best, bad = math.inf, 0
     for row in metrics:
-        v = row["val_loss"]
+        v = row["val_loss"] if select == "val_loss" else row.get("val_acc")
+        if v is not None and select == "val_acc":
+            v = -v
         if v is not None and v < best:
             best, bad = v, 0
         else:
@@ -119,7 +128,7 @@ def resume_differences(stored: Mapping[str, Any], options: Mapping[str, Any] | N
         if new_opts.get(key) != old_opts.get(key):
             out.append(f"{key}: stored {old_opts.get(key)!r}, new {new_opts.get(key)!r}")
     for key in sorted(set(new_train) | set(old_train)):
-        old, new = old_train.get(key), new_train.get(key)
+        old, new = old_train.get(key, ADDED_DEFAULTS.get(key)), new_train.get(key)
         if old == new or key == "device":
             continue
         if key == "epochs":
@@ -130,7 +139,7 @@ def resume_differences(stored: Mapping[str, Any], options: Mapping[str, Any] | N
                 out.append(f"epochs: stored {old!r}, new {new!r} (the run has trained "
                            f"{epochs_done} epochs)")
         elif key == "patience":
-            stop = stop_epoch(metrics, new)
+            stop = stop_epoch(metrics, new, select=new_train.get("select", "val_loss"))
             if stop is not None and stop < epochs_done:
                 out.append(f"patience: stored {old!r}, new {new!r} (with it the run would have "
                            f"stopped after epoch {stop}, before the checkpoint's epoch {epochs_done})")

@@ -73,7 +73,7 @@ from typing import Any
 
 from ..errors import ConfigError, FormatError, ResumeError
 from .checkpoint import load_checkpoint
-from .config import StudyConfig, train_config
+from .config import ADDED_TRAIN_DEFAULTS, StudyConfig, train_config
 from .folder import study_folder
 
 __all__ = [
@@ -149,6 +149,9 @@ class Run:
         d.pop("index")
         d.pop("threads")
         d["train"].pop("tensorboard", None)
+        for key, default in ADDED_TRAIN_DEFAULTS.items():  # fingerprints of older runs stay
+            if key in d["train"] and d["train"][key] == default:
+                d["train"].pop(key)
         if not d["extra_steps"]:
             d.pop("extra_steps")  # fingerprints of runs without extra steps stay as they were
         d["hidden"] = list(self.hidden)
@@ -298,7 +301,7 @@ def _one_line(exc: BaseException) -> str:
 
 def base_record(run: Run) -> dict[str, Any]:
     """The record of a run before (or without) training: status ``"missing"``."""
-    from .models import budget
+    from .models import FAMILIES, budget
 
     rec: dict[str, Any] = {k: None for k in RECORD_FIELDS}
     rec.update(run_id=run.run_id, index=run.index, label=run.label, dataset=run.dataset,
@@ -308,7 +311,8 @@ def base_record(run: Run) -> dict[str, Any]:
 
     try:
         data = dataset_for(run)
-        rec["budget"] = budget(data, run.hidden)
+        if FAMILIES[run.family].matched:  # a published shape has no budget
+            rec["budget"] = budget(data, run.hidden)
     except Exception:  # noqa: BLE001 - the run itself will report the error
         pass
     return rec

@@ -26,11 +26,20 @@ caller's global RNG state is left exactly as it was. Model initialisation is the
 caller's business. Every RNG state is saved in the checkpoints, so a resumed run
 continues bit for bit.
 
-**Early stopping.** After every epoch the model is evaluated on the validation split.
-With ``patience=p`` training stops once ``p`` epochs in a row failed to lower the best
-validation loss (status ``"early_stopped"``; a run that used all its epochs is ``"ok"``).
-Whatever the status, the weights of the best epoch are restored into ``model`` at the
-end and the test metrics are theirs.
+**Budget.** ``epochs`` passes over the training split, or ``steps`` optimizer steps
+(one per batch; the last epoch stops part-way when ``steps`` is not a multiple of the
+batches per epoch, and counts as an epoch). The two are exclusive.
+
+**Selection.** After every epoch the model is evaluated on the validation split (when it
+has one). ``select`` says which weights the run ends with, and so which weights the test
+metrics describe: ``"val_loss"`` (default) the epoch with the lowest validation loss,
+``"val_acc"`` the epoch with the highest validation accuracy (the earliest on a tie; not
+for regression), ``"final"`` the weights after the last step. Only ``"final"`` trains
+without a validation split (an empty ``x_val``). With ``patience=p`` training stops once
+``p`` epochs in a row failed to improve the selection criterion (status
+``"early_stopped"``; a run that used its whole budget is ``"ok"``; not with ``"final"``).
+Whatever the status, the selected weights are restored into ``model`` at the end and the
+test metrics are theirs.
 
 **Divergence.** A non-finite training loss (checked before each optimizer step) or
 validation loss stops the run with status ``"diverged"``; no exception is raised, the
@@ -122,6 +131,7 @@ __all__ = [
     "evaluate",
     "TASKS",
     "OPTIMIZERS",
+    "SELECTIONS",
     "STATUSES",
     "METRIC_FIELDS",
     "CHECKPOINT_NAME",
@@ -134,6 +144,8 @@ __all__ = [
 
 TASKS = ("classification", "regression", "sequence")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+#: Which weights a run ends with (see the module docstring).
+SELECTIONS = ("val_loss", "val_acc", "final")
 LR_SCHEDULES = ("constant", "cosine")
 LOSS_ON = ("last", "all")
 STATUSES = ("ok", "early_stopped", "diverged")
@@ -172,11 +184,12 @@ class TrainConfig:
         lr: learning rate (> 0).
         weight_decay: L2 penalty (``adam``, ``sgd``) or decoupled decay (``adamw``), >= 0.
         momentum: SGD momentum in [0, 1); ignored by the Adam variants.
-        epochs: maximum number of epochs (>= 1).
+        epochs: maximum number of epochs (>= 1); ``None`` when ``steps`` is given.
+            Neither given: 20. Both given: a :class:`~iternn.ConfigError`.
         batch_size: samples per optimizer step (the *global* batch under
             :mod:`iternn.study.distributed`).
-        patience: early stopping after this many epochs without a lower validation
-            loss; ``None`` disables it.
+        patience: early stopping after this many epochs without an improvement of the
+            selection criterion; ``None`` disables it (and must, with ``select="final"``).
         seed: seeds the batch order and the global RNG used inside the model.
         loss_on: ``"last"`` (the model's output) or ``"all"`` (mean over applications,
             see the module docstring).
@@ -185,13 +198,17 @@ class TrainConfig:
             stepped once per epoch).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` … or ``"auto"`` (CUDA when available).
             The model is moved there (in place).
+        select: ``"val_loss"``, ``"val_acc"`` or ``"final"``: which weights the run ends
+            with (see the module docstring).
+        steps: the budget in optimizer steps (>= 1) instead of ``epochs``; ``None``: the
+            budget is ``epochs``.
     """
 
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.0
-    epochs: int = 20
+    epochs: int | None = None
     batch_size: int = 64
     patience: int | None = None
     seed: int = 0
@@ -199,13 +216,15 @@ class TrainConfig:
     max_grad_norm: float | None = None
     lr_schedule: str = "constant"
     device: str = "cpu"
+    select: str = "val_loss"
+    steps: int | None = None
 
     def __post_init__(self) -> None:
         def bad(key: str, what: str) -> ConfigError:
             return ConfigError(f"TrainConfig.{key} must be {what}, got {getattr(self, key)!r}")
 
         for key, choices in (("optimizer", OPTIMIZERS), ("loss_on", LOSS_ON),
-                             ("lr_schedule", LR_SCHEDULES)):
+                             ("lr_schedule", LR_SCHEDULES), ("select", SELECTIONS)):
             if getattr(self, key) not in choices:
                 raise bad(key, "one of " + ", ".join(repr(c) for c in choices))
         if not (_is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
@@ -215,12 +234,24 @@ class TrainConfig:
             raise bad("weight_decay", "a finite number >= 0")
         if not (_is_number(self.momentum) and 0 <= self.momentum < 1):
             raise bad("momentum", "a number in [0, 1)")
-        if not (_is_int(self.epochs) and self.epochs >= 1):
+        if self.steps is not None:
+            if not (_is_int(self.steps) and self.steps >= 1):
+                raise bad("steps", "None or an int >= 1")
+            if self.epochs is not None:
+                raise ConfigError(f"TrainConfig.epochs and TrainConfig.steps are exclusive "
+                                  f"budgets, got epochs={self.epochs!r} and steps={self.steps!r} "
+                                  "(give one)")
+        elif self.epochs is None:
+            object.__setattr__(self, "epochs", 20)
+        if self.epochs is not None and not (_is_int(self.epochs) and self.epochs >= 1):
             raise bad("epochs", "an int >= 1")
         if not (_is_int(self.batch_size) and self.batch_size >= 1):
             raise bad("batch_size", "an int >= 1")
         if self.patience is not None and not (_is_int(self.patience) and self.patience >= 1):
             raise bad("patience", "None or an int >= 1")
+        if self.patience is not None and self.select == "final":
+            raise ConfigError(f"TrainConfig.patience must be None with select='final' (early "
+                              f"stopping watches a validation criterion), got {self.patience!r}")
         if not (_is_int(self.seed) and 0 <= self.seed < 2**63):
             raise bad("seed", "an int in [0, 2**63)")
         if self.max_grad_norm is not None and not (
@@ -311,13 +342,15 @@ class TrainResult:
     Attributes:
         status: ``"ok"`` (all epochs ran), ``"early_stopped"`` or ``"diverged"``.
         epochs_run: completed epochs (``len(metrics)``).
-        best_epoch: epoch (1-based) with the lowest validation loss; ``None`` if none
-            completed.
-        best_val_loss: that loss.
+        best_epoch: the epoch (1-based) whose weights ``select`` chose (the lowest
+            validation loss, the highest validation accuracy, or the last); ``None`` if
+            none completed.
+        best_val_loss: that epoch's validation loss (``None`` without a validation split).
         metrics: one dict per completed epoch with :data:`METRIC_FIELDS` (``val_acc`` is
-            ``None`` for regression; ``time_s`` is that epoch's wall time).
-        test: ``{"test_loss", "test_acc"}`` of the best weights, ``None`` when there are
-            no best weights or no test split.
+            ``None`` for regression, ``val_loss`` and ``val_acc`` without a validation
+            split; ``time_s`` is that epoch's wall time).
+        test: ``{"test_loss", "test_acc"}`` of the chosen weights, ``None`` when there are
+            none or no test split.
         wall_time_s: total wall time, summed over resumed sessions.
         trainable: trainable entries of the model (:func:`iternn.count_trainable`).
         diverged_at: ``{"epoch", "batch", "loss"}`` for a diverged run (``batch`` is
@@ -382,12 +415,15 @@ class _LocalComm:
 # --------------------------------------------------------------------------- helpers
 
 
-def _check_data(data: Any) -> None:
+def _check_data(data: Any, config: TrainConfig) -> None:
     for name in ("x_train", "y_train", "x_val", "y_val", "task"):
         if not hasattr(data, name):
             raise MapTypeError(f"data has no attribute {name!r} (expected a Dataset-like object)")
     if data.task not in TASKS:
         raise DataError(f"data.task must be one of {', '.join(TASKS)}, got {data.task!r}")
+    if config.select == "val_acc" and data.task == "regression":
+        raise ConfigError("TrainConfig.select='val_acc' needs an accuracy, and task 'regression' "
+                          "has none (use 'val_loss' or 'final')")
     for split in ("train", "val", "test"):
         x, y = getattr(data, f"x_{split}", None), getattr(data, f"y_{split}", None)
         if split == "test" and x is None and y is None:
@@ -398,8 +434,11 @@ def _check_data(data: Any) -> None:
             raise DataError(
                 f"data.x_{split} has {x.shape[0]} samples but data.y_{split} has {y.shape[0]}"
             )
-        if split != "test" and x.shape[0] == 0:
-            raise DataError(f"data.x_{split} is empty")
+        if split == "train" and x.shape[0] == 0:
+            raise DataError("data.x_train is empty")
+        if split == "val" and x.shape[0] == 0 and config.select != "final":
+            raise DataError(f"data.x_val is empty: select={config.select!r} chooses the weights "
+                            "on the validation split (select='final' trains without one)")
         if data.task != "regression" and y.is_floating_point():
             raise DataError(
                 f"data.y_{split} must hold integer class labels for task {data.task!r}, "
@@ -505,6 +544,15 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, task: str) -> dict[str, flo
     return {"loss": loss, "acc": acc}
 
 
+def _score(select: str, val_loss: float | None, val_acc: float | None) -> float:
+    """The selection criterion of an epoch, lower is better (``"final"``: always 0)."""
+    if select == "val_loss":
+        return val_loss
+    if select == "val_acc":
+        return -val_acc
+    return 0.0
+
+
 def _state_copy(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -517,9 +565,9 @@ def _make_optimizer(params: list[Tensor], config: TrainConfig) -> torch.optim.Op
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _make_scheduler(opt: torch.optim.Optimizer, config: TrainConfig):
+def _make_scheduler(opt: torch.optim.Optimizer, config: TrainConfig, epochs: int):
     if config.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     return None
 
 
@@ -666,7 +714,7 @@ def _fit(model: nn.Module, data: Any, config: TrainConfig | None, *, out_dir, re
         raise MapTypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise MapTypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _check_data(data)
+    _check_data(data, config)
     if resume and out_dir is None:
         raise ConfigError("resume=True needs out_dir (where the checkpoint is)")
     if not isinstance(tensorboard, bool):
@@ -711,6 +759,7 @@ class _Run:
         dtype = _float_dtype(model)
         self.x_train, self.y_train = _prepare(data.x_train, data.y_train, task, dtype, device)
         self.x_val, self.y_val = _prepare(data.x_val, data.y_val, task, dtype, device)
+        self.has_val = self.x_val.shape[0] > 0
         x_test = getattr(data, "x_test", None)
         self.has_test = x_test is not None and x_test.shape[0] > 0
         if self.has_test:
@@ -720,7 +769,11 @@ class _Run:
             raise MapError("the model has no trainable parameters")
         self.trainable = count_trainable(model)
         self.opt = _make_optimizer(self.params, config)
-        self.sched = _make_scheduler(self.opt, config)
+        # the budget: every epoch has n_batches steps, but the last under a step budget
+        self.n_batches = -(-self.x_train.shape[0] // config.batch_size)
+        self.total_epochs = config.epochs if config.steps is None else \
+            -(-config.steps // self.n_batches)
+        self.sched = _make_scheduler(self.opt, config, self.total_epochs)
         self.shuffle = torch.Generator()
         self.shuffle.manual_seed(config.seed)
         self.cuda_devices = [device.index if device.index is not None
@@ -731,7 +784,8 @@ class _Run:
         self.epoch = 0
         self.metrics: list[dict[str, Any]] = []
         self.best_epoch: int | None = None
-        self.best_val = math.inf
+        self.best_val: float | None = None  # the selected epoch's validation loss
+        self.best_score = math.inf  # the selection criterion, lower is better
         self.bad_epochs = 0
         self.best_state = _state_copy(model)  # the initial weights until an epoch completes
         self.wall_before = 0.0
@@ -798,6 +852,7 @@ class _Run:
         best = ckpt["best"]
         self.best_epoch, self.best_val, self.bad_epochs = \
             best["epoch"], best["val_loss"], best["bad_epochs"]
+        self.best_score = best.get("score", best["val_loss"])  # older checkpoints: val_loss
         self.best_state = ckpt["best_model"]
         self.wall_before = float(ckpt["wall_time_s"])
         if ckpt.get("finished") and (ckpt.get("train_state") is None or not self._continues()):
@@ -826,8 +881,8 @@ class _Run:
         return None
 
     def _continues(self) -> bool:
-        """Whether another epoch would run (not out of epochs, not early-stopped)."""
-        return self.epoch < self.config.epochs and not self._early_stop_due()
+        """Whether another epoch would run (budget left, not early-stopped)."""
+        return self.epoch < self.total_epochs and not self._early_stop_due()
 
     def _early_stop_due(self) -> bool:
         return (self.best_epoch is not None and self.config.patience is not None
@@ -841,9 +896,8 @@ class _Run:
 
     def _epochs(self, progress: bool, writer_class: type | None,
                 resume: bool) -> tuple[str, dict[str, Any] | None]:
-        config = self.config
-        n_batches = -(-self.x_train.shape[0] // config.batch_size)
-        bar = _Progress(progress and self.rank0 and _isatty(sys.stderr), config.epochs, self.epoch)
+        config, total = self.config, self.total_epochs
+        bar = _Progress(progress and self.rank0 and _isatty(sys.stderr), total, self.epoch)
         emit = (lambda line: bar.write(self.emit, line)) if self.emit is not None else None
         tb = None
         try:
@@ -853,40 +907,48 @@ class _Run:
                 tb = writer_class(log_dir=str(self.out / TENSORBOARD_DIR),
                                   purge_step=self.epoch + 1 if resume else None)
             self.model.train()
-            while self.epoch < config.epochs:
+            while self.epoch < total:
                 if self._early_stop_due():
-                    _emit(emit, f"early stop after epoch {self.epoch}: no lower validation "
-                          f"loss for {self.bad_epochs} epochs (best epoch {self.best_epoch})")
+                    what = "lower validation loss" if config.select == "val_loss" else \
+                        "higher validation accuracy"
+                    _emit(emit, f"early stop after epoch {self.epoch}: no {what} for "
+                          f"{self.bad_epochs} epochs (best epoch {self.best_epoch})")
                     return "early_stopped", None
                 self.epoch += 1
                 t0 = time.perf_counter()
                 lr = self.opt.param_groups[0]["lr"]  # what this epoch trains with
+                n_batches = self.n_batches if config.steps is None else \
+                    min(self.n_batches, config.steps - (self.epoch - 1) * self.n_batches)
                 bar.start_epoch(self.epoch, n_batches)
-                loss_total, diverged_at = self.epoch_pass(bar, emit)
+                loss_total, n_seen, diverged_at = self.epoch_pass(bar, emit, n_batches)
                 if diverged_at is not None:
                     _emit(emit, f"diverged at epoch {self.epoch}, batch "
                           f"{diverged_at['batch']}: loss {diverged_at['loss']}")
                     return "diverged", diverged_at
                 if self.sched is not None:
                     self.sched.step()
-                val_loss, val_acc = _evaluate(self.model, self.x_val, self.y_val, self.task,
-                                              self.comm, self.device)
-                row = {"epoch": self.epoch, "train_loss": loss_total / self.x_train.shape[0],
+                val_loss = val_acc = None
+                if self.has_val:
+                    val_loss, val_acc = _evaluate(self.model, self.x_val, self.y_val, self.task,
+                                                  self.comm, self.device)
+                row = {"epoch": self.epoch, "train_loss": loss_total / n_seen,
                        "val_loss": val_loss, "val_acc": val_acc, "time_s": time.perf_counter() - t0}
                 self.metrics.append(row)
                 bar.end_epoch(row)
                 if tb is not None:
                     _write_scalars(tb, {**row, "lr": lr}, self.epoch)
-                if not math.isfinite(val_loss):
+                if val_loss is not None and not math.isfinite(val_loss):
                     _emit(emit, f"diverged at epoch {self.epoch}: validation loss {val_loss}")
                     return "diverged", {"epoch": self.epoch, "batch": None, "loss": val_loss}
-                if val_loss < self.best_val:
-                    self.best_val, self.best_epoch, self.bad_epochs = val_loss, self.epoch, 0
+                score = _score(config.select, val_loss, val_acc)
+                if score < self.best_score or config.select == "final":
+                    self.best_score, self.best_val, self.best_epoch, self.bad_epochs = \
+                        score, val_loss, self.epoch, 0
                     self.best_state = _state_copy(self.model)
                 else:
                     self.bad_epochs += 1
                 self.save_checkpoint()
-                _emit(emit, f"epoch {self.epoch}/{config.epochs}  train_loss "
+                _emit(emit, f"epoch {self.epoch}/{total}  train_loss "
                       f"{_fmt(row['train_loss'])}  val_loss {_fmt(val_loss)}  val_acc "
                       f"{_fmt(val_acc)}  {row['time_s']:.2f}s")
                 if self.on_epoch is not None and self.rank0:
@@ -897,15 +959,18 @@ class _Run:
             if tb is not None:
                 tb.close()
 
-    def epoch_pass(self, bar: _Progress, emit) -> tuple[float, dict[str, Any] | None]:
-        """One pass over the shuffled training set: ``(summed loss, diverged_at)``, where
-        ``diverged_at`` is set (and the pass stopped) at the first non-finite batch loss."""
+    def epoch_pass(self, bar: _Progress, emit,
+                   n_batches: int) -> tuple[float, int, dict[str, Any] | None]:
+        """One pass over the shuffled training set, its first ``n_batches`` batches:
+        ``(summed loss, samples seen, diverged_at)``, where ``diverged_at`` is set (and the
+        pass stopped) at the first non-finite batch loss."""
         config, comm, model = self.config, self.comm, self.model
         batch = config.batch_size
         n_train = self.x_train.shape[0]
         perm = torch.randperm(n_train, generator=self.shuffle).to(self.device)
         loss_total = 0.0
-        for b in range(-(-n_train // batch)):
+        seen = 0
+        for b in range(n_batches):
             idx = perm[b * batch:(b + 1) * batch]
             global_n = idx.numel()
             local = idx.tensor_split(comm.world_size)[comm.rank] if comm.world_size > 1 else idx
@@ -934,14 +999,15 @@ class _Run:
             else:
                 loss_value = float(loss_sum)
             if not math.isfinite(loss_value):
-                return loss_total, {"epoch": self.epoch, "batch": b + 1,
-                                    "loss": loss_value / global_n}
+                return loss_total, seen, {"epoch": self.epoch, "batch": b + 1,
+                                          "loss": loss_value / global_n}
             if config.max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
             self.opt.step()
             loss_total += loss_value
+            seen += global_n
             bar.batch()
-        return loss_total, None
+        return loss_total, seen, None
 
     # ---------------------------------------------------------------- checkpoints, end
     def _rng_states(self) -> dict[str, Any]:
@@ -958,7 +1024,7 @@ class _Run:
                 "config": self.config_dict, "world_size": self.comm.world_size,
                 "train_state": train_state, "best_model": self.best_state,
                 "best": {"epoch": self.best_epoch, "val_loss": self.best_val,
-                         "bad_epochs": self.bad_epochs},
+                         "score": self.best_score, "bad_epochs": self.bad_epochs},
                 "metrics": self.metrics,
                 "wall_time_s": self.wall_before + time.perf_counter() - self.session_start}
 
@@ -982,7 +1048,7 @@ class _Run:
     def _snapshot(self, status: str, test=None, diverged_at=None) -> TrainResult:
         return TrainResult(
             status=status, epochs_run=len(self.metrics), best_epoch=self.best_epoch,
-            best_val_loss=None if self.best_epoch is None else self.best_val,
+            best_val_loss=self.best_val,
             metrics=[dict(r) for r in self.metrics], test=test,
             wall_time_s=self.wall_before + time.perf_counter() - self.session_start,
             trainable=self.trainable, diverged_at=diverged_at, resumed_from=self.resumed_from,
