@@ -528,3 +528,198 @@ def test_solver_memory_is_bounded_by_max_steps_and_checked_before_allocating(mak
     name = type(make(1)).__name__
     with pytest.raises(SizeError, match=rf"{name}\((m|memory)=1000000000000\) .* needs .* TB"):
         fixed_point(m, x, hold=["x"], solver=make(10**12), max_steps=10**12)
+
+
+# ------------------------------------------------------------------ a trained flip-flop RNN
+def flip_flop(batch, steps, p, gen):
+    """The 3-bit flip-flop task: 3 channels of sparse +1/-1 pulses (probability ``p`` per
+    channel and step); each target channel holds the last pulse on its channel."""
+    pulse = torch.rand(batch, steps, 3, generator=gen) < p
+    sign = torch.where(torch.rand(batch, steps, 3, generator=gen) < 0.5, -1.0, 1.0)
+    inputs = torch.where(pulse, sign, 0.0).to(F64)
+    targets = torch.empty_like(inputs)
+    last = torch.zeros(batch, 3, dtype=F64)
+    for t in range(steps):
+        last = torch.where(pulse[:, t], inputs[:, t], last)
+        targets[:, t] = last
+    return inputs, targets
+
+
+@pytest.fixture(scope="module")
+def flip_flop_rnn():
+    """A tanh nn.RNN(3, 8) with a linear readout, trained on the flip-flop task (float64,
+    200 Adam steps, every draw from one generator), and 384 starting states: hidden
+    states it visits on flip-flop inputs plus noise."""
+    gen = torch.Generator().manual_seed(1)
+    rnn = nn.RNN(3, 8, batch_first=True).double()
+    readout = nn.Linear(8, 3).double()
+    params = [*rnn.parameters(), *readout.parameters()]
+    with torch.no_grad():
+        for p in params:
+            p.uniform_(-(8**-0.5), 8**-0.5, generator=gen)
+    opt = torch.optim.Adam(params, lr=1e-2)
+    for _ in range(200):
+        x, y = flip_flop(128, 32, 0.1, gen)
+        loss = (readout(rnn(x)[0]) - y).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    assert loss.item() < 0.06  # it has learnt the task (an untrained net scores ~0.5)
+    x, _ = flip_flop(32, 64, 0.05, gen)
+    with torch.no_grad():
+        visited = rnn(x)[0].reshape(-1, 8)
+    pick = torch.randint(visited.shape[0], (384,), generator=gen)
+    starts = visited[pick] + 0.2 * torch.randn(384, 8, generator=gen, dtype=F64)
+    return rnn.requires_grad_(False), starts
+
+
+def test_trained_flip_flop_rnn_has_8_stable_points_and_19_saddles(flip_flop_rnn):
+    rnn, starts = flip_flop_rnn
+    m = iternn.from_rnn(rnn).map
+    res = find_fixed_points(m, {"x": torch.zeros(3, dtype=F64), "h1": starts}, hold=["x"])
+    assert res.kind == ("fixed",) * 27 and bool((res.q <= 1e-20).all())
+    assert sorted(res.stability) == ["saddle"] * 19 + ["stable"] * 8
+    # The cube of a 3-bit memory: a saddle has 1 (edge), 2 (face) or 3 (centre) unstable
+    # directions, 12, 6 and 1 of them; the readout of a stable point is a corner.
+    unstable = [int((e.abs() > 1).sum()) for e, s in zip(res.eigenvalues, res.stability)
+                if s == "saddle"]
+    assert sorted(unstable) == [1] * 12 + [2] * 6 + [3]
+    w, b = rnn.weight_hh_l0, rnn.bias_ih_l0 + rnn.bias_hh_l0
+    h = res.states["h1"]
+    assert float((torch.tanh(h @ w.T + b) - h).abs().max()) < 1e-12  # fixed points of the RNN
+
+
+def reference_search(w, c, starts, *, opt_steps, lr=1e-2, polish_steps=20, radius=0.1,
+                     slow_tol=1e-4, unique_tol=1e-4, marginal_tol=1e-6):
+    """The search without shortcuts, written out for h <- tanh(W h + c_i) (c_i per start):
+    Adam on q = |h - G(h)|^2 / 2 from every start for all steps (torch.optim.Adam, the
+    learning rate decaying to lr / 100; the best iterate kept), Newton from every start
+    (Jacobians by torch.func, steps capped at radius and halved until q decreases), then
+    the points with q <= slow_tol, lowest q first, none within unique_tol of a kept one."""
+    def g(h, ci):
+        return torch.tanh(h @ w.T + ci)
+
+    def speed(h):
+        return 0.5 * (h - g(h, c)).pow(2).sum(-1)
+
+    z = starts.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.01 ** (1 / opt_steps))
+    best, best_q = starts.clone(), speed(starts)
+    for _ in range(opt_steps):
+        q = speed(z)
+        better = q.detach() < best_q
+        best = torch.where(better[:, None], z.detach(), best)
+        best_q = torch.where(better, q.detach(), best_q)
+        opt.zero_grad()
+        q.sum().backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        q = speed(z)
+        z = torch.where((q < best_q)[:, None], z, best)
+        q = speed(z)
+        jacobian = torch.func.vmap(torch.func.jacrev(g))
+        eye = torch.eye(w.shape[0], dtype=F64)
+        for _ in range(polish_steps):
+            step = torch.linalg.solve(jacobian(z, c) - eye, -(g(z, c) - z))
+            step = step * torch.clamp(radius / step.norm(dim=-1, keepdim=True), max=1.0)
+            moved = torch.zeros(len(z), dtype=torch.bool)
+            for t in 0.5 ** torch.arange(12.0):
+                trial = z + t * step
+                accept = ~moved & (speed(trial) < q)
+                z = torch.where(accept[:, None], trial, z)
+                q = torch.where(accept, speed(trial), q)
+                moved |= accept
+        kept = []
+        for i in torch.argsort(q).tolist():
+            far = all(float(torch.cat([z[i] - z[j], c[i] - c[j]]).norm()) > unique_tol for j in kept)
+            if q[i] <= slow_tol and far:
+                kept.append(i)
+        mod = torch.linalg.eigvals(jacobian(z[kept], c[kept])).abs()
+    above, below = (mod > 1 + marginal_tol).any(-1), (mod < 1 - marginal_tol).any(-1)
+    stability = ["saddle" if a and b else "unstable" if a else "stable"
+                 if bool((m < 1 - marginal_tol).all()) else "marginal"
+                 for a, b, m in zip(above.tolist(), below.tolist(), mod)]
+    return z[kept], q[kept], c[kept], stability
+
+
+@pytest.mark.parametrize(("check_after", "n_starts", "pulse", "opt_steps"), [
+    (50, 384, 0.0, 1000),  # the defaults: every point is reached from several starts
+    (None, 128, 0.3, 600),  # no checks: the same result start by start
+])
+def test_fast_search_finds_the_points_of_the_plain_search(flip_flop_rnn, check_after, n_starts,
+                                                         pulse, opt_steps):
+    # With a pulse, the second half of the starts hold the input at that constant pulse
+    # on channel 0: the fixed points of two maps, told apart by the held slot.
+    rnn, starts = flip_flop_rnn
+    starts = starts[:n_starts]
+    x = torch.zeros(n_starts, 3, dtype=F64)
+    x[n_starts // 2:, 0] = pulse
+    c = x @ rnn.weight_ih_l0.T + rnn.bias_ih_l0 + rnn.bias_hh_l0
+    want, want_q, want_c, want_stability = reference_search(rnn.weight_hh_l0, c, starts,
+                                                            opt_steps=opt_steps)
+    res = find_fixed_points(iternn.from_rnn(rnn).map, {"x": x, "h1": starts}, hold=["x"],
+                            opt_steps=opt_steps, check_after=check_after)
+    got_c = res.states["x"] @ rnn.weight_ih_l0.T + rnn.bias_ih_l0 + rnn.bias_hh_l0
+    assert len(res) == len(want) >= 27
+    got, ref = torch.cat([res.points, got_c], -1), torch.cat([want, want_c], -1)
+    dist = (got[:, None] - ref[None]).norm(dim=-1)
+    match = dist.argmin(-1)
+    assert float(dist.min(-1).values.max()) < 1e-9
+    assert sorted(match.tolist()) == list(range(len(want)))  # one to one
+    assert list(res.stability) == [want_stability[j] for j in match.tolist()]
+    assert list(res.kind) == ["fixed" if float(want_q[j]) <= 1e-12 else "slow"
+                              for j in match.tolist()]
+    if pulse:
+        assert "slow" in res.kind  # the pulse leaves slow points: compared as well
+
+
+def test_converged_starts_stop_costing_work(flip_flop_rnn, monkeypatch):
+    """The map is evaluated on far fewer rows when converged starts leave the
+    optimisation, and Newton's method (one Jacobian per row) runs on fewer rows than
+    there are starts: duplicates of a point found are not polished."""
+    from iternn.dynamics import fixed_points as module
+
+    rows = {"map": 0, "jacobian": 0}
+
+    class Counting(module.MapFunction):
+        def __call__(self, z):
+            rows["map"] += z.shape[0]
+            return super().__call__(z)
+
+    jacobians = module._jacobians
+
+    def counting_jacobians(g, z):
+        rows["jacobian"] += z.shape[0]
+        return jacobians(g, z)
+
+    monkeypatch.setattr(module, "MapFunction", Counting)
+    monkeypatch.setattr(module, "_jacobians", counting_jacobians)
+    rnn, starts = flip_flop_rnn
+    m = iternn.from_rnn(rnn).map
+    state = {"x": torch.zeros(3, dtype=F64), "h1": starts}
+    results = {}
+    for check_after in (50, None):
+        rows.update(map=0, jacobian=0)
+        results[check_after] = find_fixed_points(m, state, hold=["x"], check_after=check_after)
+        results[check_after, "rows"] = dict(rows)
+    fast, slow = results[50, "rows"], results[None, "rows"]
+    n, steps, polish_steps = starts.shape[0], 1000, 20
+    assert slow["map"] >= n * steps  # every start takes every optimiser step
+    assert fast["map"] < 0.25 * slow["map"], (fast, slow)
+    # Polishing every start would take at least 2 Newton steps (Jacobians) per start, and
+    # up to polish_steps: 20 n when a step still decreases q somewhere.
+    assert slow["jacobian"] < 2 * n, slow
+    assert fast["jacobian"] < n * polish_steps / 4, fast
+    same = (results[50].points[:, None] - results[None].points[None]).norm(dim=-1).min(-1)
+    assert len(results[50]) == len(results[None]) == 27 and float(same.values.max()) < 1e-9
+
+
+@pytest.mark.parametrize("check_after", [0, -5, 2.5, True, "50"])
+def test_bad_check_after_is_named(check_after):
+    m, *_ = tanh_map()
+    with pytest.raises(DynamicsError, match="check_after"):
+        find_fixed_points(m, {"x": torch.zeros(3, dtype=F64), "h": torch.zeros(4, 6, dtype=F64)},
+                          hold=["x"], check_after=check_after)
