@@ -568,9 +568,11 @@ def test_linear_drives_reading_one_sequence_are_one_product():
     from torch.overrides import TorchFunctionMode
 
     g = torch.Generator().manual_seed(3)
-    m = iternn.BlockMap({"x": 3, "a": 4, "b": 2, "c": 5})
+    m = iternn.BlockMap({"x": 3, "u": 2, "a": 4, "b": 2, "c": 5})
     for dst, bias in (("a", True), ("b", False), ("c", True)):
         m.connect(dst, "x", nn.Linear(3, m.slots[dst], bias=bias))
+    for dst in ("a", "b"):  # a second shared source: these slots are in a product already
+        m.connect(dst, "u", nn.Linear(2, m.slots[dst]))
     m.connect("b", "a", nn.Linear(4, 2))
     m.connect("c", "b", nn.Linear(2, 5, bias=False))
     m.connect("a", "c", nn.Linear(5, 4))
@@ -579,6 +581,7 @@ def test_linear_drives_reading_one_sequence_are_one_product():
     m.set_activation("c", nn.Sigmoid())
     m = m.double()
     xs = torch.randn(6, 2, 3, generator=g, dtype=torch.float64)
+    us = torch.randn(6, 2, 2, generator=g, dtype=torch.float64)
 
     class Linears(TorchFunctionMode):
         def __init__(self):
@@ -593,9 +596,12 @@ def test_linear_drives_reading_one_sequence_are_one_product():
     for update in ("jacobi", "ordered"):
         state = random_state(m, batch=(2,), seed=1)
         with Linears() as seen:
-            got = iternn.iterate(m, state, 6, force={"x": xs}, trajectory=True, update=update)
-        assert seen.widths == [4 + 2 + 5]  # one product for the three drives
-        want = reference_iterate(m, state, 6, force={"x": xs}, trajectory=True, update=update)
+            got = iternn.iterate(m, state, 6, force={"x": xs, "u": us}, trajectory=True,
+                                 update=update)
+        # one product for the three drives from x; u's blocks are added to their parts
+        assert seen.widths == [4 + 2 + 5, 4, 2]
+        want = reference_iterate(m, state, 6, force={"x": xs, "u": us}, trajectory=True,
+                                 update=update)
         for s in "abc":
             torch.testing.assert_close(got[s], want[s], rtol=1e-12, atol=1e-12)
         params = list(m.parameters())

@@ -551,7 +551,8 @@ def _shared_source_products(
                 seen.add(t.src)
                 groups.setdefault(t.src, []).append((k, t))
     fused: dict[int, tuple[Term, Tensor]] = {}
-    for src, members in groups.items():
+    for members in groups.values():
+        members = [(k, t) for k, t in members if k not in fused]  # one product per slot
         if len(members) < 2:
             continue
         weights = [t.module.weight for _, t in members]
@@ -565,7 +566,7 @@ def _shared_source_products(
         if any(b is not None for b in parts):
             bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b
                               for w, b in zip(weights, parts)])
-        out = F.linear(seq[src], torch.cat(weights), bias)
+        out = F.linear(seq[members[0][1].src], torch.cat(weights), bias)
         for (k, t), piece in zip(members, out.split([w.shape[0] for w in weights], -1)):
             fused[k] = (t, piece)
     return fused
