@@ -31,6 +31,7 @@ test: lint
 bench: setup
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/sparse.py
+	$(PY) benchmarks/fixed_points.py
 
 tour: setup
 	$(PY) -m iternn demo
