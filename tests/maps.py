@@ -103,7 +103,8 @@ def _sweep_order(m, frozen):
     """Strongly connected components in dependency order, by brute force (independent of
     the library's graph code): mutual reachability, then Kahn's algorithm."""
     names = list(m.slots)
-    edges = {(d, s) for d, s in m.edges if d not in frozen}
+    edges = {(d, s) for d, src in m.edges if d not in frozen
+             for s in ((src,) if isinstance(src, str) else src)}
     reach = {a: {a} for a in names}
     changed = True
     while changed:  # transitive closure: reach[a] = slots a feeds, directly or not

@@ -75,7 +75,9 @@ class LinearBlock(Protocol):
     ``linear = True`` promises ``block(*z) = A z + c`` for one matrix ``A`` over the
     flattened sources (jointly, for a block reading several slots: a placement block
     writing two slots side by side is linear, a product of two slots is not).
-    :func:`iternn.as_matrix` then reads ``A`` by probing the block, exactly.
+    :func:`iternn.as_matrix` then reads ``A`` by probing the block, exactly. The constant
+    ``c`` must be the block's ``bias`` (``None`` when there is none): the engine skips a
+    linear block without a bias while everything it reads is zero.
     """
 
     linear: ClassVar[bool]

@@ -12,16 +12,20 @@ from ..core import memory
 from ..core.block_map import BlockMap
 from ..core.state import batch_of, check_state, check_tensor, shape_text
 from ..errors import MapError, MapTypeError
-from .plan import SequencePlan, StepPlan, Wavefront
+from .plan import SequencePlan, StepPlan, Wavefront, product_kernels
 
 __all__ = ["iterate", "UPDATES", "wavefront_plan", "sequence_plan", "step_plan"]
 
 UPDATES = ("jacobi", "ordered")
 
 
-def _plan(m: BlockMap, kind: str, frozen: frozenset[str], update: str):
-    """The cached plan of ``kind`` for these frozen slots (rebuilt after any change)."""
-    key = (kind, frozen, update)
+def _plan(m: BlockMap, kind: str, frozen: frozenset[str], update: str, *,
+          forced: frozenset[str] = frozenset(), zero: frozenset[str] = frozenset(),
+          outputs: frozenset[str] | None = None):
+    """The cached plan of ``kind`` for these frozen (and, of them, ``forced``) slots,
+    the slots ``zero`` left out of the state and the slots ``outputs`` returned (a
+    sequence plan's); rebuilt after any change of the map or of the product kernels."""
+    key = (kind, frozen, update, forced, zero, outputs, product_kernels())
     plan = m._plans.get(key)
     if plan is None:
         if kind == "wave":
@@ -32,9 +36,9 @@ def _plan(m: BlockMap, kind: str, frozen: frozenset[str], update: str):
                 depth = max(levels.values(), default=0)
                 if update == "ordered":  # one sweep in level order finishes everything
                     depth = min(depth, 1)
-                plan = Wavefront(m, frozen, depth)
+                plan = Wavefront(m, frozen, depth, zero)
         elif kind == "seq":
-            plan = SequencePlan(m, frozen, update)
+            plan = SequencePlan(m, frozen, update, forced=forced, zero=zero, outputs=outputs)
         else:
             plan = StepPlan(m, frozen, update)
         m._plans[key] = plan
@@ -50,10 +54,15 @@ def wavefront_plan(m: BlockMap, *, frozen: frozenset[str] = frozenset(),
 
 
 def sequence_plan(m: BlockMap, *, frozen: frozenset[str] = frozenset(),
-                  update: str = "jacobi") -> SequencePlan:
+                  update: str = "jacobi", forced: frozenset[str] = frozenset(),
+                  zero: frozenset[str] = frozenset(),
+                  outputs: frozenset[str] | None = None) -> SequencePlan:
     """The map's cached :class:`~iternn.engine.plan.SequencePlan`: the plan of a forced
-    iteration (row-wise blocks outside a cycle batched over the whole sequence)."""
-    return _plan(m, "seq", frozenset(frozen), update)
+    iteration (row-wise blocks outside a cycle batched over the whole sequence) with the
+    slots ``forced`` (of ``frozen``) forced, the slots ``zero`` left out of the initial
+    state and the trajectories of ``outputs`` (``None``: every slot) returned."""
+    return _plan(m, "seq", frozenset(frozen), update, forced=frozenset(forced),
+                 zero=frozenset(zero), outputs=None if outputs is None else frozenset(outputs))
 
 
 def step_plan(m: BlockMap, *, frozen: frozenset[str] = frozenset(),
@@ -139,13 +148,16 @@ def iterate(
     trajectory: bool = False,
     update: str = "jacobi",
     block_kwargs: Mapping[str, Mapping] | None = None,
+    outputs: Collection[str] | None = None,
 ) -> dict[str, Tensor]:
     """Apply ``m`` to ``state`` ``steps`` times.
 
     Args:
         m: the block map.
         state: initial vector ``z0`` as a dict ``slot -> (*batch, *shape)``. Slots left
-            out start at zero (for an MLP map, only ``x`` matters).
+            out start at zero (for an MLP map, only ``x`` matters); a held slot left out
+            stays zero. Zeros cost nothing: blocks that read only zero slots and map
+            zero to zero are not evaluated (see :mod:`iternn.engine.plan`).
         steps: number of applications; with ``force``, the number of forcing steps
             (each made of ``inner`` applications).
         hold: slots that keep their initial value. This is the effect of the paper's
@@ -167,13 +179,23 @@ def iterate(
             computes one time step per application.
         block_kwargs: ``"dst<-src" -> kwargs`` passed to that block at every call (e.g.
             attention masks).
+        outputs: the slots to return (a collection of slot names; ``None``: every
+            slot). Only what they depend on is computed: application ``T`` computes the
+            outputs, application ``T - 1`` the slots that application ``T`` reads, and
+            so on backwards (in an ordered sweep, a slot read later in the same sweep
+            is computed before its reader); a forced iteration skips the components of
+            the map that no output depends on; a trajectory holds the outputs at every
+            step. (An acyclic map iterated at least its depth is evaluated whole, each
+            slot once, and only the outputs are kept.) Skipped blocks are not called,
+            so their side effects (random draws, running statistics) do not happen.
 
     Returns:
-        The final state (every slot), or the trajectory.
+        The final state (every slot, or the ``outputs``), or the trajectory.
 
     Raises:
-        MapError: (a ``ValueError``) an unknown slot, a tensor of the wrong shape, a bad
-            option value (the message names the slot or option).
+        MapError: (a ``ValueError``) an unknown slot (in ``hold``, ``force`` or
+            ``outputs``), a tensor of the wrong shape, a bad option value (the message
+            names the slot or option).
         MapTypeError: (a ``TypeError``) an argument of the wrong type or dtype.
         SizeError: (a ``MemoryError``) the state it builds (zeros of the slots left out
             of ``state``, a new value of every computed slot), or the ``steps x batch``
@@ -202,6 +224,7 @@ def iterate(
         if unknown:
             raise MapError(f"block_kwargs names unknown block(s) {unknown}")
     held = _check_slots(m, hold, "hold")
+    wanted = None if outputs is None else _check_slots(m, outputs, "outputs")
     batch, dtype, device = check_state(m, state)
     forced: dict[str, Tensor] = {}
     if force is not None:
@@ -237,51 +260,37 @@ def iterate(
         raise MapError("state is empty: give at least one slot (it sets the batch shape)")
     frozen = held | frozenset(forced)
     sequence = steps > 0 and (trajectory or (bool(forced) and inner == 1))
+    # Slots left out start at zero (made only where something reads them).
+    zero = frozenset(s for s in m.slots if s not in state and s not in forced)
     wave = None
     if steps > 0 and not (forced or trajectory):
-        wave = _plan(m, "wave", frozen, update)
+        wave = _plan(m, "wave", frozen, update, zero=zero & frozen)
         if not (wave and steps >= wave.depth):
             wave = None
-    # Slots left out start at zero; a wavefront computes every slot that is not frozen
-    # before reading it, so only its frozen ones need a value.
-    missing = {s for s in m.slots if s not in state and (wave is None or s in frozen)}
+    # A wavefront computes every slot that is not frozen before reading it, so only its
+    # frozen ones may need zeros.
+    missing = {s for s in zero if wave is None or s in frozen}
     _check_memory(m, missing, batch, dtype, device, steps=steps, frozen=frozen, sequence=sequence)
     ref = next(iter(forced.values())) if forced else next(iter(state.values()))
-    init = {s: state[s] if s in state else ref.new_zeros(*batch, *shape)
-            for s, shape in m.shapes.items() if s in state or s in missing}
+    given = dict(state)
+    names = tuple(s for s in m.slots if wanted is None or s in wanted)
 
     if wave is not None:
-        out = wave(init, block_kwargs, ref, batch)
-        return {s: out[s] for s in m.slots}
+        out = wave(given, block_kwargs, ref, batch, keep=wanted)
+        return {s: out[s] for s in names}
     if steps == 0:
         if trajectory:
-            return {s: v.new_empty(0, *v.shape) for s, v in init.items()}
-        return dict(init)
-
-    if forced or trajectory:
-        if inner == 1:
-            plan = _plan(m, "seq", frozen, update)
-            traj = plan(init, forced, block_kwargs, ref, batch, steps)
-            if trajectory:
-                return {s: traj[s] for s in m.slots}
-            return {s: traj[s][-1] for s in m.slots}
-        step = _plan(m, "step", frozen, update)
-        cur, states = dict(init), []
-        for t in range(steps):
-            cur = {**cur, **{s: seq[t] for s, seq in forced.items()}}
-            for _ in range(inner):
-                cur = step(cur, block_kwargs, ref, batch)
-            if trajectory:
-                states.append(cur)
+            return {s: ref.new_empty(0, *batch, *m.shapes[s]) for s in names}
+        return {s: given[s] if s in given else ref.new_zeros(*batch, *m.shapes[s]) for s in names}
+    if (forced or trajectory) and inner == 1:
+        plan = _plan(m, "seq", frozen, update, forced=frozenset(forced), zero=zero, outputs=wanted)
+        traj = plan(given, forced, block_kwargs, ref, batch, steps)
         if trajectory:
-            return {s: torch.stack([c[s] for c in states]) for s in m.slots}
-        return cur
-
+            return traj
+        return {s: traj[s][-1] for s in names}
     step = _plan(m, "step", frozen, update)
-    cur = init
-    for _ in range(steps):
-        cur = step(cur, block_kwargs, ref, batch)
-    return cur
+    return step.run(given, block_kwargs, ref, batch, steps=steps, zero=zero, outputs=names,
+                    forced=forced, inner=inner, trajectory=trajectory)
 
 
 def depth(m: BlockMap, hold: Collection[str] = (), update: str = "jacobi") -> float:

@@ -29,6 +29,10 @@ class MapModule(nn.Module):
         steps: applications; by default the map's depth with ``input`` held (``L`` for
             an ``L``-layer MLP), which must then be finite. With at least that many
             applications the result is a fixed point: more change nothing.
+
+    A cyclic map (``steps`` given) is iterated with ``outputs=(output,)``: each
+    application computes only what the output still depends on (see
+    :func:`~iternn.engine.iterate.iterate`).
     """
 
     def __init__(
@@ -55,7 +59,7 @@ class MapModule(nn.Module):
         self.output = output
         self.steps = steps
         self._held = frozenset((input,))
-        self._keep = frozenset((output,))  # what the fast path's wavefront keeps
+        self._keep = frozenset((output,))  # the one slot computed for (and kept)
         self._in_shape = map.shapes[input]
         # Declared sizes of a block between vector slots (how maps nest, see connect).
         if len(self._in_shape) == 1 and len(map.shapes[output]) == 1:
@@ -74,11 +78,13 @@ class MapModule(nn.Module):
         frozen = self._held
         wave = wavefront_plan(m, frozen=frozen)
         if not (wave and self.steps >= wave.depth and x.is_floating_point()):
-            return iterate(m, {self.input: x}, self.steps, hold=frozen)[self.output]
+            return iterate(m, {self.input: x}, self.steps, hold=frozen,
+                           outputs=self._keep)[self.output]
         if (wave.dtype is not None and x.dtype != wave.dtype) or (
             wave.device is not None and x.device != wave.device
         ):
-            return iterate(m, {self.input: x}, self.steps, hold=frozen)[self.output]  # raises
+            return iterate(m, {self.input: x}, self.steps, hold=frozen,
+                           outputs=self._keep)[self.output]  # raises
         try:  # the fast path: no per-call checks beyond the shape and dtype above
             batch = tuple(x.shape[: x.dim() - k])
             return wave({self.input: x}, None, x, batch, keep=self._keep)[self.output]

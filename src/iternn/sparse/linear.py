@@ -209,6 +209,7 @@ class SparseLinear(_PatternCheck, nn.Module):
     """
 
     rowwise = True  # acts on the last dim only: callable on a whole sequence
+    linear = True  # affine: x W^T + b (with no bias, a zero input gives zero)
 
     _pattern_buffers = ("crow_indices", "col_indices")
     _weight_name = "values"
@@ -329,6 +330,7 @@ class SparseLinear(_PatternCheck, nn.Module):
         remember_checked(crow, col, shape)
         remember_checked(tensors[2], tensors[3], (shape[1], shape[0]))
         _checked.add(self, tensors, shape)
+        self._flat_index = None  # the dense backend's scatter positions, derived on use
         return tensors
 
     @property
@@ -357,7 +359,14 @@ class SparseLinear(_PatternCheck, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         _check_input(self, x, "values", self.values)
         if self._backend == "dense":
-            return kernels.dense_linear(x, self.values, self.bias, self.pattern)
+            p = self.pattern
+            flat = self.__dict__.get("_flat_index")
+            if flat is None or flat.device != p.col.device:
+                # row * in + col of every entry: derived once per checked pattern (a
+                # change of the pattern buffers runs _check_pattern, which drops it)
+                flat = kernels.pattern_rows(p.crow, p.nnz) * self.in_features + p.col.long()
+                self._flat_index = flat
+            return kernels.dense_linear(x, self.values, self.bias, p, flat)
         if x.dtype not in kernels.CSR_DTYPES:
             raise MapTypeError(
                 f"SparseLinear.values has dtype {x.dtype}, which the 'csr' backend does not "
@@ -391,6 +400,7 @@ class MaskedLinear(_PatternCheck, nn.Module):
     """
 
     rowwise = True  # acts on the last dim only: callable on a whole sequence
+    linear = True  # affine: x W^T + b (with no bias, a zero input gives zero)
 
     _pattern_buffers = ("mask",)
 

@@ -139,6 +139,7 @@ class DiagonalLinear(nn.Module):
     """
 
     rowwise = True  # acts on the last dim only: callable on a whole sequence
+    linear = True  # affine: x W^T + b (with no bias, a zero input gives zero)
 
     def __init__(self, n: int, *, bias: bool = False, dtype=None, device=None) -> None:
         super().__init__()
@@ -193,6 +194,7 @@ class LowRankLinear(nn.Module):
     """
 
     rowwise = True  # acts on the last dim only: callable on a whole sequence
+    linear = True  # affine: x W^T + b (with no bias, a zero input gives zero)
 
     def __init__(
         self,
@@ -270,6 +272,7 @@ class BlockDiagonalLinear(nn.Module):
     """
 
     rowwise = True  # acts on the last dim only: callable on a whole sequence
+    linear = True  # affine: x W^T + b (with no bias, a zero input gives zero)
 
     def __init__(
         self,
