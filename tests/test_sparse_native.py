@@ -303,8 +303,9 @@ def test_native_kernels_work_in_a_forked_child():
 @needs_native
 @pytest.mark.parametrize("flags", [("-O3",), ("-O3", "-march=native")])
 def test_portable_builds_compute_the_same(tmp_path, flags):
-    # The fallbacks of build(): plain -O3 (no AVX: the generic vector code and lane sums)
-    # and no OpenMP (one thread). Both must match the dense reference.
+    # The fallbacks of build(): plain -O3 (no AVX, no FMA: the generic vector code, lane
+    # sums and transposes of row-major operands) and no OpenMP (one thread). Both must
+    # match the dense reference.
     cc = native._compiler()
     target = tmp_path / "k.so"
     native._compile(cc, flags, target)
@@ -316,10 +317,16 @@ def test_portable_builds_compute_the_same(tmp_path, flags):
         p = sp.pattern
         w = sp.dense_weight().detach()
         idx = sp.indices()
-        y = native.spmm(lib, p.crow, p.col, sp.values.detach(), x, 60, sp.bias.detach())
+        v = sp.values.detach()
+        y = native.spmm(lib, p.crow, p.col, v, x, 60, sp.bias.detach())
         dv = native.sdd(lib, p.crow, p.col, g, x)
+        dx, dv_fused = native.linear_backward(lib, p.crow_t, p.col_t, p.perm, v, g, x)
+        dx_alone = native.spmm(lib, p.crow_t, p.col_t, v, g, 70, perm=p.perm)
         torch.testing.assert_close(y, x @ w.t() + sp.bias.detach(), rtol=tol, atol=tol)
-        torch.testing.assert_close(dv, (g.t() @ x)[idx[0], idx[1]], rtol=tol, atol=tol)
+        for d in (dv, dv_fused):
+            torch.testing.assert_close(d, (g.t() @ x)[idx[0], idx[1]], rtol=tol, atol=tol)
+        for d in (dx, dx_alone):
+            torch.testing.assert_close(d, g @ w, rtol=tol, atol=tol)
 
 
 @needs_native
@@ -330,14 +337,16 @@ def test_native_calls_refuse_operands_they_would_misread():
     v = torch.ones(2)
     with pytest.raises(TypeError, match="'values' must be a contiguous torch.float32"):
         native.spmm(lib, p.crow, p.col, v.double(), x, 2)
-    with pytest.raises(TypeError, match="'crow' must be a contiguous int32"):
+    with pytest.raises(TypeError, match="'crow' must be a contiguous 1-D int32"):
         native.spmm(lib, p.crow.long(), p.col, v, x, 2)
     with pytest.raises(TypeError, match="'x' must be a 2-D"):
         native.spmm(lib, p.crow, p.col, v, x[0], 2)
     with pytest.raises(TypeError, match="float32/float64"):
         native.spmm(lib, p.crow, p.col, v.half(), x.half(), 2)
-    with pytest.raises(ValueError, match="need crow of 4"):
+    with pytest.raises(ValueError, match="need crow of 4 entries, got 3"):
         native.spmm(lib, p.crow, p.col, v, x, 3)
+    with pytest.raises(TypeError, match="'perm' must be a contiguous torch.int32"):
+        native.spmm(lib, p.crow_t, p.col_t, v, x, 2, perm=p.perm.long())
     with pytest.raises(TypeError, match="'x' must be a 2-D torch.float64"):  # g's dtype rules
         native.sdd(lib, p.crow, p.col, x.double(), x)
     with pytest.raises(ValueError, match="same batch"):
@@ -424,6 +433,28 @@ def run(path, dtype, batch):
             sl(x).sum().backward()  # checked and remembered
             where = f"{path} {dtype} batch {batch}: {name}{' between' if between else ''}"
             y = None
+            if path == "native" and between and in_forward:
+                # the native backward reads only the transposed buffers: W's own, written
+                # after the forward read them, are not read again until the next forward,
+                # which refuses them; the backward gives the gradient of the forward's W
+                reference = torch.ones(batch, 70, dtype=dtype) @ sl.dense_weight().detach()
+                y = sl(x)
+                exec(write)
+                try:
+                    dx = torch.autograd.grad(y.sum(), x)[0]
+                except Exception as e:
+                    failures.append(f"{where}: backward raised {type(e).__name__}: {e}")
+                    continue
+                if not torch.allclose(dx, reference):
+                    failures.append(f"{where}: wrong gradient")
+                try:
+                    sl(x)
+                    failures.append(f"{where}: the next forward did not refuse the pattern")
+                except PatternError as e:
+                    if e.token != "SparseLinear." + buffer or buffer + "[" not in str(e):
+                        failures.append(f"{where}: wrong error {e}")
+                print(where, "done", flush=True)
+                continue
             try:
                 if not between:
                     exec(write)

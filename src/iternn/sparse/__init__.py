@@ -6,6 +6,8 @@
   compiled C/OpenMP kernels they use on CPU (built on first use, ``torch.sparse``
   otherwise); :mod:`.checks` — :func:`check_csr_pattern`, the check every pattern passes
   before a kernel reads it.
+* :mod:`.fused` — the CSR blocks into one destination slot as one product (with the slot
+  bias), registered with the execution plans on import.
 * :mod:`.structured` — diagonal, low-rank and block-diagonal blocks.
 * :mod:`.patterns` — the block pattern grammar (``R=0.1 kaiming``, ``Row=4``, ``D fixed``)
   and ``make_block``.
@@ -22,6 +24,7 @@ from .builders import (
     solve_hidden_width,
 )
 from .checks import check_csr_pattern
+from .fused import FusedSparseProduct, fused_sparse_product
 from .linear import MaskedLinear, SparseLinear
 from .patterns import BlockSpec, PatternError, make_block, parse_spec
 from .sampling import random_indices
@@ -30,6 +33,8 @@ from .structured import BlockDiagonalLinear, DiagonalLinear, LowRankLinear
 __all__ = [
     "SparseLinear",
     "MaskedLinear",
+    "FusedSparseProduct",
+    "fused_sparse_product",
     "DiagonalLinear",
     "LowRankLinear",
     "BlockDiagonalLinear",

@@ -30,9 +30,12 @@ Two implementations of these products (:data:`CSR_KERNELS`, chosen per call by
   off (``ITERNN_NATIVE=0``), and for int64 patterns. Reverse mode only.
 
 Measured on the 2-core development machine (4096 x 4096, batch 256, float32, forward +
-backward, ``benchmarks/sparse.py --case block``, two runs), speed-up over a dense masked
-block: native 4.4-5.6x at density 0.1 and 24-29x at 0.01; torch kernel 1.9-2.4x and
-12-13x.
+backward), speed-up over a dense masked block, native kernels: at density 0.1, 6.3x
+with ``benchmarks/sparse.py --case block`` (2 threads, wall clock, median) and 7.6x
+(1 thread: 7.1x) timing only the masked block, these kernels and the previous ones
+(separate input and value gradients, a permuted copy of the values: 5.8x, 1 thread
+5.4x) interleaved; at 0.01, 36x, 43x (43x) and 31x (30x). The torch kernel: 1.8x and
+11x in the same benchmark.
 
 The dense backend (:func:`dense_weight_from_values`) instead scatters the values into a
 dense ``W`` and calls ``F.linear``; above the crossover density (see
@@ -151,9 +154,10 @@ class CSRPattern(NamedTuple):
     """The fixed sparsity pattern of an ``out x in`` matrix, in CSR and transposed CSR.
 
     ``crow`` (out+1,), ``col`` (nnz,): CSR of ``W`` (row-major order of the values);
-    ``crow_t`` (in+1,), ``col_t`` (nnz,): CSR of ``W^T``; ``perm`` (nnz,) int64:
-    ``values[perm]`` are the values in ``W^T``'s order. Index tensors are int32 when
-    every index fits (what MKL takes without a conversion), else int64.
+    ``crow_t`` (in+1,), ``col_t`` (nnz,): CSR of ``W^T``; ``perm`` (nnz,):
+    ``values[perm]`` are the values in ``W^T``'s order. Index tensors (``perm``
+    included) are int32 when every index fits (what MKL and the native kernels take
+    without a conversion), else int64.
     """
 
     crow: Tensor
@@ -183,12 +187,13 @@ def pattern_rows(crow: Tensor, nnz: int | None = None, dtype: torch.dtype = torc
 def transpose_pattern(crow: Tensor, col: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
     """CSR of ``W^T`` from CSR of ``W`` (``shape = (out, in)``): ``(crow_t, col_t, perm)``.
 
-    ``perm`` (int64) maps ``W``'s value order to ``W^T``'s: ``values_t = values[perm]``.
+    ``perm`` (in the index dtype) maps ``W``'s value order to ``W^T``'s:
+    ``values_t = values[perm]``.
     A stable sort by column keeps rows ascending within each column of ``W``.
     """
     out_f, in_f = shape
     idt = crow.dtype
-    perm = torch.sort(col, stable=True).indices
+    perm = torch.sort(col, stable=True).indices.to(idt)
     crow_t = torch.zeros(in_f + 1, dtype=idt, device=crow.device)
     crow_t[1:] = torch.bincount(col, minlength=in_f).cumsum(0)
     # in the index dtype throughout: a 4e6-entry pattern builds without int64 copies
@@ -365,6 +370,10 @@ class SparseLinearFunction(torch.autograd.Function):
         return grad_x, grad_values, grad_bias, None, None
 
 
+#: Names of the transposed pattern's buffers (crow, col, perm) in the kernels' errors.
+_TRANSPOSED = ("crow_indices_t", "col_indices_t", "perm_t")
+
+
 class _NativeOp:
     """The pattern, the loaded library and whether the caller vouched for the pattern
     (``checked``, see :func:`iternn.sparse.native.spmm`), as one opaque argument:
@@ -387,9 +396,11 @@ class NativeSparseLinearFunction(torch.autograd.Function):
 
     Differentiable in ``x``, ``values`` and ``bias`` (may be None), in reverse mode
     (``dx = g W`` with the transposed pattern, ``dv`` sampled at the stored entries,
+    both in one pass when both are wanted (:func:`~iternn.sparse.native.linear_backward`);
     ``db = sum_b g``) and in forward mode (``y' = x' W^T + x W'^T + b'``, with ``W'``
     the value tangents at the pattern). Nothing is transposed or copied: the kernels read
-    ``x`` and the upstream gradient in their own layouts.
+    ``x`` and the upstream gradient in their own layouts, the values in the transposed
+    pattern's order through its permutation, and write ``dx`` in ``x``'s layout.
     """
 
     @classmethod
@@ -425,11 +436,19 @@ class NativeSparseLinearFunction(torch.autograd.Function):
         x, values = ctx.saved_tensors
         lib, p, name = ctx.op.lib, ctx.op.pattern, ctx.op.name
         grad_x = grad_values = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            # checked again (a memo look-up): the buffers may have changed since forward
-            grad_x = native.spmm(lib, p.crow_t, p.col_t, _permuted(values, p.perm, name), g,
-                                 p.shape[1], name=name, buffers=("crow_indices_t", "col_indices_t"))
-        if ctx.needs_input_grad[1]:
+        # the patterns are checked again (a memo look-up): the buffers may have changed
+        # since forward. dx comes in x's layout (what a leaf's .grad keeps as it is).
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+            # one pass over the transposed pattern; W's own buffers, which it does not
+            # read, are checked all the same: an edit since forward is refused either way
+            ensure_csr_pattern(p.crow, p.col, p.shape, name=name)
+            grad_x, grad_values = native.linear_backward(lib, p.crow_t, p.col_t, p.perm, values, g,
+                                                         x, name=name, buffers=_TRANSPOSED)
+        elif ctx.needs_input_grad[0]:
+            grad_x = native.spmm(lib, p.crow_t, p.col_t, values, g, p.shape[1], perm=p.perm,
+                                 out=None if x.is_contiguous() else torch.empty_like(x),
+                                 name=name, buffers=_TRANSPOSED)
+        elif ctx.needs_input_grad[1]:
             grad_values = native.sdd(lib, p.crow, p.col, g, x, name=name)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
