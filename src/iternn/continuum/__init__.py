@@ -23,10 +23,9 @@ Command line: ``iternn continuum [--quick] [--out DIR]``.
 Time, on the 2-core development machine (shared and loaded, load average 5-7; one
 torch thread): ``--quick`` (k 1-4 x alpha 0, 0.5, 1: 72 measured points, 24 trainings)
 measured 134-142 s, of which about 125 s training. The full run (k 1-5 x 5 alphas x 3
-policies x 2 modes: 150 points, 300 trainings, 3000 anomaly sequences, 20 / 40 epochs) is
-estimated at about an hour: its slice at ``k = 5``, ``alpha = 1`` (all six policy and
-mode settings, 12 trainings) measured 238 s, and training time grows about in
-proportion to ``k`` (5 alphas x 238 s x (1 + 2 + 3 + 4 + 5) / 5 = 60 min).
+policies x 2 modes: 150 points, 300 trainings, 3000 anomaly sequences, 20 / 40 epochs)
+measured 46.5 minutes (load average 1.5-3): 8 s for the one-application measures, 17 s
+for the memory profiles, 2748 s for the 300 trainings (9.1 s each on average).
 
 Every name is imported on first use (PEP 562), so that ``iternn continuum --help`` does
 not import torch.

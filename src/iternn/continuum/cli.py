@@ -38,7 +38,7 @@ def add_parser(subparsers: Any, parents: Sequence[argparse.ArgumentParser]) -> a
             "digits (no memory needed) and the anomaly sequences (memory needed) on the "
             "(k, alpha) grid, at equal trainable parameters. Writes report.md (with a reading "
             "of where the claims held), continuum.json and pictures. The full run takes about "
-            "an hour on 2 CPU cores; --quick a few minutes. Exits 1 when every training "
+            "45 minutes on 2 CPU cores; --quick a few minutes. Exits 1 when every training "
             "diverged (the report is written anyway)."))
     p.add_argument("--quick", action="store_true",
                    help="a coarse grid, one trained setting, less data and fewer epochs "

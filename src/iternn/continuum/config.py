@@ -146,7 +146,7 @@ class ContinuumConfig:
                 for k, v in dataclasses.asdict(self).items()}
 
 
-#: ``iternn continuum``: about an hour on 2 cores (see :mod:`iternn.continuum`).
+#: ``iternn continuum``: about 45 minutes on 2 cores (see :mod:`iternn.continuum`).
 FULL = ContinuumConfig()
 
 #: ``iternn continuum --quick``: a coarse (k, alpha) grid, only the carried/forced
