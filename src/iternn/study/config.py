@@ -604,12 +604,13 @@ _DEFAULT_DICT: dict[str, Any] = {
 # the maps at the default number of applications and one more; the anomaly task (3000
 # training sequences) with the forced map at densities 0.1, 0.25, 0.5 and 1 against nn.RNN,
 # nn.GRU and nn.LSTM; 3 seeds; up to 100 epochs (60 for anomaly) with early stopping
-# (patience 15). 309 runs in 2 processes. Measured on the 2-core development machine
-# (shared, partly loaded), selecting by validation loss: 33.4 minutes for the sweep, 34
-# minutes for the whole command; the MNIST-1D sparse maps take about 70 % of the summed run
-# time. Selecting (and stopping early) by validation accuracy, as it does now, runs train
-# longer: on nine of its runs (seed 0, both rules, same machine) 1.28x the epochs and the
-# time, the MNIST-1D sparse maps 1.4-2.1x, so an estimated 45-50 minutes (not re-measured).
+# (patience 15), the weights of the epoch of highest validation accuracy. 309 runs in 2
+# processes. Measured on the 2-core development machine (shared, load 2-3 for part of the
+# run): 27 minutes for the sweep (1616 s), 27.2 for the whole command; the MNIST-1D sparse
+# maps take 61 % of the summed run time (3193 s). Before the engine skipped structural
+# zeros and dead applications and fused the sparse products, the same study selecting by
+# validation loss (which stops earlier: 1.28x fewer epochs on nine sampled runs) took 34
+# minutes.
 #
 # The MNIST-1D baselines (``iternn study --preset mnist1d-baselines``): 18 runs of 6000
 # steps in 2 processes, 34 minutes on the same machine while it was shared (load 4-6 on
