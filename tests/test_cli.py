@@ -291,11 +291,19 @@ def _slow_map(path) -> None:
     iternn.save(m, path)
 
 
+def _terminal_sigint() -> None:
+    """In the child before exec: SIGINT as a terminal delivers it. A shell starts
+    background commands with SIGINT ignored (``cmd &`` without job control), and an
+    ignored signal stays ignored across exec, so Python would install no handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_in_analyze_exits_130_without_a_traceback(tmp_path):
     _slow_map(tmp_path / "slow.safetensors")
     proc = subprocess.Popen([sys.executable, "-m", "iternn", "analyze", "slow.safetensors",
                              "--no-pictures", "--out", "r"], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_terminal_sigint)
     try:
         proc.stderr.read(1)  # the progress bar: imports done, the analysis has started
         time.sleep(0.5)
@@ -329,7 +337,8 @@ def test_ctrl_c_in_a_parallel_study_stops_it_and_its_workers_at_once(tmp_path):
     # a terminal's Ctrl-C reaches the whole process group: the study and its workers
     proc = subprocess.Popen([sys.executable, "-m", "iternn", "study", "--config", "long.toml",
                              "--out", "s", "--no-pictures"], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=_terminal_sigint)
     try:
         assert "runs in the grid" in proc.stdout.readline()  # the workers are starting now
         time.sleep(1.0)

@@ -626,3 +626,16 @@ def test_profiler_labels(toy_kernel):
         pass
     iternn.iterate(m, {"x": x}, 2, hold=["x"])
     assert not [e for e in prof.events() if e.name.startswith("iternn.")]
+
+
+def test_zero_gradient_function_passes_gradcheck():
+    """The node that gives never-evaluated blocks' parameters zero gradients: reverse and
+    forward mode agree with finite differences (a zero scalar of its inputs)."""
+    g = torch.Generator().manual_seed(3)
+    params = (torch.randn(3, 2, dtype=F64, generator=g, requires_grad=True),
+              torch.randn(4, dtype=F64, generator=g, requires_grad=True))
+    assert torch.autograd.gradcheck(plan._ZeroGradient.apply, params, check_forward_ad=True)
+    out = plan._ZeroGradient.apply(*params)
+    grads = torch.autograd.grad(out, params)
+    assert [t.shape for t in grads] == [p.shape for p in params]
+    assert all(bool((t == 0).all()) for t in grads)

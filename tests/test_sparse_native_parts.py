@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_sparse_native import operand
 
 from iternn.errors import MapError, MapTypeError, PatternError
 from iternn.sparse import native
@@ -26,17 +27,6 @@ BATCHES = [1, 2, 3, 33, 100]
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def operand(batch: int, features: int, layout: str, dtype, g: torch.Generator) -> torch.Tensor:
-    """A (batch, features) tensor with the given memory layout."""
-    if layout == "contiguous":
-        return torch.randn(batch, features, dtype=dtype, generator=g)
-    if layout == "transposed":
-        return torch.randn(features, batch, dtype=dtype, generator=g).t()
-    if layout == "sliced":  # every other row and column of a bigger tensor
-        return torch.randn(2 * batch, 2 * features + 1, dtype=dtype, generator=g)[::2, 1::2]
-    return torch.randn(1, features, dtype=dtype, generator=g).expand(batch, features)
 
 
 def output(batch: int, rows: int, layout: str, dtype) -> torch.Tensor | None:

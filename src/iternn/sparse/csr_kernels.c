@@ -576,6 +576,17 @@ static inline V_ dot4_##S(V_ g0, V_ g1, V_ g2, V_ g3, const V_ *p)              
     return madd_##S(g3, p[3], madd_##S(g2, p[2], madd_##S(g1, p[1], g0 * p[0])));           \
 }                                                                                           \
                                                                                             \
+/* VL sums into dst[0 .. VL) (unaligned): stored by the first tile, added by the later */   \
+static inline void put_sums_##S(T_ *dst, V_ r, int first)                                   \
+{                                                                                           \
+    if (!first) {                                                                           \
+        V_ old;                                                                             \
+        memcpy(&old, dst, sizeof old);                                                      \
+        r += old;                                                                           \
+    }                                                                                       \
+    memcpy(dst, &r, sizeof r);                                                              \
+}                                                                                           \
+                                                                                            \
 /* dv[k] (first tile: =, later tiles: +=) sum_t gpack[row][t] xpack[col[k]][t] */           \
 static inline void sdd_entries_##S(T_ *dv, const int32_t *col, const T_ *xpack,             \
                                    const V_ *g, int first, int32_t k, int32_t e)            \
@@ -588,13 +599,7 @@ static inline void sdd_entries_##S(T_ *dv, const int32_t *col, const T_ *xpack, 
             const V_ *p = (const V_ *)(xpack + (int64_t)col[k + l] * TL);                   \
             s[l] = dot4_##S(g0, g1, g2, g3, p);                                             \
         }                                                                                   \
-        V_ r = lane_sums_##S(s);                                                            \
-        if (!first) {                                                                       \
-            V_ old;                                                                         \
-            memcpy(&old, dv + k, sizeof old);                                               \
-            r += old;                                                                       \
-        }                                                                                   \
-        memcpy(dv + k, &r, sizeof r);                                                       \
+        put_sums_##S(dv + k, lane_sums_##S(s), first);                                      \
     }                                                                                       \
     for (; k < e; k++) {                                                                    \
         const V_ *p = (const V_ *)(xpack + (int64_t)col[k] * TL);                           \
@@ -739,13 +744,7 @@ static void backward_rows_##S(const part_t *t, const T_ *gpack, T_ *dvt, int fir
                 a2 = madd_##S(v, g[2], a2); a3 = madd_##S(v, g[3], a3);                     \
                 s[l] = dot4_##S(x0, x1, x2, x3, g);                                         \
             }                                                                               \
-            V_ r = lane_sums_##S(s);                                                        \
-            if (!first) {                                                                   \
-                V_ old;                                                                     \
-                memcpy(&old, dvt + k, sizeof old);                                          \
-                r += old;                                                                   \
-            }                                                                               \
-            memcpy(dvt + k, &r, sizeof r);                                                  \
+            put_sums_##S(dvt + k, lane_sums_##S(s), first);                                 \
         }                                                                                   \
         for (; k < e; k++) {                                                                \
             const V_ *g = (const V_ *)(gpack + (int64_t)col[k] * TL);                       \
