@@ -639,3 +639,28 @@ def test_zero_gradient_function_passes_gradcheck():
     grads = torch.autograd.grad(out, params)
     assert [t.shape for t in grads] == [p.shape for p in params]
     assert all(bool((t == 0).all()) for t in grads)
+
+
+@pytest.mark.parametrize("change", ["bias", "hook"])
+def test_a_block_that_stops_mapping_zero_to_zero_is_no_longer_skipped(change):
+    """The cached plans skip h<-h in the first application (h starts at zero); a bias
+    given to that block afterwards, or a hook, makes the plans be built again (the
+    result is the step-by-step one, not the stale skip)."""
+    g = torch.Generator().manual_seed(5)
+    m = iternn.BlockMap({"x": 3, "h": 4, "y": 2})
+    m.connect("h", "x", nn.Linear(3, 4, bias=False))
+    m.connect("h", "h", nn.Linear(4, 4, bias=False))
+    m.connect("y", "h", nn.Linear(4, 2, bias=False))
+    m.double()
+    x = torch.randn(5, 3, dtype=F64, generator=g)
+    iternn.iterate(m, {"x": x}, 2, hold=("x",))  # builds and caches the pruned plans
+    block = m.blocks["h<-h"]
+    if change == "bias":
+        block.bias = nn.Parameter(torch.ones(4, dtype=F64))
+    else:
+        block.register_forward_hook(lambda mod, args, out: out + 1)
+    got = iternn.iterate(m, {"x": x}, 2, hold=("x",))
+    want = reference_iterate(m, {"x": x, "h": torch.zeros(5, 4, dtype=F64),
+                                 "y": torch.zeros(5, 2, dtype=F64)}, 2, hold=("x",))
+    for s in ("h", "y"):
+        torch.testing.assert_close(got[s], want[s], rtol=0, atol=1e-12)

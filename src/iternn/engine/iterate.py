@@ -12,11 +12,15 @@ from ..core import memory
 from ..core.block_map import BlockMap
 from ..core.state import batch_of, check_state, check_tensor, shape_text
 from ..errors import MapError, MapTypeError
-from .plan import SequencePlan, StepPlan, Wavefront, product_kernels
+from .plan import SequencePlan, StepPlan, Wavefront, keeps_zero, product_kernels
 
 __all__ = ["iterate", "UPDATES", "wavefront_plan", "sequence_plan", "step_plan"]
 
 UPDATES = ("jacobi", "ordered")
+
+#: The key of ``BlockMap._plans`` under which the blocks that mapped zero to zero when
+#: the cached plans were built are kept (the plans skip them while they read zeros).
+_ZERO_BLOCKS = "blocks keeping zero"
 
 
 def _plan(m: BlockMap, kind: str, frozen: frozenset[str], update: str, *,
@@ -24,9 +28,16 @@ def _plan(m: BlockMap, kind: str, frozen: frozenset[str], update: str, *,
           outputs: frozenset[str] | None = None):
     """The cached plan of ``kind`` for these frozen (and, of them, ``forced``) slots,
     the slots ``zero`` left out of the state and the slots ``outputs`` returned (a
-    sequence plan's); rebuilt after any change of the map or of the product kernels."""
+    sequence plan's); rebuilt after any change of the map or of the product kernels, and
+    after a block the plans skip while it reads zeros stops mapping zero to zero (a bias
+    or a hook given to it later)."""
+    plans = m._plans
+    assumed = plans.get(_ZERO_BLOCKS)
+    if assumed is None or not all(keeps_zero(b) for b in assumed):
+        plans.clear()
+        plans[_ZERO_BLOCKS] = tuple(b for b in m.blocks.values() if keeps_zero(b))
     key = (kind, frozen, update, forced, zero, outputs, product_kernels())
-    plan = m._plans.get(key)
+    plan = plans.get(key)
     if plan is None:
         if kind == "wave":
             levels = m.graph().levels(frozen)

@@ -132,7 +132,7 @@ def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def _keeps_zero(module: nn.Module) -> bool:
+def keeps_zero(module: nn.Module) -> bool:
     """Whether ``module`` maps zero inputs to zero, from its type alone: the engine may
     then skip it while everything it reads is zero (see the module docstring)."""
     if _hooked(module):
@@ -143,7 +143,7 @@ def _keeps_zero(module: nn.Module) -> bool:
     if kind in _AFFINE:
         return module.bias is None
     if kind is nn.Sequential:
-        return all(_keeps_zero(m) for m in module)
+        return all(keeps_zero(m) for m in module)
     return getattr(kind, "linear", None) is True and getattr(module, "bias", None) is None
 
 
@@ -187,7 +187,7 @@ def compile_destinations(m: BlockMap) -> dict[str, Destination]:
         linear = type(mod) is nn.Linear and len(srcs) == 1 and not shaped
         batchable = is_samplewise(mod) if shaped else is_rowwise(mod)
         terms[dst].append(Term(srcs, key, mod, linear, batchable, shapes[dst] if shaped else None,
-                               keeps_zero=_keeps_zero(mod)))
+                               keeps_zero=keeps_zero(mod)))
     return {
         d: Destination(d, shape, tuple(terms[d]), m.biases._parameters, m.activation(d))
         for d, shape in shapes.items()
