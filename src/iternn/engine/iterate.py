@@ -33,8 +33,10 @@ def _plan(m: BlockMap, kind: str, frozen: frozenset[str], update: str, *,
     or a hook given to it later)."""
     plans = m._plans
     assumed = plans.get(_ZERO_BLOCKS)
-    if assumed is None or not all(keeps_zero(b) for b in assumed):
+    if assumed is not None and not all(keeps_zero(b) for b in assumed):
         plans.clear()
+        assumed = None
+    if assumed is None:  # no plan is cached: the plans built from now on assume these
         plans[_ZERO_BLOCKS] = tuple(b for b in m.blocks.values() if keeps_zero(b))
     key = (kind, frozen, update, forced, zero, outputs, product_kernels())
     plan = plans.get(key)
