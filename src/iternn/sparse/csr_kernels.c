@@ -489,6 +489,19 @@ static int spmm_small_rows_##S(T_ *Y, int64_t syb, int64_t syi, const T_ *bias, 
     return 0;                                                                               \
 }                                                                                           \
                                                                                             \
+/* batch tile [b0, b0 + tb) of every part's operand into its pack; called by every thread   \
+ * of a parallel region (the sources are shared out, no barrier at the end) */              \
+static inline void pack_parts_##S(const part_t *parts, int64_t nparts, int64_t b0, int64_t tb)\
+{                                                                                           \
+    for (int64_t p = 0; p < nparts; p++) {                                                  \
+        const part_t *q = parts + p;                                                        \
+        _Pragma("omp for schedule(static) nowait")                                          \
+        for (int64_t j0 = 0; j0 < q->srcs; j0 += CHUNK)                                     \
+            pack_##S((T_ *)q->pack, (const T_ *)q->X, q->sxb, q->sxj, b0, tb, j0,           \
+                     MIN(j0 + CHUNK, q->srcs));                                             \
+    }                                                                                       \
+}                                                                                           \
+                                                                                            \
 /* the work buffers of the parts: packs (tiled) and gathered values (with perm) */          \
 static T_ *part_buffers_##S(part_t *parts, int64_t nparts, int tiled)                       \
 {                                                                                           \
@@ -541,13 +554,7 @@ int iternn_spmm_parts_##S(int64_t rows, int64_t B, int64_t nparts, const int64_t
         _Pragma("omp parallel num_threads(threads)")                                        \
         for (int64_t b0 = 0; b0 < B; b0 += TL) {                                            \
             const int64_t tb = MIN(B - b0, (int64_t)TL);                                    \
-            for (int64_t p = 0; p < nparts; p++) {                                          \
-                const part_t *q = parts + p;                                                \
-                _Pragma("omp for schedule(static) nowait")                                  \
-                for (int64_t j0 = 0; j0 < q->srcs; j0 += CHUNK)                             \
-                    pack_##S((T_ *)q->pack, (const T_ *)q->X, q->sxb, q->sxj, b0, tb, j0,   \
-                             MIN(j0 + CHUNK, q->srcs));                                     \
-            }                                                                               \
+            pack_parts_##S(parts, nparts, b0, tb);                                          \
             _Pragma("omp barrier")                                                          \
             /* the first tile checks the indices (see rows_ok); the later ones read the */  \
             /* same */                                                                      \
@@ -679,13 +686,7 @@ int iternn_sdd_parts_##S(int64_t rows, int64_t B, int64_t nparts, const int64_t 
     _Pragma("omp parallel num_threads(threads)")                                            \
     for (int64_t b0 = 0; b0 < B; b0 += TL) {                                                \
         const int64_t tb = MIN(B - b0, (int64_t)TL);                                        \
-        for (int64_t p = 0; p < nparts; p++) {                                              \
-            const part_t *q = parts + p;                                                    \
-            _Pragma("omp for schedule(static) nowait")                                      \
-            for (int64_t j0 = 0; j0 < q->srcs; j0 += CHUNK)                                 \
-                pack_##S((T_ *)q->pack, (const T_ *)q->X, q->sxb, q->sxj, b0, tb, j0,       \
-                         MIN(j0 + CHUNK, q->srcs));                                         \
-        }                                                                                   \
+        pack_parts_##S(parts, nparts, b0, tb);                                              \
         _Pragma("omp for schedule(static)")                                                 \
         for (int64_t i0 = 0; i0 < rows; i0 += CHUNK)                                        \
             pack_##S(gpack, G, sgb, sgi, b0, tb, i0, MIN(i0 + CHUNK, rows));                \
