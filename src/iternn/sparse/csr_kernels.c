@@ -99,6 +99,11 @@
 /* may_alias: the vectors are read from and written to arrays of their element type */
 typedef float vf32 __attribute__((vector_size(32), may_alias));
 typedef double vf64 __attribute__((vector_size(32), may_alias));
+/* the same at any element address: one unaligned 32-byte load or store. (A memcpy of a
+ * vector through these arrays compiled to 16-byte halves through the stack, whose
+ * 32-byte reloads missed store forwarding: half of the packs' time.) */
+typedef float uf32 __attribute__((vector_size(32), aligned(4), may_alias));
+typedef double uf64 __attribute__((vector_size(32), aligned(8), may_alias));
 
 /* a * b + c, fused where the CPU has FMA (an ISO C build contracts nothing itself) */
 static inline vf32 madd_f32(vf32 a, vf32 b, vf32 c)
@@ -119,43 +124,58 @@ static inline vf64 madd_f64(vf64 a, vf64 b, vf64 c)
 #endif
 }
 
-/* r[l] = sum of the lanes of s[l], for the VL vectors s[0..VL-1] */
-static inline vf32 lane_sums_f32(const vf32 *s)
+/* (v, v, ..., v): a broadcast from memory, not a scalar add of zero first */
+static inline vf32 splat_f32(float v) { return (vf32){v, v, v, v, v, v, v, v}; }
+static inline vf64 splat_f64(double v) { return (vf64){v, v, v, v}; }
+
+/* Lane sums of VL vectors s[0..VL-1] in two steps, so that a loop can reduce each half
+ * of its VL vectors as soon as they are computed (eight live vectors spilled in the
+ * fused backward): half_sums(s)[m] and [VL/2 + m] are the sums of the low and the high
+ * half of the lanes of s[m], m < VL/2; join(a, b) adds the halves: its first VL/2 lanes
+ * are the sums of a's vectors, the others b's. (With AVX, horizontal adds.) */
+static inline vf32 half_sums_f32(const vf32 *s)
 {
 #if defined(__AVX__)
     __m256 h01 = _mm256_hadd_ps((__m256)s[0], (__m256)s[1]);
     __m256 h23 = _mm256_hadd_ps((__m256)s[2], (__m256)s[3]);
-    __m256 h45 = _mm256_hadd_ps((__m256)s[4], (__m256)s[5]);
-    __m256 h67 = _mm256_hadd_ps((__m256)s[6], (__m256)s[7]);
-    __m256 a = _mm256_hadd_ps(h01, h23), b = _mm256_hadd_ps(h45, h67);
-    return (vf32)_mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20),
-                               _mm256_permute2f128_ps(a, b, 0x31));
+    return (vf32)_mm256_hadd_ps(h01, h23);
 #else
     vf32 r;
-    for (int l = 0; l < 8; l++) {
-        float t = 0;
-        for (int m = 0; m < 8; m++) t += s[l][m];
-        r[l] = t;
+    for (int m = 0; m < 4; m++) {
+        r[m] = (s[m][0] + s[m][1]) + (s[m][2] + s[m][3]);
+        r[4 + m] = (s[m][4] + s[m][5]) + (s[m][6] + s[m][7]);
     }
     return r;
 #endif
 }
 
-static inline vf64 lane_sums_f64(const vf64 *s)
+static inline vf64 half_sums_f64(const vf64 *s)
 {
 #if defined(__AVX__)
-    __m256d h01 = _mm256_hadd_pd((__m256d)s[0], (__m256d)s[1]);
-    __m256d h23 = _mm256_hadd_pd((__m256d)s[2], (__m256d)s[3]);
-    return (vf64)_mm256_add_pd(_mm256_permute2f128_pd(h01, h23, 0x20),
-                               _mm256_permute2f128_pd(h01, h23, 0x31));
+    return (vf64)_mm256_hadd_pd((__m256d)s[0], (__m256d)s[1]);
 #else
-    vf64 r;
-    for (int l = 0; l < 4; l++) {
-        double t = 0;
-        for (int m = 0; m < 4; m++) t += s[l][m];
-        r[l] = t;
-    }
-    return r;
+    return (vf64){s[0][0] + s[0][1], s[1][0] + s[1][1], s[0][2] + s[0][3], s[1][2] + s[1][3]};
+#endif
+}
+
+static inline vf32 join_sums_f32(vf32 a, vf32 b)
+{
+#if defined(__AVX__)
+    return (vf32)_mm256_add_ps(_mm256_permute2f128_ps((__m256)a, (__m256)b, 0x20),
+                               _mm256_permute2f128_ps((__m256)a, (__m256)b, 0x31));
+#else
+    return (vf32){a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7],
+                  b[0] + b[4], b[1] + b[5], b[2] + b[6], b[3] + b[7]};
+#endif
+}
+
+static inline vf64 join_sums_f64(vf64 a, vf64 b)
+{
+#if defined(__AVX__)
+    return (vf64)_mm256_add_pd(_mm256_permute2f128_pd((__m256d)a, (__m256d)b, 0x20),
+                               _mm256_permute2f128_pd((__m256d)a, (__m256d)b, 0x31));
+#else
+    return (vf64){a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]};
 #endif
 }
 
@@ -299,8 +319,8 @@ static int parts_rows_ok(const part_t *parts, int64_t nparts, int64_t i0, int64_
     return 0;
 }
 
-/* T_: element type, V_: its 32-byte vector type, VL: lanes, S: name suffix */
-#define DEFINE_KERNELS(S, T_, V_, VL)                                                       \
+/* T_: element type, V_: its 32-byte vector type (U_: unaligned), VL: lanes, S: name suffix */
+#define DEFINE_KERNELS(S, T_, V_, U_, VL)                                                   \
 enum { TILE_##S = NVEC * VL };                                                              \
                                                                                             \
 /* pack[j][t] = X[b0 + t, j] for j in [j0, j1); zeros past the tile's tb columns */         \
@@ -323,10 +343,10 @@ static void pack_##S(T_ *pack, const T_ *X, int64_t sxb, int64_t sxj,           
             for (; j + VL <= j1; j += VL) {                                                 \
                 V_ r[VL];                                                                   \
                 for (int l = 0; l < VL; l++)                                                \
-                    memcpy(r + l, X + (b0 + t + l) * sxb + j, sizeof *r);                   \
+                    r[l] = *(const U_ *)(X + (b0 + t + l) * sxb + j);                       \
                 transpose_##S(r);                                                           \
                 for (int c = 0; c < VL; c++)                                                \
-                    memcpy(pack + (j + c) * TL + t, r + c, sizeof *r);                      \
+                    *(V_ *)(pack + (j + c) * TL + t) = r[c];                                \
             }                                                                               \
             for (; j < j1; j++)                                                             \
                 for (int l = 0; l < VL; l++)                                                \
@@ -358,7 +378,7 @@ static void unpack_##S(T_ *Y, int64_t syb, int64_t syi, const T_ *buf,          
                     r[l] = *(const V_ *)(buf + (i - i0 + l) * TL + t);                      \
                 transpose_##S(r);                                                           \
                 for (int c = 0; c < VL; c++)                                                \
-                    memcpy(Y + (b0 + t + c) * syb + i, r + c, sizeof *r);                   \
+                    *(U_ *)(Y + (b0 + t + c) * syb + i) = r[c];                             \
             }                                                                               \
             for (; i < i1; i++)                                                             \
                 for (int c = 0; c < VL; c++)                                                \
@@ -413,7 +433,7 @@ static inline void axpy_entries_##S(V_ *acc, const int32_t *col, const T_ *vals,
             __builtin_prefetch(h);                                                          \
             __builtin_prefetch(h + TL / 2);                                                 \
         }                                                                                   \
-        const V_ v = (V_){0} + vals[k], w = (V_){0} + vals[k + 1];                          \
+        const V_ v = splat_##S(vals[k]), w = splat_##S(vals[k + 1]);                                \
         const V_ *p = (const V_ *)(pack + (int64_t)col[k] * TL);                            \
         const V_ *r = (const V_ *)(pack + (int64_t)col[k + 1] * TL);                        \
         a0 = madd_##S(v, p[0], a0); a1 = madd_##S(v, p[1], a1);                             \
@@ -422,7 +442,7 @@ static inline void axpy_entries_##S(V_ *acc, const int32_t *col, const T_ *vals,
         c2 = madd_##S(w, r[2], c2); c3 = madd_##S(w, r[3], c3);                             \
     }                                                                                       \
     if (k < e) {                                                                            \
-        const V_ v = (V_){0} + vals[k];                                                     \
+        const V_ v = splat_##S(vals[k]);                                                         \
         const V_ *p = (const V_ *)(pack + (int64_t)col[k] * TL);                            \
         a0 = madd_##S(v, p[0], a0); a1 = madd_##S(v, p[1], a1);                             \
         a2 = madd_##S(v, p[2], a2); a3 = madd_##S(v, p[3], a3);                             \
@@ -444,7 +464,7 @@ static int spmm_rows_##S(T_ *Y, int64_t syb, int64_t syi, const T_ *bias,       
     for (int64_t i = i0; i < i1; i++) {                                                     \
         const T_ b_ = bias ? bias[i] : (T_)0;                                               \
         V_ *acc = (V_ *)(buf + (i - i0) * TL);                                              \
-        acc[0] = acc[1] = acc[2] = acc[3] = (V_){0} + b_;                                   \
+        acc[0] = acc[1] = acc[2] = acc[3] = splat_##S(b_);                                \
         for (int64_t p = 0; p < nparts; p++) {                                              \
             const part_t *q = parts + p;                                                    \
             const T_ *vals = (const T_ *)(q->perm ? q->vt : q->val);                        \
@@ -586,12 +606,8 @@ static inline V_ dot4_##S(V_ g0, V_ g1, V_ g2, V_ g3, const V_ *p)              
 /* VL sums into dst[0 .. VL) (unaligned): stored by the first tile, added by the later */   \
 static inline void put_sums_##S(T_ *dst, V_ r, int first)                                   \
 {                                                                                           \
-    if (!first) {                                                                           \
-        V_ old;                                                                             \
-        memcpy(&old, dst, sizeof old);                                                      \
-        r += old;                                                                           \
-    }                                                                                       \
-    memcpy(dst, &r, sizeof r);                                                              \
+    if (!first) r += *(const U_ *)dst;                                                      \
+    *(U_ *)dst = r;                                                                         \
 }                                                                                           \
                                                                                             \
 /* dv[k] (first tile: =, later tiles: +=) sum_t gpack[row][t] xpack[col[k]][t] */           \
@@ -601,12 +617,16 @@ static inline void sdd_entries_##S(T_ *dv, const int32_t *col, const T_ *xpack, 
     enum { TL = TILE_##S };                                                                 \
     const V_ g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3];                                    \
     for (; k + VL <= e; k += VL) {                                                          \
-        V_ s[VL];                                                                           \
-        for (int l = 0; l < VL; l++) {                                                      \
-            const V_ *p = (const V_ *)(xpack + (int64_t)col[k + l] * TL);                   \
-            s[l] = dot4_##S(g0, g1, g2, g3, p);                                             \
+        V_ q[2];                                                                            \
+        for (int h = 0; h < 2; h++) {                                                       \
+            V_ s[VL / 2];                                                                   \
+            for (int l = 0; l < VL / 2; l++) {                                              \
+                const int32_t c = col[k + h * VL / 2 + l];                                  \
+                s[l] = dot4_##S(g0, g1, g2, g3, (const V_ *)(xpack + (int64_t)c * TL));     \
+            }                                                                               \
+            q[h] = half_sums_##S(s);                                                        \
         }                                                                                   \
-        put_sums_##S(dv + k, lane_sums_##S(s), first);                                      \
+        put_sums_##S(dv + k, join_sums_##S(q[0], q[1]), first);                             \
     }                                                                                       \
     for (; k < e; k++) {                                                                    \
         const V_ *p = (const V_ *)(xpack + (int64_t)col[k] * TL);                           \
@@ -729,7 +749,6 @@ static void backward_rows_##S(const part_t *t, const T_ *gpack, T_ *dvt, int fir
         int32_t k = t->crow[j];                                                             \
         const int32_t e = t->crow[j + 1];                                                   \
         for (; k + VL <= e; k += VL) {                                                      \
-            V_ s[VL];                                                                       \
             if (k < kpf)                                                                    \
                 for (int l = 0; l < VL; l++) {                                              \
                     const T_ *f = gpack + (int64_t)col[k + l + PREFETCH] * TL;              \
@@ -737,19 +756,25 @@ static void backward_rows_##S(const part_t *t, const T_ *gpack, T_ *dvt, int fir
                     __builtin_prefetch(f + TL / 2);                                         \
                 }                                                                           \
             /* one accumulator set: two (as in the forward) spill here, 10 % slower */      \
-            _Pragma("GCC unroll 8")                                                         \
-            for (int l = 0; l < VL; l++) {                                                  \
-                const V_ *g = (const V_ *)(gpack + (int64_t)col[k + l] * TL);               \
-                const V_ v = (V_){0} + vt[k + l];                                           \
-                a0 = madd_##S(v, g[0], a0); a1 = madd_##S(v, g[1], a1);                     \
-                a2 = madd_##S(v, g[2], a2); a3 = madd_##S(v, g[3], a3);                     \
-                s[l] = dot4_##S(x0, x1, x2, x3, g);                                         \
+            V_ q[2];                                                                        \
+            for (int h = 0; h < 2; h++) {                                                   \
+                V_ s[VL / 2];                                                               \
+                _Pragma("GCC unroll 4")                                                     \
+                for (int l = 0; l < VL / 2; l++) {                                          \
+                    const int32_t m = k + h * VL / 2 + l;                                   \
+                    const V_ *g = (const V_ *)(gpack + (int64_t)col[m] * TL);               \
+                    const V_ v = splat_##S(vt[m]);                                          \
+                    a0 = madd_##S(v, g[0], a0); a1 = madd_##S(v, g[1], a1);                 \
+                    a2 = madd_##S(v, g[2], a2); a3 = madd_##S(v, g[3], a3);                 \
+                    s[l] = dot4_##S(x0, x1, x2, x3, g);                                     \
+                }                                                                           \
+                q[h] = half_sums_##S(s);                                                    \
             }                                                                               \
-            put_sums_##S(dvt + k, lane_sums_##S(s), first);                                 \
+            put_sums_##S(dvt + k, join_sums_##S(q[0], q[1]), first);                        \
         }                                                                                   \
         for (; k < e; k++) {                                                                \
             const V_ *g = (const V_ *)(gpack + (int64_t)col[k] * TL);                       \
-            const V_ v = (V_){0} + vt[k];                                                   \
+            const V_ v = splat_##S(vt[k]);                                                       \
             a0 = madd_##S(v, g[0], a0); a1 = madd_##S(v, g[1], a1);                         \
             a2 = madd_##S(v, g[2], a2); a3 = madd_##S(v, g[3], a3);                         \
             const V_ s = dot4_##S(x0, x1, x2, x3, g);                                       \
@@ -862,8 +887,8 @@ int iternn_linear_backward_##S(int64_t srcs, int64_t B, const int64_t *desc,    
     return err;                                                                             \
 }
 
-DEFINE_KERNELS(f32, float, vf32, 8)
-DEFINE_KERNELS(f64, double, vf64, 4)
+DEFINE_KERNELS(f32, float, vf32, uf32, 8)
+DEFINE_KERNELS(f64, double, vf64, uf64, 4)
 
 /* the interface version native.py checks after loading */
 int iternn_kernels_abi(void) { return 3; }
