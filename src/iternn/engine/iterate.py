@@ -12,7 +12,10 @@ from ..core import memory
 from ..core.block_map import BlockMap
 from ..core.state import batch_of, check_state, check_tensor, shape_text
 from ..errors import MapError, MapTypeError
-from .plan import SequencePlan, StepPlan, Wavefront, keeps_zero, product_kernels
+from .plan import keeps_zero, product_kernels
+from .sequence import SequencePlan
+from .step import StepPlan
+from .wavefront import Wavefront
 
 __all__ = ["iterate", "UPDATES", "wavefront_plan", "sequence_plan", "step_plan"]
 
@@ -60,7 +63,7 @@ def _plan(m: BlockMap, kind: str, frozen: frozenset[str], update: str, *,
 
 def wavefront_plan(m: BlockMap, *, frozen: frozenset[str] = frozenset(),
                    update: str = "jacobi") -> Wavefront | None:
-    """The map's cached :class:`~iternn.engine.plan.Wavefront` with the slots ``frozen``
+    """The map's cached :class:`~iternn.engine.wavefront.Wavefront` with the slots ``frozen``
     held: each block runs once, at the level of its destination row. ``None`` when the
     graph left after freezing has a cycle (no wavefront exists)."""
     return _plan(m, "wave", frozenset(frozen), update) or None
@@ -70,7 +73,7 @@ def sequence_plan(m: BlockMap, *, frozen: frozenset[str] = frozenset(),
                   update: str = "jacobi", forced: frozenset[str] = frozenset(),
                   zero: frozenset[str] = frozenset(),
                   outputs: frozenset[str] | None = None) -> SequencePlan:
-    """The map's cached :class:`~iternn.engine.plan.SequencePlan`: the plan of a forced
+    """The map's cached :class:`~iternn.engine.sequence.SequencePlan`: the plan of a forced
     iteration (row-wise blocks outside a cycle batched over the whole sequence) with the
     slots ``forced`` (of ``frozen``) forced, the slots ``zero`` left out of the initial
     state and the trajectories of ``outputs`` (``None``: every slot) returned."""
@@ -80,7 +83,7 @@ def sequence_plan(m: BlockMap, *, frozen: frozenset[str] = frozenset(),
 
 def step_plan(m: BlockMap, *, frozen: frozenset[str] = frozenset(),
               update: str = "jacobi") -> StepPlan:
-    """The map's cached :class:`~iternn.engine.plan.StepPlan`: one application of the map
+    """The map's cached :class:`~iternn.engine.step.StepPlan`: one application of the map
     (Jacobi, or ordered over strongly connected components) with ``frozen`` slots held."""
     return _plan(m, "step", frozenset(frozen), update)
 
