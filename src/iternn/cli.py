@@ -273,6 +273,24 @@ def _debug_parent() -> argparse.ArgumentParser:
     return common
 
 
+def _add_budget_flags(p: argparse.ArgumentParser) -> None:
+    """The budget and selection flags of ``iternn train`` and ``python -m
+    iternn.study.distributed``: ``--epochs``/``--steps`` (exclusive), ``--select``,
+    ``--patience`` (0: off) and ``--val-fraction``, with ``iternn train``'s defaults."""
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=positive_int, default=None, help="default 20")
+    budget.add_argument("--steps", type=positive_int, default=None,
+                        help="optimizer steps instead of epochs")
+    p.add_argument("--select", choices=("val_loss", "val_acc", "final"), default="val_loss",
+                   help=_SELECT_HELP + " (default val_loss)")
+    p.add_argument("--patience", type=_nonneg_int, default=0,
+                   help="early stopping after N epochs without improvement of the --select "
+                        "criterion (0: off)")
+    p.add_argument("--val-fraction", type=_fraction, default=None, metavar="F",
+                   help="validation share of the training data (mnist1d, digits, mnist_idx; "
+                        "0: none, with --select final)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``iternn`` with every subcommand (builds without importing torch)."""
     p = argparse.ArgumentParser(
@@ -357,23 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data-path", metavar="DIR", default=None,
                     help="folder of the MNIST IDX files (dataset mnist_idx)")
     tr.add_argument("--activation", default=None, help="relu, tanh, ... (default relu; tanh for sequences)")
-    budget = tr.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=positive_int, default=None, help="default 20")
-    budget.add_argument("--steps", type=positive_int, default=None,
-                        help="optimizer steps instead of epochs")
+    _add_budget_flags(tr)
     tr.add_argument("--lr", type=_positive_float, default=3e-3, help="default 0.003")
     tr.add_argument("--batch-size", type=positive_int, default=64, help="default 64")
     tr.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
     tr.add_argument("--weight-decay", type=_nonneg_float, default=0.0, metavar="W",
                     help="default 0")
-    tr.add_argument("--select", choices=("val_loss", "val_acc", "final"), default="val_loss",
-                    help=_SELECT_HELP + " (default val_loss)")
-    tr.add_argument("--patience", type=_nonneg_int, default=0,
-                    help="early stopping after N epochs without improvement of the --select "
-                         "criterion (0: off)")
-    tr.add_argument("--val-fraction", type=_fraction, default=None, metavar="F",
-                    help="validation share of the training data (mnist1d, digits, mnist_idx; "
-                         "0: none, with --select final)")
     tr.add_argument("--device", type=_device, default="cpu",
                     help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     tr.add_argument("--out", metavar="DIR", default=None, help="run folder")
@@ -433,13 +440,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-#: ``python -m iternn.study.distributed`` flag dest -> TrainConfig field.
+#: ``python -m iternn.study.distributed`` flag dest -> TrainConfig field, in the order the
+#: flags are applied (``patience`` before ``select``, so that ``--patience 0 --select final``
+#: is valid on a config with a patience).
 _OVERRIDES = {
     "optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay",
-    "momentum": "momentum", "epochs": "epochs", "batch_size": "batch_size",
-    "patience": "patience", "seed": "seed", "loss_on": "loss_on",
+    "momentum": "momentum", "epochs": "epochs", "steps": "steps", "batch_size": "batch_size",
+    "patience": "patience", "select": "select", "seed": "seed", "loss_on": "loss_on",
     "max_grad_norm": "max_grad_norm", "lr_schedule": "lr_schedule", "device": "device",
 }
+#: The exclusive budgets: a flag setting one clears the other.
+_OTHER_BUDGET = {"epochs": "steps", "steps": "epochs"}
 
 
 def distributed_parser() -> argparse.ArgumentParser:
@@ -447,7 +458,9 @@ def distributed_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m iternn.study.distributed",
         description="Train one model, data-parallel under torchrun (or in one process). "
-                    "Rank 0 prints the result as one JSON line on stdout.",
+                    "Rank 0 prints the result as one JSON line on stdout. A training flag left "
+                    "out keeps the value of the TrainConfig that --build returns (else "
+                    "TrainConfig's default, as below); --val-fraction is for --dataset.",
         epilog=_EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
@@ -462,9 +475,9 @@ def distributed_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float)
     p.add_argument("--weight-decay", type=_nonneg_float)
     p.add_argument("--momentum", type=_nonneg_float)
-    p.add_argument("--epochs", type=positive_int)
+    _add_budget_flags(p)
+    p.set_defaults(select=None, patience=None)  # absent: kept from the config (same defaults)
     p.add_argument("--batch-size", type=positive_int, help="global batch size")
-    p.add_argument("--patience", type=positive_int)
     p.add_argument("--seed", type=_nonneg_int)
     p.add_argument("--loss-on", choices=("last", "all"))
     p.add_argument("--max-grad-norm", type=_positive_float)
@@ -593,14 +606,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if args.data_path and args.dataset != "mnist_idx":
         raise ConfigError(f"--data-path is for --dataset mnist_idx, not {args.dataset!r}")
     if args.val_fraction is not None:
-        from .study.data import dataset_options
-
-        if "val_fraction" not in dataset_options(args.dataset):
-            raise ConfigError(f"--val-fraction: dataset {args.dataset!r} has no validation "
-                              "fraction (its splits are given by count)")
-        if args.val_fraction == 0 and args.select != "final":
-            raise ConfigError(f"--val-fraction 0 leaves no validation split, which --select "
-                              f"{args.select} chooses the weights on (use --select final)")
+        _check_val_fraction(args.dataset, args.val_fraction, args.select)
     from .study.models import FAMILIES
 
     family = FAMILIES.get(args.model)
@@ -757,15 +763,17 @@ def _load_callable(spec: str) -> Callable[[], Any]:
 
 
 def _build_from_dataset(args: argparse.Namespace, seed: int) -> tuple[Any, Any]:
-    """``(model, data)``: an MLP with ``--hidden`` widths (ReLU) for ``--dataset``, its
-    parameters drawn from ``seed`` without moving the global RNG."""
+    """``(model, data)``: an MLP with ``--hidden`` widths (ReLU) for ``--dataset`` (split
+    with ``--val-fraction`` when given), its parameters drawn from ``seed`` without moving
+    the global RNG."""
     import torch
     from torch import nn
 
     from .core.memory import check_bytes, tensor_bytes
     from .study.data import load_dataset
 
-    data = load_dataset(args.dataset, seed=args.data_seed)
+    options = {} if args.val_fraction is None else {"val_fraction": args.val_fraction}
+    data = load_dataset(args.dataset, seed=args.data_seed, **options)
     if data.x_train.dim() != 2:
         raise ConfigError(f"--dataset {args.dataset}: inputs are {data.x_train.dim() - 1}-D; "
                           "the built-in MLP needs flat features (use --build)")
@@ -794,11 +802,27 @@ def _config_with(config: Any, args: argparse.Namespace) -> Any:
         value = getattr(args, dest)
         if value is None:
             continue
+        change = {field: None if dest == "patience" and value == 0 else value}
+        if field in _OTHER_BUDGET:
+            change[_OTHER_BUDGET[field]] = None
         try:
-            config = dataclasses.replace(config, **{field: value})
+            config = dataclasses.replace(config, **change)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"--{dest.replace('_', '-')}: {e}") from None
     return config
+
+
+def _check_val_fraction(dataset: str, fraction: float, select: str) -> None:
+    """:class:`ConfigError` naming ``--val-fraction`` unless ``dataset`` has a validation
+    fraction and ``select`` can do without a validation split when ``fraction`` is 0."""
+    from .study.data import dataset_options
+
+    if "val_fraction" not in dataset_options(dataset):
+        raise ConfigError(f"--val-fraction: dataset {dataset!r} has no validation "
+                          "fraction (its splits are given by count)")
+    if fraction == 0 and select != "final":
+        raise ConfigError(f"--val-fraction 0 leaves no validation split, which --select "
+                          f"{select} chooses the weights on (use --select final)")
 
 
 def _cmd_distributed(args: argparse.Namespace) -> None:
@@ -813,6 +837,9 @@ def _cmd_distributed(args: argparse.Namespace) -> None:
         _out_folder(args.out, args.out)
     if args.device is not None:
         check_device(args.device)
+    if args.build and args.val_fraction is not None:
+        raise ConfigError("--val-fraction is for --dataset: a --build function returns its "
+                          "data already split")
     if args.build:
         built = _load_callable(args.build)()
         if not isinstance(built, tuple) or len(built) not in (2, 3):
@@ -824,13 +851,16 @@ def _cmd_distributed(args: argparse.Namespace) -> None:
         config = TrainConfig()
     config = _config_with(config, args)
     if args.dataset:
+        if args.val_fraction is not None:
+            _check_val_fraction(args.dataset, args.val_fraction, config.select)
         model, data = _build_from_dataset(args, config.seed)
     distributed = "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0)) if distributed else 0
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     # what defines the model and the data (the training options are compared from config)
     options = {"build": args.build} if args.build else {
-        "dataset": args.dataset, "hidden": list(args.hidden), "data_seed": args.data_seed}
+        "dataset": args.dataset, "hidden": list(args.hidden), "data_seed": args.data_seed,
+        "val_fraction": args.val_fraction}
     kwargs = dict(out_dir=args.out, resume=args.resume, progress=not args.no_progress, log=log,
                   run_options=options)
     if distributed:

@@ -9,7 +9,12 @@ or start every process yourself with ``RANK``, ``WORLD_SIZE`` (and ``LOCAL_RANK`
 environment and either ``MASTER_ADDR``/``MASTER_PORT`` or ``--init-method
 file:///shared/path``, or call :func:`train_distributed` in every process. The same command without
 torchrun (no ``WORLD_SIZE`` in the environment) trains in one process with
-:func:`iternn.study.train.train`.
+:func:`iternn.study.train.train`. The flags are those of ``iternn train`` for the budget
+(``--epochs`` or ``--steps``), the selection (``--select``, ``--patience``) and, with
+``--dataset``, the validation split (``--val-fraction``); see ``--help``. Every rank loads
+the same split, and the validation and test sets are sharded over the ranks and their sums
+all-reduced, so the selection sees the numbers of one process (the loss up to summation
+order).
 
 **Exactness.** Every rank draws the same shuffled order (the generator is seeded with
 ``config.seed``), cuts each *global* batch of ``config.batch_size`` samples into
