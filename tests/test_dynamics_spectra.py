@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import iternn
+from iternn.dynamics import DEQ, find_fixed_points, fixed_point, impulse_response
 from iternn.dynamics.functional import DynamicsError
 from iternn.dynamics.jacobian import eigenvalues, jacobian, singular_values, spectral_radius
 from iternn.dynamics.lyapunov import largest_lyapunov, lyapunov_spectrum
@@ -560,6 +561,80 @@ def test_bad_options_are_named():
         jacobian(_rnn(), {"h": GOOD["h"]}, hold="x")
     with pytest.raises(DynamicsError, match="dtype"):
         jacobian(_rnn(), {"h": torch.zeros(3)})  # float32 state, float64 map
+
+
+BAD_BLOCK_KWARGS = {
+    "not a dict": ([("h<-h", {})], r"block_kwargs must be a dict block key \('dst<-src'\) -> "
+                   r"dict of keyword arguments, got list"),
+    "unknown block": ({"h<-y": {}}, r"block_kwargs names unknown block 'h<-y'; blocks are "
+                      r"\['h<-x', 'h<-h'\]"),
+    "not keyword arguments": ({"h<-h": 3}, r"block_kwargs\['h<-h'\] must be a dict of keyword "
+                              r"arguments for block 'h' <- 'h', got int"),
+    "a keyword the block does not take": (
+        {"h<-h": {"mask": None}},
+        r"block_kwargs\['h<-h'\]: block 'h' <- 'h' \(Linear\) does not take them: got an "
+        r"unexpected keyword argument 'mask'"),
+}
+
+TAKE_BLOCK_KWARGS = {
+    "jacobian": lambda kw: jacobian(_rnn(), GOOD, hold="x", block_kwargs=kw),
+    "spectral_radius": lambda kw: spectral_radius(_rnn(), GOOD, hold="x", block_kwargs=kw),
+    "lyapunov_spectrum": lambda kw: lyapunov_spectrum(_rnn(), GOOD, steps=2, hold="x",
+                                                      block_kwargs=kw),
+    "fixed_point": lambda kw: fixed_point(_rnn(), GOOD, hold="x", block_kwargs=kw),
+    "find_fixed_points": lambda kw: find_fixed_points(
+        _rnn(), {"x": GOOD["x"], "h": torch.zeros(2, 3, dtype=F64)}, hold="x",
+        block_kwargs=kw),
+    "impulse_response": lambda kw: impulse_response(_rnn(), GOOD, steps=2, hold="x",
+                                                    block_kwargs=kw),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BLOCK_KWARGS))
+@pytest.mark.parametrize("tool", list(TAKE_BLOCK_KWARGS))
+def test_bad_block_kwargs_are_named_before_the_map_runs(tool, case):
+    kwargs, message = BAD_BLOCK_KWARGS[case]
+    with pytest.raises(DynamicsError, match=message):
+        TAKE_BLOCK_KWARGS[tool](kwargs)
+
+
+class Scaled(nn.Module):
+    """A linear block with a keyword argument: ``scale · W z``."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.lin = linear(w)
+
+    def forward(self, z, scale=1.0):
+        return scale * self.lin(z)
+
+
+def test_block_kwargs_a_block_takes_reach_it():
+    a = known_matrix([0.5, -0.3, 0.2])
+    m = iternn.BlockMap({"z": 3})
+    m.connect("z", "z", Scaled(a))
+    z = {"z": torch.ones(3, dtype=F64)}
+    torch.testing.assert_close(jacobian(m, z, block_kwargs={"z<-z": {"scale": 2.0}}), 2 * a,
+                               rtol=1e-14, atol=1e-15)
+
+
+def test_fixed_point_needs_the_held_values():
+    with pytest.raises(DynamicsError, match=r"held slot 'x' needs a value in state"):
+        fixed_point(_rnn(), {"h": GOOD["h"]}, hold="x")
+
+
+def test_find_fixed_points_from_no_starts_finds_nothing():
+    found = find_fixed_points(_rnn(), {"x": torch.zeros(0, 2, dtype=F64),
+                                       "h": torch.zeros(0, 3, dtype=F64)}, hold="x")
+    assert found.n_starts == 0 and len(found) == 0 and found.eigenvalues.shape == (0, 3)
+    assert found.states["h"].shape == (0, 3) and found.points.shape == (0, 3)
+
+
+def test_deq_start_in_another_dtype_is_named():
+    deq = DEQ(_rnn(), output="h")
+    with pytest.raises(DynamicsError, match=r"z0 is torch.float32 on cpu, the input 'x' is "
+                                            r"torch.float64 on cpu"):
+        deq(torch.zeros(2, 2, dtype=F64), z0=torch.zeros(2, 3))
 
 
 # ----------------------------------------------------------------------------- non-finite maps

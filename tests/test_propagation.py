@@ -265,19 +265,11 @@ def test_jacobian_over_the_sequence_equals_the_brute_force_jacobian(batch_first)
     torch.testing.assert_close(sparse.to_dense(), jac[0], rtol=1e-12, atol=1e-14)
 
 
-def test_positions_false_keeps_its_meaning_the_same_perturbation_at_every_position():
-    """Without positions every leading index is a batch element and autograd perturbs all
-    of them alike: an attention map's (b, j) block is the sum of the cross-position
-    blocks (j, i) over the source positions i. positions=True has the blocks themselves."""
+def test_positions_false_on_a_position_wise_map_is_every_positions_own_jacobian():
+    """Without positions every leading index is a batch element: on a map whose blocks act
+    on each position alone that is each position's own Jacobian (the structured path).
+    A map with attention is refused instead (tests/test_dynamics_positions.py)."""
     T = 4
-    m = recurrent_map(True)
-    state = sequence(m, (2, T))
-    per_element = jacobian(m, state, hold="x")
-    assert per_element.shape == (2, T, D, D)
-    whole = jacobian(m, state, hold="x", positions=True).reshape(2, T, D, T, D)
-    torch.testing.assert_close(per_element, whole.sum(dim=3), rtol=1e-10, atol=1e-12)
-    # A map that acts on each position alone: positions=False is every position's own
-    # Jacobian (the structured path), unchanged.
     mlp = iternn.BlockMap({"x": D, "h": D})
     mlp.connect("h", "x", nn.Linear(D, D))
     mlp.connect("h", "h", nn.Linear(D, D))

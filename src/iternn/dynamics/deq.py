@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from ..core.block_map import BlockMap
 from ..errors import ConvergenceError, DynamicsError, MapTypeError
-from .functional import MapFunction
+from .functional import NO_SEQUENCES, MapFunction, refuse_mixing
 from .solvers import SolverInfo, SolverLike, as_solver, solve
 from .validate import (
     check_fraction,
@@ -167,8 +167,15 @@ class DEQ(nn.Module):
     ``forward(x, z0=None)``: ``x`` is ``(*batch, *shape)`` of the input slot (a shaped
     input slot, e.g. an image ``(C, H, W)``, keeps its shape); the result is the output
     slot ``(*batch, *shape_out)`` (or every slot). ``z0`` (packed free slots, each
-    flattened row-major, ``(*batch, n_free)``) is the starting point; default zeros. No
-    gradient flows into ``z0``.
+    flattened row-major, ``(*batch, n_free)``, in ``x``'s dtype and device) is the starting
+    point; default zeros. No gradient flows into ``z0``.
+
+    Raises:
+        DynamicsError: (when made) an unknown input or output slot, a bad option; a block
+            into a slot other than ``input`` that mixes positions (attention, named:
+            the solver takes every batch element as a problem of its own, see
+            :func:`~iternn.dynamics.functional.refuse_mixing`). (In ``forward``) ``x`` or
+            ``z0`` of the wrong shape, ``z0`` in another dtype or on another device.
     """
 
     def __init__(
@@ -197,6 +204,7 @@ class DEQ(nn.Module):
             raise DynamicsError(
                 f"the map's only slot {input!r} is the held input: there is nothing to solve"
             )
+        refuse_mixing(m, (input,), "DEQ", NO_SEQUENCES.format("DEQ"))
         backward = Implicit() if backward is None else backward
         if not isinstance(backward, (Implicit, Phantom)):
             raise DynamicsError(
@@ -267,6 +275,9 @@ class DEQ(nn.Module):
             shape = tuple(z0.shape) if isinstance(z0, Tensor) else type(z0).__name__
             raise DynamicsError(f"z0 must have shape {(*batch, g.size)} (free slots {list(g.free)}), "
                                 f"got {shape}")
+        elif z0.dtype != x.dtype or z0.device != x.device:
+            raise DynamicsError(f"z0 is {z0.dtype} on {z0.device}, the input {self.input!r} is "
+                                f"{x.dtype} on {x.device}")
         z0 = z0.detach()
         params = [p for p in self.map.parameters() if p.requires_grad]
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or bool(params))

@@ -26,7 +26,7 @@ from ..core.block_map import BlockMap
 from ..core.memory import check_bytes
 from ..core.state import check_state
 from ..errors import ConvergenceError, DynamicsError
-from .functional import MapFunction
+from .functional import NO_SEQUENCES, MapFunction, refuse_mixing
 from .jacobian import _jacobian_at
 from .linalg import verified_solve
 from .solvers import SolverInfo, SolverLike, as_solver, solve
@@ -45,6 +45,9 @@ from .validate import (
 )
 
 __all__ = ["fixed_point", "find_fixed_points", "FixedPoints", "ConvergenceError"]
+
+#: fixed_point's part of the remedy for a map that mixes positions.
+ONE_POSITION = "it solves a state of one position, (1, *shape), on such a map; "
 
 
 def fixed_point(
@@ -86,7 +89,12 @@ def fixed_point(
 
     Raises:
         DynamicsError: unknown solver, bad ``tol``/``max_steps``, every slot held
-            (nothing to solve), NaN in the state or the map's weights, unknown held slot.
+            (nothing to solve), NaN in the state or the map's weights, an unknown held
+            slot or one without a value in ``state``, bad ``block_kwargs``; a block into
+            a free slot that mixes positions (attention, named: the solver takes every
+            batch element as a problem of its own, see
+            :func:`~iternn.dynamics.functional.refuse_mixing`), unless the state is one
+            position, ``(1, *shape)`` (every leading dim 1).
         ConvergenceError: not converged and ``raise_on_failure`` is true.
     """
     m = as_block_map(m)
@@ -99,7 +107,12 @@ def fixed_point(
     if batch is None:
         raise DynamicsError("state is empty: give at least the held slots (they set the batch shape)")
     hold = check_hold(m, hold)
+    for s in hold:
+        if s not in state:
+            raise DynamicsError(f"held slot {s!r} needs a value in state")
     check_map_finite(m)
+    if not batch or math.prod(batch) != 1:  # one state of one position: nothing to mix
+        refuse_mixing(m, hold, "fixed_point", ONE_POSITION + NO_SEQUENCES.format("fixed_point"))
     ref = next(iter(state.values()))
     full = {s: state[s] if s in state else slot_zeros(m, s, batch, ref) for s in m.slots}
     g = MapFunction(m, full, hold=hold, update=update, block_kwargs=block_kwargs)
@@ -256,7 +269,14 @@ def find_fixed_points(
         update, block_kwargs: as for :func:`iternn.iterate`.
 
     Returns:
-        A :class:`FixedPoints` (lowest ``q`` first: fixed points before slow points).
+        A :class:`FixedPoints` (lowest ``q`` first: fixed points before slow points;
+        empty for ``N = 0`` starts).
+
+    Raises:
+        DynamicsError: a bad option, starting state or held value (naming the slot), a
+            map whose weights hold NaN or inf; a block into a free slot that mixes
+            positions (attention, named: the starts are a batch of single states, see
+            :func:`~iternn.dynamics.functional.refuse_mixing`).
     """
     m = as_block_map(m)
     hold = check_hold(m, hold)
@@ -316,6 +336,7 @@ def find_fixed_points(
             v = v.expand(n_starts, *shape)  # one value shared by every start
         full[s] = v
     check_state(m, full)
+    refuse_mixing(m, hold, "find_fixed_points", NO_SEQUENCES.format("find_fixed_points"))
     g = MapFunction(m, full, hold=hold, update=update, block_kwargs=block_kwargs)
     z = g.pack(full).detach().clone()
 
@@ -447,7 +468,7 @@ class _Search:
         self.reach = _REACH * polish_radius
         ref = g.pack(full)
         n_starts, n = ref.shape
-        self.held = (torch.cat([full[s].reshape(n_starts, -1) for s in g.hold], dim=-1)
+        self.held = (torch.cat([full[s].flatten(1) for s in g.hold], dim=-1)
                      if g.hold else ref.new_zeros(n_starts, 0))
         self.points = ref.new_zeros(0, n)
         self.q = ref.new_zeros(0)

@@ -15,7 +15,8 @@ not a state of its own. With :class:`Positions` the position axis is part of the
 a slot contributes its ``T`` positions, ``(T, *shape)`` flattened row-major (position
 by position), and ``G`` maps ``(*batch, T·n_free)`` to ``(*batch, T·n_free)``, the
 cross-position terms included. :func:`positions_of` finds the axis from the map and the
-state (the tools' ``positions=True``).
+state (the tools' ``positions=True``). Without it a tool refuses a map with a block
+known to mix positions (:func:`mixing_blocks`, :func:`refuse_mixing`) before calling it.
 """
 
 from __future__ import annotations
@@ -33,13 +34,22 @@ from ..core.rowwise import is_rowwise, is_samplewise
 from ..core.state import check_state
 from ..engine.iterate import step_plan
 from ..errors import DynamicsError, MapTypeError
-from .validate import as_block_map, check_finite, check_hold, check_update, shape_text
+from .validate import (
+    as_block_map,
+    check_block_kwargs,
+    check_finite,
+    check_hold,
+    check_update,
+    shape_text,
+)
 
 __all__ = [
     "MapFunction",
     "Positions",
     "positions_of",
     "sequence_blocks",
+    "mixing_blocks",
+    "refuse_mixing",
     "DynamicsError",
     "as_block_map",
     "pack_slots",
@@ -105,17 +115,67 @@ def _where(d: str, src: Source | None) -> str:
     return f"block {d!r} <- {src!r}"
 
 
+def _module(m: BlockMap, d: str, src: Source | None) -> nn.Module:
+    """Block ``F[d, src]``, or the activation of slot ``d`` (``src`` ``None``)."""
+    return m.activation(d) if src is None else m.block(d, src)  # type: ignore[return-value]
+
+
+def _flags(module: nn.Module) -> set[bool]:
+    """The ``batch_first`` flags of ``module`` and its submodules."""
+    return {flag for sub in module.modules()
+            if isinstance(flag := getattr(sub, "batch_first", None), bool)}
+
+
+def mixing_blocks(m: BlockMap, free: Collection[str]) -> list[tuple[str, Source | None]]:
+    """The blocks of :func:`sequence_blocks` known to mix positions, as ``(dst, src)``.
+
+    A block is known to read a whole sequence when it says where the sequence's
+    positions are: it holds a module with a ``batch_first`` flag
+    (``nn.MultiheadAttention``, hence every torch transformer layer; a sequence model
+    used as a block, such as a converted transformer or RNN). The other blocks
+    :func:`sequence_blocks` lists are only not known to act on each position alone (a
+    custom block, batch normalisation): the tools take them to treat every leading dim
+    as batch. A custom block that mixes positions says so with a ``batch_first``
+    attribute, which also gives ``positions=True`` its layout.
+    """
+    return [(d, src) for d, src in sequence_blocks(m, free) if _flags(_module(m, d, src))]
+
+
+#: The remedy of :func:`refuse_mixing` for a tool with ``positions=``.
+WHOLE_SEQUENCES = "pass positions=True to take each sequence as one state"
+#: The remedy for a tool without it (``.format(tool)``).
+NO_SEQUENCES = (
+    "{} has no positions=True; jacobian, eigenvalues, singular_values, spectral_radius, "
+    "lyapunov_spectrum and propagation take each sequence as one state (positions=True)"
+)
+
+
+def refuse_mixing(m: BlockMap, frozen: Collection[str], what: str, remedy: str) -> None:
+    """Refuse a map whose blocks into the slots not ``frozen`` mix positions
+    (:func:`mixing_blocks`), for a tool that treats every leading index of the state as
+    a state of its own: ``what`` says which, ``remedy`` what to do instead.
+
+    Raises:
+        DynamicsError: naming every such block ``dst <- src`` (or slot activation).
+    """
+    blocks = mixing_blocks(m, [s for s in m.slots if s not in frozen])
+    if blocks:
+        names = ", ".join(_where(d, src) for d, src in blocks)
+        verb = "mixes" if len(blocks) == 1 else "mix"
+        raise DynamicsError(
+            f"{what} treats every leading index of the state as a state of its own, but "
+            f"{names} {verb} the positions of a sequence (attention: a module with a "
+            f"batch_first flag reads the whole sequence): {remedy}"
+        )
+
+
 def _layout(m: BlockMap, blocks: list[tuple[str, Source | None]]) -> bool:
     """Whether the map takes positions first: from the ``batch_first`` flag of the
-    modules in ``blocks`` that have one (``nn.MultiheadAttention``, hence every torch
-    transformer layer; a converted transformer used as a block); none: ``False``."""
+    modules in ``blocks`` that have one (see :func:`mixing_blocks`); none: ``False``."""
     flags: dict[bool, str] = {}
     for d, src in blocks:
-        module = m.activation(d) if src is None else m.block(d, src)
-        for sub in module.modules():
-            flag = getattr(sub, "batch_first", None)
-            if isinstance(flag, bool):
-                flags.setdefault(flag, _where(d, src))
+        for flag in sorted(_flags(_module(m, d, src))):
+            flags.setdefault(flag, _where(d, src))
     if len(flags) > 1:
         raise DynamicsError(
             f"positions=True: the blocks disagree on where the positions are: {flags[True]} "
@@ -227,6 +287,7 @@ class MapFunction:
             raise MapTypeError(f"expected a BlockMap, got {type(m).__name__}")
         update = check_update(update)
         hold = check_hold(m, hold)
+        check_block_kwargs(m, block_kwargs)
         for s in hold:
             if s not in state:
                 raise DynamicsError(f"held slot {s!r} needs a value in state")
@@ -248,10 +309,6 @@ class MapFunction:
         self.size = sum(self.sizes)
         self.held = {s: self._canonical(s, state[s]) for s in hold}
         self._frozen = frozenset(hold)
-        if block_kwargs is not None:
-            unknown = [k for k in block_kwargs if k not in m.blocks]
-            if unknown:
-                raise DynamicsError(f"block_kwargs names unknown block(s) {unknown}")
 
     # The packed layout is "canonical": every slot (*batch, T, *shape) with positions.
     # The blocks are called in the map's own layout: the batch dims flattened into one,

@@ -31,6 +31,7 @@ from ..engine.iterate import iterate
 from ..errors import DynamicsError
 from .validate import (
     as_block_map,
+    check_block_kwargs,
     check_finite,
     check_force,
     check_generator,
@@ -243,6 +244,7 @@ def impulse_response(
     hold = check_hold(bm, hold)
     update = check_update(update)
     check_generator(generator)
+    check_block_kwargs(bm, block_kwargs)
     forced = check_force(bm, force, hold)
     forced_names = tuple(forced)
     full, batch = check_state(bm, state, hold, frozen=forced_names)

@@ -27,9 +27,14 @@ element; a state without batch dims (slot tensors of exactly the slot's shape) g
 single one. Slots missing from the state start at zero (as in :func:`iternn.iterate`).
 Blocks that look across the leading dims (the attention of a transformer layer reads
 the sequence dim, batch normalisation in train mode the batch) break this assumption:
-for them a per-element result is not the element's own Jacobian (autograd perturbs
-every element alike, so an element's block sums its dependence on all of them) and
-the cross-element terms are lost; ``positions=True`` makes a sequence one state.
+for them a per-element result would not be the element's own Jacobian. A block into a
+free slot that is known to mix positions (it holds a module with a ``batch_first``
+flag: torch's attention and transformer layers, a converted transformer or RNN used as
+a block; :func:`~iternn.dynamics.functional.mixing_blocks`) is therefore refused
+without ``positions=True``, before the map is called: a
+:class:`~iternn.dynamics.DynamicsError` naming the blocks. ``positions=True`` makes a
+sequence one state. A custom block that mixes positions is not recognised unless it
+has a ``batch_first`` attribute.
 
 Positions: ``positions=True`` (:func:`jacobian`, :func:`spectral_radius`,
 :func:`eigenvalues`, :func:`singular_values`) takes a whole sequence as one state, for
@@ -48,7 +53,8 @@ alone (:func:`~iternn.dynamics.functional.sequence_blocks`) has no sequence dime
 
 Every function raises :class:`~iternn.dynamics.DynamicsError` (a ``ValueError``) naming
 the slot or option on bad input: unknown slots, non-finite values, an empty free part,
-unknown options. A map whose weights hold NaN or inf is refused naming the block
+unknown options, ``block_kwargs`` that name an unknown block or keyword arguments its
+``forward`` does not take. A map whose weights hold NaN or inf is refused naming the block
 ``dst <- src``, and a non-finite Jacobian naming its first non-finite block, before
 ``torch.linalg`` sees the matrix (some LAPACK builds crash on NaN input).
 """
@@ -68,7 +74,7 @@ from ..core.calls import is_shaped
 from ..core.memory import check_bytes
 from ..core.rowwise import ELEMENTWISE
 from ..errors import DynamicsError
-from .functional import MapFunction, positions_of
+from .functional import WHOLE_SEQUENCES, MapFunction, positions_of, refuse_mixing
 from .validate import (
     as_block_map,
     check_generator,
@@ -110,12 +116,16 @@ def _prepare(
     update: object,
     block_kwargs: Mapping | None = None,
     positions: object = False,
+    *,
+    tool: str,
 ) -> tuple[BlockMap, MapFunction, Tensor, tuple[int, ...]]:
     """Validated ``(map, G, z, batch)``: ``z`` the packed free slots of ``state``,
     ``batch`` its leading dims (without the position axis with ``positions``).
 
     The map's weights must be finite (:func:`~iternn.dynamics.validate.check_map_finite`):
-    every caller hands matrices made from them to ``torch.linalg``.
+    every caller hands matrices made from them to ``torch.linalg``. Without
+    ``positions`` a block into a free slot must not be known to mix positions
+    (:func:`~iternn.dynamics.functional.refuse_mixing`; ``tool`` names the caller).
     """
     bm = as_block_map(m)
     hold = check_hold(bm, hold)
@@ -127,6 +137,8 @@ def _prepare(
         raise DynamicsError(
             "every slot is held: the free part is empty, so there is no square Jacobian"
         )
+    if not positions:
+        refuse_mixing(bm, hold, f"{tool} with positions=False", WHOLE_SEQUENCES)
     pos = positions_of(bm, full, hold) if positions else None
     g = MapFunction(bm, full, hold=hold, update=update, block_kwargs=block_kwargs,
                     positions=pos)
@@ -373,7 +385,8 @@ def jacobian(
         positions: take the position axis of a sequence state into the state (see the
             module docstring): one Jacobian ``(T·N, T·N)`` per sequence with the
             cross-position terms, for maps whose blocks mix positions (attention).
-            ``sparse=True`` then needs one unbatched sequence ``(T, *shape)``.
+            ``sparse=True`` then needs one unbatched sequence ``(T, *shape)``. Such a
+            map without it is a :class:`DynamicsError` naming the blocks.
 
     Rows and columns are the free slots in slot order, each flattened row-major
     (``MapFunction.pack``). ``N`` is the total number of units of the free slots.
@@ -383,7 +396,8 @@ def jacobian(
         raise DynamicsError(f"method must be one of {JACOBIAN_METHODS}, got {method!r}")
     if not isinstance(sparse, bool):
         raise DynamicsError(f"sparse must be a bool, got {sparse!r}")
-    bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs, positions)
+    bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs, positions,
+                               tool="jacobian")
     if sparse and batch:
         raise DynamicsError(
             "sparse=True needs a state without batch dims (each slot tensor exactly the "
@@ -456,7 +470,8 @@ def eigenvalues(
     returned as exact zeros. ``positions=True``: of the Jacobian over whole sequences,
     ``(*batch, T·N)`` (see the module docstring).
     """
-    bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs, positions)
+    bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs, positions,
+                               tool="eigenvalues")
     if _nilpotent(bm, g):
         ctype = torch.complex128 if z.dtype == torch.float64 else torch.complex64
         return torch.zeros(*batch, g.size, dtype=ctype, device=z.device)
@@ -481,7 +496,8 @@ def singular_values(
     Lipschitz constant of one application (in the 2-norm). ``positions=True``: of the
     Jacobian over whole sequences, ``(*batch, T·N)`` (see the module docstring).
     """
-    bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs, positions)
+    bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs, positions,
+                               tool="singular_values")
     jac = _jacobian_at(bm, g, z, batch, block_kwargs=block_kwargs)
     check_matrix_finite(jac, "the Jacobian", g.free, g.sizes, g.shapes)
     return torch.linalg.svdvals(jac)
@@ -658,7 +674,8 @@ def spectral_radius(
         positions: take the position axis of a sequence state into the state (see the
             module docstring): one Jacobian ``(T·N, T·N)`` per sequence with the
             cross-position terms, for maps whose blocks mix positions (attention).
-            ``N`` is then ``T`` times the free units.
+            ``N`` is then ``T`` times the free units. Such a map without it is a
+            :class:`DynamicsError` naming the blocks.
 
     Like any Krylov eigensolver it can settle on a slightly smaller eigenvalue when
     several eigenvalues have nearly the same modulus and ``krylov`` is too small to
@@ -673,7 +690,8 @@ def spectral_radius(
     krylov = check_int(krylov, "krylov", 3)
     tol = check_positive(tol, "tol")
     check_generator(generator)
-    bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs, positions)
+    bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs, positions,
+                               tool="spectral_radius")
     if _nilpotent(bm, g):  # exactly 0 by structure (see _nilpotent)
         return torch.zeros(batch, dtype=torch.float64, device=z.device)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)

@@ -20,7 +20,9 @@ trajectory).
 With ``positions=True`` the state is a whole sequence (as in
 :func:`~iternn.dynamics.jacobian.jacobian`): the tangent space is the free slots at
 every position, ``N = T · n_free``, so a perturbation can move between positions
-through the map's attention; one spectrum per sequence.
+through the map's attention; one spectrum per sequence. Without it a map whose blocks
+into the free slots are known to mix positions is refused (see
+:func:`~iternn.dynamics.jacobian.jacobian`).
 
 When the free slots form no cycle (an MLP-like map with its input held) every product
 of ``p + 1`` Jacobians is exactly zero (``p`` the longest block path among the free
@@ -41,10 +43,11 @@ from ..core.graph import BlockGraph
 from ..core.memory import check_bytes
 from ..engine.iterate import iterate
 from ..errors import DynamicsError
-from .functional import MapFunction, pack_slots, positions_of
+from .functional import WHOLE_SEQUENCES, MapFunction, pack_slots, positions_of, refuse_mixing
 from .jacobian import _autograd_jacobian, _jacobian_at, check_positions
 from .validate import (
     as_block_map,
+    check_block_kwargs,
     check_force,
     check_generator,
     check_hold,
@@ -135,7 +138,10 @@ def lyapunov_spectrum(
         positions: the state is a sequence whose position axis belongs to the state
             (see :func:`~iternn.dynamics.jacobian.jacobian`): ``N`` counts the free
             units at every position, ``(*batch, k)`` has no position axis, and the
-            tangent vectors carry the cross-position terms of attention blocks.
+            tangent vectors carry the cross-position terms of attention blocks. A map
+            with a block into a free slot known to mix positions is refused without
+            it (a :class:`~iternn.dynamics.DynamicsError` naming the blocks, see
+            :func:`~iternn.dynamics.functional.refuse_mixing`).
 
     Returns:
         float64 exponents, largest first, in natural log per application.
@@ -146,6 +152,7 @@ def lyapunov_spectrum(
     hold = check_hold(bm, hold)
     update = check_update(update)
     check_generator(generator)
+    check_block_kwargs(bm, block_kwargs)
     positions = check_positions(positions)
     forced_names = tuple(force) if isinstance(force, Mapping) else ()
     full, lead = check_state(bm, state, hold, frozen=forced_names)
@@ -159,6 +166,8 @@ def lyapunov_spectrum(
         raise DynamicsError(
             "every slot is held or forced: the tangent space is empty, there are no exponents"
         )
+    if not positions:
+        refuse_mixing(bm, frozen, "the Lyapunov exponents with positions=False", WHOLE_SEQUENCES)
     pos = positions_of(bm, full, frozen) if positions else None
     batch = lead  # the leading dims of one trajectory's state, without its positions
     if pos is not None:

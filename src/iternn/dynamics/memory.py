@@ -71,6 +71,7 @@ from ..core.block_map import BlockMap, source_slots
 from ..core.memory import check_bytes
 from ..engine.iterate import iterate
 from ..errors import DynamicsError
+from .functional import NO_SEQUENCES, refuse_mixing
 from .validate import as_block_map, check_finite, check_int, shape_text
 
 __all__ = ["feed_inputs", "input_memory", "MEMORY_MODES"]
@@ -213,7 +214,10 @@ def feed_inputs(
         DynamicsError: an unknown input slot or ``state`` slot, ``inputs`` of the wrong
             shape or with NaN/inf, ``applications < 1``, ``carry=True`` for a map with
             no state to carry (no block reads a slot other than the input),
-            ``held=True`` for a map without a block ``x <- x``.
+            ``held=True`` for a map without a block ``x <- x``; ``carry=False`` for a
+            map with a block that mixes positions (attention, named: the inputs are put
+            side by side as a batch, see
+            :func:`~iternn.dynamics.functional.refuse_mixing`).
     """
     bm = as_block_map(m)
     input = _check_slot(bm, input, "input")
@@ -222,6 +226,9 @@ def feed_inputs(
     held = _check_held(bm, held, input)
     _, batch = _check_inputs(bm, inputs, input)
     init = _initial(bm, state, input, batch, inputs)
+    if not carry:
+        refuse_mixing(bm, () if held else (input,), "feed_inputs with carry=False",
+                      "use carry=True")
     try:
         return _feed(bm, inputs, k, carry, held, input, init)
     except (TypeError, ValueError) as exc:  # the engine's checks (dtype, device)
@@ -283,7 +290,9 @@ def input_memory(
             bad ``inputs`` or ``state``, ``carry=True`` for a map with no state to
             carry, ``held=True`` for a map without a block ``x <- x``, an unknown
             ``mode``, or ``mode="forward"`` through a block that forward-mode autograd
-            does not support.
+            does not support; a map with a block that mixes positions (attention,
+            named: the batch is widened with copies side by side, see
+            :func:`~iternn.dynamics.functional.refuse_mixing`).
     """
     bm = as_block_map(m)
     input = _check_slot(bm, input, "input")
@@ -300,6 +309,8 @@ def input_memory(
     if lags > T:
         raise DynamicsError(f"lags must be <= the number of inputs T = {T}, got {lags}")
     init = _initial(bm, state, input, batch, inputs)
+    refuse_mixing(bm, () if held else (input,), "input_memory",
+                  NO_SEQUENCES.format("input_memory"))
     n_x, n_y = bm.slots[input], bm.slots[output]
     B = math.prod(batch)
     copies = T * (n_x if mode == "forward" else n_y)

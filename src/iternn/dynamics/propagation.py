@@ -93,7 +93,8 @@ def propagation(
             inf.
     """
     steps = check_int(steps, "steps", 1)
-    bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs, positions=True)
+    bm, g, z, batch = _prepare(m, state, hold, update, block_kwargs, positions=True,
+                               tool="propagation")
     length = g.positions.length  # type: ignore[union-attr]
     units = g.size // length
     # One application's Jacobian, the running product and its reordered copies (float64).

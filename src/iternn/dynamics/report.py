@@ -10,7 +10,10 @@ propagation across the positions of a random sequence
 (:func:`~iternn.dynamics.propagation.propagation`), the Jacobian's spectral radius,
 eigenvalues and singular values at the state, fixed points found from several starts
 with their stability, the largest Lyapunov exponent and the leading ones, a trajectory
-and a bifurcation diagram. Slots may be shaped (a ``(C, H, W)`` feature map counts its
+and a bifurcation diagram. For a map with attention into its free slots the state is one
+sequence of one position: the spectra and exponents take it whole (``positions=True``),
+and the fixed-point search is not available (its starts would be the positions of one
+sequence). Slots may be shaped (a ``(C, H, W)`` feature map counts its
 ``C·H·W`` entries everywhere, flattened row-major as in ``m.pack``) and blocks may read
 several slots. The command line runs it as ``iternn analyze MAP``.
 
@@ -44,6 +47,7 @@ from ..core.state import parameter_spec
 from ..engine.iterate import iterate
 from ..errors import DynamicsError, FormatError, MapTypeError, MissingFileError
 from .fixed_points import find_fixed_points, fixed_point
+from .functional import mixing_blocks
 from .impulse import impulse_response
 from .jacobian import eigenvalues, singular_values, spectral_radius
 from .lyapunov import lyapunov_spectrum
@@ -155,12 +159,11 @@ def _default_hold(module: nn.Module, bm: BlockMap) -> tuple[str, ...]:
 
 
 def _attends(m: BlockMap) -> bool:
-    """Whether a block of ``m`` says where a sequence's positions are: a submodule with a
-    ``batch_first`` flag (``nn.MultiheadAttention``, hence every torch transformer layer;
-    a converted transformer used as a block). Such a map mixes positions (attention),
-    and its report shows the propagation across them."""
-    return any(isinstance(getattr(sub, "batch_first", None), bool)
-               for d, src in m.edges for sub in m.block(d, src).modules())
+    """Whether a block of ``m`` is known to mix positions
+    (:func:`~iternn.dynamics.functional.mixing_blocks`: it holds a module with a
+    ``batch_first`` flag, such as torch's attention). Its report shows the propagation
+    across them."""
+    return bool(mixing_blocks(m, m.slots))
 
 
 def _default_update(module: nn.Module) -> str:
@@ -364,6 +367,9 @@ class _Analysis:
         self.quick = quick
         self.out = out
         self.free = tuple(s for s in m.slots if s not in hold)
+        # The state (1, *shape) of a map whose free slots' blocks mix positions is one
+        # sequence of one position: the spectra take it whole (shapes without a batch).
+        self.positions = bool(mixing_blocks(m, self.free))
         self.n_free = sum(m.slots[s] for s in self.free)
         self.attempt = _Run()
         self.pictures = pictures
@@ -634,7 +640,8 @@ class _Analysis:
         radius, why = self.attempt(
             "spectral radius",
             lambda: float(spectral_radius(self.m, self.state, hold=self.hold,
-                                          update=self.update, generator=self.gen(2))[0]))
+                                          update=self.update, generator=self.gen(2),
+                                          positions=self.positions).reshape(-1)[0]))
         self.add("- Spectral radius (Krylov, Jacobian-vector products): "
                  + (_f(radius) if why is None else f"not available: {why}"))
         if self.n_free > DENSE_LIMIT:
@@ -645,9 +652,11 @@ class _Analysis:
                      f"{DENSE_LIMIT} free entries)")
             return
         eig, why_e = self.attempt("eigenvalues", lambda: eigenvalues(
-            self.m, self.state, hold=self.hold, update=self.update)[0])
+            self.m, self.state, hold=self.hold, update=self.update,
+            positions=self.positions).reshape(-1, self.n_free)[0])
         sv, why_s = self.attempt("singular values", lambda: singular_values(
-            self.m, self.state, hold=self.hold, update=self.update)[0])
+            self.m, self.state, hold=self.hold, update=self.update,
+            positions=self.positions).reshape(-1, self.n_free)[0])
         if eig is not None:
             self.add(f"- Largest |eigenvalue| (dense): {_f(eig.abs()[0]) if eig.numel() else '-'}")
         if sv is not None:
@@ -807,7 +816,8 @@ class _Analysis:
         k = min(3 if self.quick else 5, self.n_free)
         spec, why = self.attempt("Lyapunov spectrum", lambda: lyapunov_spectrum(
             self.m, self.state, steps=self.steps, hold=self.hold, k=k, warmup=warmup,
-            update=self.update, generator=self.gen(5))[0])
+            update=self.update, generator=self.gen(5),
+            positions=self.positions).reshape(-1, k)[0])
         largest = None if spec is None else float(spec[0])
         self.add(f"Natural log per application, averaged over {self.steps} applications after "
                  f"{warmup} warm-up applications (QR method, the {k} leading exponents).", "")

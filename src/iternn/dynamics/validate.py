@@ -10,13 +10,14 @@ NaN input instead of raising.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Collection, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from ..core.block_map import BlockMap
+from ..core.block_map import BlockMap, block_key, source_slots
 from ..core.state import check_state as _engine_check_state
 from ..engine.iterate import UPDATES
 from ..errors import DynamicsError, MapTypeError
@@ -32,6 +33,7 @@ __all__ = [
     "check_non_negative",
     "check_fraction",
     "check_generator",
+    "check_block_kwargs",
     "check_finite",
     "check_state",
     "check_force",
@@ -125,6 +127,44 @@ def check_generator(generator: object) -> torch.Generator | None:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise DynamicsError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     return generator
+
+
+def check_block_kwargs(m: BlockMap, block_kwargs: object) -> None:
+    """``None``, or a dict block key (``"dst<-src"``) -> dict of keyword arguments that
+    the block's ``forward`` takes (with the block's sources before them: checked by
+    binding them to its signature, unless the block has hooks, which may change the call).
+    """
+    if block_kwargs is None:
+        return
+    if not isinstance(block_kwargs, Mapping):
+        raise DynamicsError(
+            "block_kwargs must be a dict block key ('dst<-src') -> dict of keyword arguments, "
+            f"got {type(block_kwargs).__name__}"
+        )
+    edges = {block_key(d, s): (d, s) for d, s in m.edges}
+    for key, kwargs in block_kwargs.items():
+        if key not in edges:
+            raise DynamicsError(f"block_kwargs names unknown block {key!r}; blocks are {list(edges)}")
+        d, s = edges[key]
+        if not isinstance(kwargs, Mapping):
+            raise DynamicsError(
+                f"block_kwargs[{key!r}] must be a dict of keyword arguments for block {d!r} <- "
+                f"{s!r}, got {type(kwargs).__name__}"
+            )
+        block = m.block(d, s)
+        if block._forward_hooks or block._forward_pre_hooks:
+            continue
+        try:
+            signature = inspect.signature(block.forward)
+        except (TypeError, ValueError):  # no signature to read (a compiled forward)
+            continue
+        try:
+            signature.bind(*source_slots(s), **kwargs)
+        except TypeError as exc:
+            raise DynamicsError(
+                f"block_kwargs[{key!r}]: block {d!r} <- {s!r} ({type(block).__name__}) does not "
+                f"take them: {exc}"
+            ) from None
 
 
 # ---------------------------------------------------------------------------- states
