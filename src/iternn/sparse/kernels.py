@@ -97,27 +97,27 @@ CSR_DTYPES = (torch.float32, torch.float64)
 #: are in use. Measured on the 2-core development machine (AMD EPYC VM, AVX2, torch 2.13
 #: CPU, 2 threads), float32, forward + backward (value, input and bias gradients), ratio
 #: of the time of SparseLinear(backend="csr") to SparseLinear(backend="dense") (< 1: CSR
-#: faster); median of 5 interleaved repetitions, [ratio of the best calls]; the machine
-#: was shared with other jobs (load 1.6-1.9), so single entries are noisy, the trend is
-#: not. Command: ``benchmarks/sparse.py --case crossover``.
+#: faster); median of 5 interleaved repetitions, [ratio of the best calls]; nothing else
+#: ran (load average 1.6-1.8 from the benchmark itself), single entries are noisy, the
+#: trend is not. Command: ``benchmarks/sparse.py --case crossover``.
 #:
 #:  out x in batch d=0.5      0.4        0.3        0.25       0.2        0.15       0.1        0.05
-#:     64x64   32 1.11[1.16] 1.08[1.12] 1.11[1.15] 1.12[0.89] 1.12[1.04] 1.14[1.14] 1.11[1.18] 1.26[1.05]
-#:   128x128   32 0.90[0.89] 0.97[0.85] ----[1.18] 0.93[0.93] 0.95[1.16] 0.95[0.93] 0.95[0.95] 0.97[0.98]
-#:   128x128  256 1.20[1.18] 0.97[1.11] 1.07[1.05] 1.06[1.07] 0.86[0.93] 1.04[0.95] 0.94[0.93] 0.97[1.31]
-#:   256x256   32 0.67[0.66] 0.72[0.72] 0.69[0.74] 0.76[0.72] 0.76[0.72] 0.75[0.73] 0.72[0.74] 0.71[0.69]
-#:   256x256  256 0.99[1.15] 1.00[1.07] 0.90[0.92] 0.71[0.87] 0.77[0.81] 0.71[0.70] 0.66[0.63] 0.61[0.60]
-#: 1024x1024   32 0.67[0.54] 0.55[0.41] 0.42[0.34] 0.40[0.32] 0.38[0.35] 0.24[0.23] 0.21[0.21] 0.18[0.14]
-#: 1024x1024  256 1.14[1.08] 0.91[0.88] 0.80[0.74] 0.68[0.68] 0.56[0.53] 0.46[0.42] 0.37[0.34] 0.32[0.32]
-#: 4096x4096   32 0.42[0.47] 0.34[0.32] 0.33[0.42] 0.24[0.24] 0.21[0.30] 0.21[0.21] 0.15[0.12] 0.08[0.07]
-#: 4096x4096  256 0.76[0.73] 0.74[0.69] 0.75[0.65] 0.48[0.56] 0.45[0.46] 0.32[0.32] 0.20[0.21] 0.14[0.12]
-#:  3928x784  256 1.21[1.20] 1.03[0.98] 0.75[0.70] 0.55[0.54] 0.47[0.48] 0.38[0.37] 0.28[0.27] 0.19[0.18]
-#:   (----: a stalled call made the median meaningless.)
+#:     64x64   32 1.44[1.30] 1.37[1.40] 1.45[1.68] 1.41[1.46] 1.37[1.35] 1.41[1.36] 1.36[1.39] 1.44[1.37]
+#:   128x128   32 1.18[1.33] 1.25[1.27] 1.12[1.08] 1.29[1.20] 1.30[1.21] 1.13[1.13] 1.30[1.23] 1.20[1.07]
+#:   128x128  256 1.29[1.06] 1.24[1.27] 1.30[1.10] 1.12[1.16] 0.94[1.04] 1.14[1.11] 1.06[1.02] 1.05[0.91]
+#:   256x256   32 0.98[0.79] 0.90[1.00] 0.94[1.06] 0.99[0.83] 0.86[0.93] 0.94[0.98] 0.82[0.72] 0.89[1.00]
+#:   256x256  256 0.97[1.17] 1.01[0.86] 0.95[0.80] 0.83[0.84] 0.72[0.72] 0.67[0.63] 0.60[0.58] 0.38[0.44]
+#: 1024x1024   32 0.64[0.68] 0.59[0.48] 0.42[0.44] 0.41[0.38] 0.37[0.36] 0.33[0.24] 0.25[0.25] 0.15[0.18]
+#: 1024x1024  256 0.90[1.04] 0.75[0.90] 0.63[0.62] 0.53[0.53] 0.48[0.49] 0.36[0.27] 0.29[0.25] 0.17[0.18]
+#: 4096x4096   32 0.84[0.81] 0.47[0.43] 0.32[0.32] 0.26[0.21] 0.39[0.32] 0.24[0.28] 0.09[0.09] 0.06[0.05]
+#: 4096x4096  256 0.94[1.04] 0.60[0.60] 0.57[0.57] 0.38[0.38] 0.43[0.43] 0.26[0.25] 0.21[0.21] 0.11[0.09]
+#:  3928x784  256 0.96[0.91] 0.67[0.66] 0.53[0.53] 0.47[0.46] 0.40[0.38] 0.31[0.31] 0.25[0.23] 0.16[0.16]
 #:
-#: Above 128 x 128 the CSR kernels win below ~0.4 with batch 256 and at every density up
-#: to 0.5 with batch 32 (the dense backend pays O(out * in) per call to build W and
-#: gather its gradient, whatever the batch). 0.3 leaves a margin for training batches of
-#: a few hundred.
+#: From 256 x 256 up the CSR kernels win at every density up to 0.5 with batch 32 and
+#: below ~0.4 with batch 256 (the dense backend pays O(out * in) per call to build W and
+#: gather its gradient, whatever the batch); on blocks of 1024 x 1024 and more up to 0.5
+#: at both batches. 0.3 leaves a margin for 256 x 256 blocks with training batches of a
+#: few hundred (0.95 at 0.3, 1.01 at 0.4).
 CROSSOVER_DENSITY = 0.3
 #: The same crossover for the torch.sparse (MKL) kernel, used when the native kernels are
 #: unavailable: measured like the table above before the native kernels existed, CSR /
@@ -126,8 +126,8 @@ CROSSOVER_DENSITY = 0.3
 #: and more.
 TORCH_CROSSOVER_DENSITY = 0.15
 #: Blocks with at most this many positions (rows * cols) always use the dense backend:
-#: per-call overheads dominate there (64x64: dense ahead at every density above;
-#: 128x128: about even).
+#: per-call overheads dominate there (dense ahead at every density above for 64x64 and
+#: at all but one entry for 128x128).
 SMALL_BLOCK = 128 * 128
 
 
