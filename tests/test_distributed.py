@@ -296,6 +296,18 @@ def test_steps_and_select_override_the_build_config_in_one_process(tmp_path, mon
     assert printed["test"] == ref.test
 
 
+def test_flags_apply_together_not_one_at_a_time(tmp_path, monkeypatch, capsys):
+    """On a config with ``select="final"``, ``--select val_loss --patience 2`` is valid as
+    a whole (patience alone, or first, would be refused)."""
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    calls, rank_flags = _rank0_of_one(monkeypatch, tmp_path)
+    assert main(["--build", f"{WORKER}:build_distributed_final", "--patience", "2", "--select",
+                 "val_loss", "--steps", "2", *rank_flags]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["config"]["select"], printed["config"]["patience"]) == ("val_loss", 2)
+
+
 @needs_gloo
 def test_val_split_and_selection_under_two_processes_equal_one_process(tmp_path):
     """Every rank loads the same split; validation is sharded and summed, so the selection
@@ -336,7 +348,7 @@ def test_bad_selection_flags_are_argparse_errors(argv, words, capsys):
     (("--dataset", "digits", "--val-fraction", "0"),
      "--val-fraction 0 leaves no validation split, which --select val_loss"),
     ((*_BUILD, "--select", "final", "--patience", "2"),
-     "--select: TrainConfig.patience must be None with select='final'"),
+     "--patience, --select: TrainConfig.patience must be None with select='final'"),
     (("--dataset", "regression", "--select", "val_acc", "--epochs", "1"),
      "select='val_acc' needs an accuracy"),
 ])

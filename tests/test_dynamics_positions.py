@@ -104,8 +104,6 @@ TOOLS = {
     "DEQ": lambda m, s, h: DEQ(m, input="x", output=_last(m)),
     "input_memory": lambda m, s, h: input_memory(m, _inputs(s), applications=1,
                                                  output=_last(m)),
-    "feed_inputs, carry=False": lambda m, s, h: feed_inputs(m, _inputs(s), applications=1,
-                                                            carry=False),
 }
 
 #: What each tool's message says it would do with the state, and what to do instead.
@@ -120,7 +118,6 @@ SAYS = {
     "find_fixed_points": ("find_fixed_points", "find_fixed_points has no positions=True"),
     "DEQ": ("DEQ", "DEQ has no positions=True"),
     "input_memory": ("input_memory", "input_memory has no positions=True"),
-    "feed_inputs, carry=False": ("feed_inputs with carry=False", "use carry=True"),
 }
 
 
@@ -142,10 +139,29 @@ def test_a_map_that_mixes_positions_is_refused_before_it_is_called(tool, case):
     for block in blocks:  # every block into a free slot that mixes positions, by name
         assert block in msg
     assert "mixes the positions" in msg if len(blocks) == 1 else " mix the positions" in msg
-    assert remedy in msg
-    if tool != "feed_inputs, carry=False":  # (its remedy: carry the state instead)
-        assert "positions=True" in msg
+    assert remedy in msg and "positions=True" in msg
     assert calls == []  # refused before the map ran
+
+
+@pytest.mark.parametrize("case", ["transformer layer, batch-first",
+                                  "transformer layer, sequence-first", "one unbatched sequence"])
+@pytest.mark.parametrize("held", [False, True])
+def test_feed_inputs_without_carry_runs_an_attention_map_one_input_at_a_time(case, held):
+    """Reset before every input, each input's sequence is a run of its own: the same as
+    iterate from z0 with that input, whatever the layout (side by side as a batch, the
+    sequences would be read as positions of one)."""
+    make, _, lead, _ = MAPS[case]
+    m = make()
+    if held:
+        m.connect("x", "x", nn.Identity())
+    state = sequence(m, lead, seed=3)
+    inputs = torch.stack([state["x"], sequence(m, lead, seed=4)["x"]])
+    z0 = {"h": state["h"]}
+    got = feed_inputs(m, inputs, applications=2, carry=False, held=held, state=z0)
+    for t in range(2):
+        want = iternn.iterate(m, {**z0, "x": inputs[t]}, 2, hold=() if held else ("x",))
+        for s in m.slots:
+            torch.testing.assert_close(got[s][t], want[s], rtol=1e-12, atol=1e-14)
 
 
 def test_only_the_blocks_into_free_slots_count():
@@ -215,7 +231,7 @@ def test_the_impulse_response_of_an_attention_map_is_the_whole_sequences_respons
 
 def test_analyze_takes_the_state_of_an_attention_map_as_one_sequence(tmp_path):
     """The report's spectra and exponents are positions=True's at its one-position state;
-    the fixed point is solved there, and the search says why it is not available."""
+    the fixed point is solved there, and the search says why it is skipped."""
     m = recurrent_map(True, seed=5)
     state = {s: v.unsqueeze(0) for s, v in sequence(m, (), seed=6).items()}  # (1, d)
     out = analyze(m, tmp_path / "r", state=state, quick=True, pictures=False)
@@ -229,8 +245,9 @@ def test_analyze_takes_the_state_of_an_attention_map_as_one_sequence(tmp_path):
                              generator=torch.Generator().manual_seed(5))
     assert f"Largest Lyapunov exponent: {float(spec[0]):.6g} — " in text
     assert "Solve from the state (Anderson): converged yes" in text
-    assert ("Search from 8 starts: not available: DynamicsError: find_fixed_points treats every "
-            "leading index of the state as a state of its own, but block 'h' <- 'h' mixes") in text
+    assert ("Search from several starts: skipped (the map's blocks into the free slots mix "
+            "positions") in text
+    assert "DynamicsError" not in text and "positions=True" not in text  # nothing to pass
 
 
 def test_fixed_point_solves_one_position_of_an_attention_map():

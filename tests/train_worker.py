@@ -71,6 +71,14 @@ def build_distributed():
     return model, data, config
 
 
+def build_distributed_final():
+    """build_distributed with ``select="final"`` (which allows no patience)."""
+    import dataclasses
+
+    model, data, config = build_distributed()
+    return model, data, dataclasses.replace(config, select="final")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("out")

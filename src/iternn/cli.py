@@ -440,9 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-#: ``python -m iternn.study.distributed`` flag dest -> TrainConfig field, in the order the
-#: flags are applied (``patience`` before ``select``, so that ``--patience 0 --select final``
-#: is valid on a config with a patience).
+#: ``python -m iternn.study.distributed`` flag dest -> TrainConfig field.
 _OVERRIDES = {
     "optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay",
     "momentum": "momentum", "epochs": "epochs", "steps": "steps", "batch_size": "batch_size",
@@ -795,21 +793,24 @@ def _build_from_dataset(args: argparse.Namespace, seed: int) -> tuple[Any, Any]:
 
 
 def _config_with(config: Any, args: argparse.Namespace) -> Any:
-    """``config`` with the flags given; a value TrainConfig refuses names its flag."""
+    """``config`` with the flags given, all at once (``--select val_loss --patience 3`` on
+    a config with ``select="final"`` is valid only as a whole); a combination TrainConfig
+    refuses names the flags."""
     import dataclasses
 
+    flags, change = [], {}
     for dest, field in _OVERRIDES.items():
         value = getattr(args, dest)
         if value is None:
             continue
-        change = {field: None if dest == "patience" and value == 0 else value}
+        flags.append("--" + dest.replace("_", "-"))
+        change[field] = None if dest == "patience" and value == 0 else value
         if field in _OTHER_BUDGET:
             change[_OTHER_BUDGET[field]] = None
-        try:
-            config = dataclasses.replace(config, **change)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"--{dest.replace('_', '-')}: {e}") from None
-    return config
+    try:
+        return dataclasses.replace(config, **change)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{', '.join(flags)}: {e}") from None
 
 
 def _check_val_fraction(dataset: str, fraction: float, select: str) -> None:

@@ -71,7 +71,7 @@ from ..core.block_map import BlockMap, source_slots
 from ..core.memory import check_bytes
 from ..engine.iterate import iterate
 from ..errors import DynamicsError
-from .functional import NO_SEQUENCES, refuse_mixing
+from .functional import NO_SEQUENCES, mixing_blocks, refuse_mixing
 from .validate import as_block_map, check_finite, check_int, shape_text
 
 __all__ = ["feed_inputs", "input_memory", "MEMORY_MODES"]
@@ -168,6 +168,11 @@ def _feed(m: BlockMap, inputs: Tensor, k: int, carry: bool, held: bool, input: s
     """The checked run of :func:`feed_inputs`: slot -> ``(T, *batch, *shape)``."""
     T = inputs.shape[0]
     hold = () if held else (input,)
+    if not carry and mixing_blocks(m, [s for s in m.slots if s not in hold]):
+        # every input starts from z0, one input at a time: side by side as a batch, the
+        # inputs' sequences would be read as positions of one sequence
+        runs = [iterate(m, {**init, input: inputs[t]}, k, hold=hold) for t in range(T)]
+        return {s: torch.stack([r[s] for r in runs]) for s in m.slots}
     if not carry:  # every input starts from z0: all T inputs at once, as a batch
         start = {s: v.unsqueeze(0).expand(T, *v.shape) for s, v in init.items()}
         return iterate(m, {**start, input: inputs}, k, hold=hold)
@@ -214,10 +219,7 @@ def feed_inputs(
         DynamicsError: an unknown input slot or ``state`` slot, ``inputs`` of the wrong
             shape or with NaN/inf, ``applications < 1``, ``carry=True`` for a map with
             no state to carry (no block reads a slot other than the input),
-            ``held=True`` for a map without a block ``x <- x``; ``carry=False`` for a
-            map with a block that mixes positions (attention, named: the inputs are put
-            side by side as a batch, see
-            :func:`~iternn.dynamics.functional.refuse_mixing`).
+            ``held=True`` for a map without a block ``x <- x``.
     """
     bm = as_block_map(m)
     input = _check_slot(bm, input, "input")
@@ -226,9 +228,6 @@ def feed_inputs(
     held = _check_held(bm, held, input)
     _, batch = _check_inputs(bm, inputs, input)
     init = _initial(bm, state, input, batch, inputs)
-    if not carry:
-        refuse_mixing(bm, () if held else (input,), "feed_inputs with carry=False",
-                      "use carry=True")
     try:
         return _feed(bm, inputs, k, carry, held, input, init)
     except (TypeError, ValueError) as exc:  # the engine's checks (dtype, device)

@@ -737,6 +737,11 @@ class _Analysis:
             self.add(f"- Solve from the state (Anderson): converged {_f(info.converged)}, "
                      f"{info.steps} steps, residual {_f(info.residual.max())} "
                      f"(tol {_f(info.tol)}, {info.reason.value})")
+        if self.positions:
+            self.add("- Search from several starts: skipped (the map's blocks into the free "
+                     "slots mix positions: its starts would be read as the positions of one "
+                     "sequence)")
+            return
         if self.n_free > DENSE_LIMIT:
             note = (f"fixed-point search: skipped, the free state has {self.n_free} > "
                     f"{DENSE_LIMIT} entries")

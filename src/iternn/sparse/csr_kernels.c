@@ -433,7 +433,7 @@ static inline void axpy_entries_##S(V_ *acc, const int32_t *col, const T_ *vals,
             __builtin_prefetch(h);                                                          \
             __builtin_prefetch(h + TL / 2);                                                 \
         }                                                                                   \
-        const V_ v = splat_##S(vals[k]), w = splat_##S(vals[k + 1]);                                \
+        const V_ v = splat_##S(vals[k]), w = splat_##S(vals[k + 1]);                        \
         const V_ *p = (const V_ *)(pack + (int64_t)col[k] * TL);                            \
         const V_ *r = (const V_ *)(pack + (int64_t)col[k + 1] * TL);                        \
         a0 = madd_##S(v, p[0], a0); a1 = madd_##S(v, p[1], a1);                             \
@@ -442,7 +442,7 @@ static inline void axpy_entries_##S(V_ *acc, const int32_t *col, const T_ *vals,
         c2 = madd_##S(w, r[2], c2); c3 = madd_##S(w, r[3], c3);                             \
     }                                                                                       \
     if (k < e) {                                                                            \
-        const V_ v = splat_##S(vals[k]);                                                         \
+        const V_ v = splat_##S(vals[k]);                                                    \
         const V_ *p = (const V_ *)(pack + (int64_t)col[k] * TL);                            \
         a0 = madd_##S(v, p[0], a0); a1 = madd_##S(v, p[1], a1);                             \
         a2 = madd_##S(v, p[2], a2); a3 = madd_##S(v, p[3], a3);                             \
@@ -464,7 +464,7 @@ static int spmm_rows_##S(T_ *Y, int64_t syb, int64_t syi, const T_ *bias,       
     for (int64_t i = i0; i < i1; i++) {                                                     \
         const T_ b_ = bias ? bias[i] : (T_)0;                                               \
         V_ *acc = (V_ *)(buf + (i - i0) * TL);                                              \
-        acc[0] = acc[1] = acc[2] = acc[3] = splat_##S(b_);                                \
+        acc[0] = acc[1] = acc[2] = acc[3] = splat_##S(b_);                                  \
         for (int64_t p = 0; p < nparts; p++) {                                              \
             const part_t *q = parts + p;                                                    \
             const T_ *vals = (const T_ *)(q->perm ? q->vt : q->val);                        \
@@ -774,7 +774,7 @@ static void backward_rows_##S(const part_t *t, const T_ *gpack, T_ *dvt, int fir
         }                                                                                   \
         for (; k < e; k++) {                                                                \
             const V_ *g = (const V_ *)(gpack + (int64_t)col[k] * TL);                       \
-            const V_ v = splat_##S(vt[k]);                                                       \
+            const V_ v = splat_##S(vt[k]);                                                  \
             a0 = madd_##S(v, g[0], a0); a1 = madd_##S(v, g[1], a1);                         \
             a2 = madd_##S(v, g[2], a2); a3 = madd_##S(v, g[3], a3);                         \
             const V_ s = dot4_##S(x0, x1, x2, x3, g);                                       \
