@@ -860,8 +860,9 @@ def _cmd_distributed(args: argparse.Namespace) -> None:
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     # what defines the model and the data (the training options are compared from config)
     options = {"build": args.build} if args.build else {
-        "dataset": args.dataset, "hidden": list(args.hidden), "data_seed": args.data_seed,
-        "val_fraction": args.val_fraction}
+        "dataset": args.dataset, "hidden": list(args.hidden), "data_seed": args.data_seed}
+    if args.val_fraction is not None:  # absent otherwise: run folders of before still resume
+        options["val_fraction"] = args.val_fraction
     kwargs = dict(out_dir=args.out, resume=args.resume, progress=not args.no_progress, log=log,
                   run_options=options)
     if distributed:
