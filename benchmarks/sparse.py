@@ -4,7 +4,7 @@ Run ``.venv/bin/python benchmarks/sparse.py`` (about 3-4 minutes; ``--quick``: s
 sizes, < 30 s). Options:
 
     --quick            smoke run: small sizes, 3 repetitions
-    --case NAME        only this case (repeatable): block, memory, mlp, profile,
+    --case NAME        only this case (repeatable): block, floor, memory, mlp, profile,
                        crossover (profile and crossover are not in the default set;
                        crossover measured the constant in src/iternn/sparse/kernels.py
                        and takes a few minutes)
@@ -21,6 +21,13 @@ Cases:
   masked), and vs plain ``torch.sparse.mm`` autograd on a CSR tensor built from values
   with ``requires_grad`` (COO was 5-15x slower than CSR; see the notes). Targets: csr
   >= 8x faster than masked at 10 %, >= 40x at 1 % (the flop ideal: 10x and 100x).
+* ``floor``: one thread, the block case's 4096x4096 block at 10 % and 1 %, batch 256: the
+  CSR forward's time per stored entry and batch tile of 32 (row-major operands as torch
+  hands them, and feature-major ones, whose packs and results are plain copies) against
+  ``benchmarks/floor.c``, the bare loop of the same tile-row reads and multiply-adds
+  (no packing, checks, prefetching or bias), and against a dense GEMM's time for the
+  same 32 multiply-adds; the bound this puts on the forward's speedup over a dense GEMM
+  of the block.
 * ``memory``: training steps (forward, backward, SGD step) of a 20000x20000 block at 1 %
   density, batch 64, each module in its own fresh subprocess (``sys.executable``); the
   peak RSS (``ru_maxrss``) of each, and of a process that only imports torch and iternn
@@ -525,11 +532,112 @@ def case_crossover(quick: bool, reps: int) -> bool:
     return True
 
 
+# ============================================================================ floor
+def _floor_library():
+    """benchmarks/floor.c built (cached like the kernels) and loaded, or None with the
+    reason printed."""
+    import ctypes
+    from pathlib import Path
+
+    from iternn.core.native import CSource, NativeBuildError, open_library
+
+    source = CSource(Path(__file__).with_name("floor.c"), "bench_floor",
+                     (("-O3", "-march=native"), ("-O3",)))
+    try:
+        path, _ = source.build()
+        lib = open_library(path, "floor_abi", 1)
+    except NativeBuildError as e:
+        print(f"  floor loop unavailable: {e}")
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.floor_rows.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr]
+    lib.floor_rows.restype = None
+    return lib
+
+
+def _floor_impls(lib, klib, sp: SparseLinear, x: torch.Tensor, tiles: int,
+                 gen: torch.Generator) -> tuple[float, dict]:
+    """The CSR forward of ``sp``'s pattern on ``x`` (row-major, and feature-major: then
+    the packs and results are plain copies) and the floor loop over the same pattern;
+    first, the floor loop's max relative difference from the product it stands for."""
+    from iternn.sparse import native
+
+    n, tile = sp.out_features, 32
+    crow, col, vals = sp.crow_indices, sp.col_indices, sp.values.detach()
+    x_fm = x.t().contiguous().t()
+    y_fm = torch.empty(n, x.shape[0]).t()
+    pack = torch.randn(sp.in_features, tile, generator=gen)  # the loop's time does not depend on the numbers
+    out = torch.empty(n, tile)
+    # the loop computes the product it stands for: W @ pack (no bias)
+    lib.floor_rows(pack.data_ptr(), crow.data_ptr(), col.data_ptr(), vals.data_ptr(), n, 1, out.data_ptr())
+    w = torch.zeros(n, sp.in_features)
+    idx = sp.indices()
+    w[idx[0], idx[1]] = vals
+    ref = w @ pack
+    err = float((out - ref).abs().max() / ref.abs().max())
+    return err, {
+        "kernel": lambda: native.spmm(klib, crow, col, vals, x, n, checked=True),
+        "feature-major": lambda: native.spmm(klib, crow, col, vals, x_fm, n, out=y_fm, checked=True),
+        "floor": lambda: lib.floor_rows(pack.data_ptr(), crow.data_ptr(), col.data_ptr(), vals.data_ptr(),
+                                        n, tiles, out.data_ptr()),
+    }
+
+
+def case_floor(quick: bool, reps: int) -> bool:
+    """The CSR forward's time per stored entry and batch tile against the bare loop of
+    its memory accesses (benchmarks/floor.c) and against a dense GEMM's time for the
+    same 32 multiply-adds; one thread."""
+    from iternn.sparse import native
+
+    n, batch = (1024, 64) if quick else (4096, 256)
+    tile = 32  # float32 lanes of a batch tile (csr_kernels.c: NVEC * VL)
+    tiles = -(-batch // tile)
+    print(f"\n== floor: CSR forward vs the bare loop of its tile-row reads, {n}x{n}, batch "
+          f"{batch} ({tiles} tiles of {tile}), float32, 1 thread, {reps} repetitions ==")
+    lib, klib = _floor_library(), native.library()
+    if lib is None or klib is None:
+        print("  skipped: " + ("no floor loop" if lib is None else "the native kernels are unavailable"))
+        return True
+    threads, ok = torch.get_num_threads(), True
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, n, generator=gen)
+        w = torch.randn(n, n, generator=gen)
+        print(f"  ns per stored entry and tile ({tile} multiply-adds); dense GEMM: ns per {tile} "
+              "multiply-adds of x W^T")
+        print(f"  {'density':>7}  {'kernel fwd':>10}  {'feature-major':>13}  {'floor':>7}  "
+              f"{'GEMM':>6}  {'kernel/floor':>12}  {'floor/GEMM':>10}  {'fwd speedup bound':>17}")
+        for d in (0.1, 0.01):
+            sp = SparseLinear(n, n, density=d, backend="csr", generator=gen)
+            err, impls = _floor_impls(lib, klib, sp, x, tiles, gen)
+            if err > 1e-4:
+                print(f"  FAIL floor loop at density {d}: max relative difference {err:.2e} from W @ pack")
+                ok = False
+            impls["gemm"] = lambda: torch.mm(x, w.t())
+            times = interleaved(impls, reps, target_s=0.05 if quick else 0.15)
+            per = {k: statistics.median(times[k]) * 1e9 / (sp.nnz * tiles)
+                   for k in ("kernel", "feature-major", "floor")}
+            gemm = statistics.median(times["gemm"]) * 1e9 / (batch * n * n / tile)
+            k_f, _, _ = ratio_stats(times, "kernel", "floor")
+            fl_g = per["floor"] / gemm
+            print(f"  {d:>7}  {per['kernel']:10.2f}  {per['feature-major']:13.2f}  {per['floor']:7.2f}  "
+                  f"{gemm:6.2f}  {k_f:12.2f}  {fl_g:10.2f}  {1 / (d * fl_g):16.1f}x")
+            del sp
+    finally:
+        torch.set_num_threads(threads)
+    print("  kernel/floor: median of per-repetition ratios. fwd speedup bound: 1/density x GEMM rate /\n"
+          "  floor rate, the most a forward that reads one random tile row per stored entry and tile\n"
+          "  can gain over a dense GEMM of the block")
+    return ok
+
+
 # ============================================================================ main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--case", action="append", choices=["block", "memory", "mlp", "profile", "crossover"])
+    ap.add_argument("--case", action="append",
+                    choices=["block", "floor", "memory", "mlp", "profile", "crossover"])
     ap.add_argument("--density", action="append", type=float, default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None,
@@ -549,7 +657,7 @@ def main(argv=None) -> int:
         reps = max(reps, 5)
     # memory first: its workers' numbers do not depend on it, but it keeps this process
     # small while they run
-    cases = args.case or ["memory", "block", "mlp"]
+    cases = args.case or ["memory", "block", "floor", "mlp"]
     t0 = time.perf_counter()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.2f} (quick={args.quick})")
@@ -561,7 +669,7 @@ def main(argv=None) -> int:
             for d in args.density or ((0.1, 0.01) if c == "mlp" else (0.1,)):
                 ok &= (case_mlp if c == "mlp" else case_profile)(args.quick, reps, d)
         else:
-            ok &= {"block": case_block, "crossover": case_crossover}[c](args.quick, reps)
+            ok &= {"block": case_block, "floor": case_floor, "crossover": case_crossover}[c](args.quick, reps)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s, load average at end {os.getloadavg()[0]:.2f}")
     return 0 if ok else 1
 

@@ -273,10 +273,13 @@ def _debug_parent() -> argparse.ArgumentParser:
     return common
 
 
-def _add_budget_flags(p: argparse.ArgumentParser) -> None:
+def _add_budget_flags(p: argparse.ArgumentParser, *,
+                      split_datasets: str = "mnist1d, digits, mnist_idx") -> None:
     """The budget and selection flags of ``iternn train`` and ``python -m
     iternn.study.distributed``: ``--epochs``/``--steps`` (exclusive), ``--select``,
-    ``--patience`` (0: off) and ``--val-fraction``, with ``iternn train``'s defaults."""
+    ``--patience`` (0: off) and ``--val-fraction``, with ``iternn train``'s defaults.
+    ``split_datasets`` names, in ``--val-fraction``'s help, the datasets the command can
+    load that have a validation split."""
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=positive_int, default=None, help="default 20")
     budget.add_argument("--steps", type=positive_int, default=None,
@@ -287,7 +290,7 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
                    help="early stopping after N epochs without improvement of the --select "
                         "criterion (0: off)")
     p.add_argument("--val-fraction", type=_fraction, default=None, metavar="F",
-                   help="validation share of the training data (mnist1d, digits, mnist_idx; "
+                   help=f"validation share of the training data ({split_datasets}; "
                         "0: none, with --select final)")
 
 
@@ -473,7 +476,7 @@ def distributed_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float)
     p.add_argument("--weight-decay", type=_nonneg_float)
     p.add_argument("--momentum", type=_nonneg_float)
-    _add_budget_flags(p)
+    _add_budget_flags(p, split_datasets="mnist1d, digits")  # mnist_idx needs --data-path
     p.set_defaults(select=None, patience=None)  # absent: kept from the config (same defaults)
     p.add_argument("--batch-size", type=positive_int, help="global batch size")
     p.add_argument("--seed", type=_nonneg_int)
