@@ -1,6 +1,6 @@
 """Sparse-kernel benchmarks: SparseLinear vs a dense masked block, as ratios.
 
-Run ``.venv/bin/python benchmarks/sparse.py`` (about 3-4 minutes; ``--quick``: smaller
+Run ``.venv/bin/python benchmarks/sparse.py`` (about 4 minutes; ``--quick``: smaller
 sizes, < 30 s). Options:
 
     --quick            smoke run: small sizes, 3 repetitions
