@@ -27,7 +27,7 @@ Cases:
   ``benchmarks/floor.c``, the bare loop of the same tile-row reads and multiply-adds
   (no packing, checks, prefetching or bias), and against a dense GEMM's time for the
   same 32 multiply-adds; the bound this puts on the forward's speedup over a dense GEMM
-  of the block.
+  of the block; and SparseLinear's forward + backward per entry, tile and multiply-add.
 * ``memory``: training steps (forward, backward, SGD step) of a 20000x20000 block at 1 %
   density, batch 64, each module in its own fresh subprocess (``sys.executable``); the
   peak RSS (``ru_maxrss``) of each, and of a process that only imports torch and iternn
@@ -575,7 +575,10 @@ def _floor_impls(lib, klib, sp: SparseLinear, x: torch.Tensor, tiles: int,
     w[idx[0], idx[1]] = vals
     ref = w @ pack
     err = float((out - ref).abs().max() / ref.abs().max())
+    xg = x.detach().clone().requires_grad_()
+    gy = torch.randn(x.shape[0], n, generator=gen)
     return err, {
+        "fwd+bwd": _fwd_bwd(sp, xg, gy),
         "kernel": lambda: native.spmm(klib, crow, col, vals, x, n, checked=True),
         "feature-major": lambda: native.spmm(klib, crow, col, vals, x_fm, n, out=y_fm, checked=True),
         "floor": lambda: lib.floor_rows(pack.data_ptr(), crow.data_ptr(), col.data_ptr(), vals.data_ptr(),
@@ -606,8 +609,9 @@ def case_floor(quick: bool, reps: int) -> bool:
         w = torch.randn(n, n, generator=gen)
         print(f"  ns per stored entry and tile ({tile} multiply-adds); dense GEMM: ns per {tile} "
               "multiply-adds of x W^T")
-        print(f"  {'density':>7}  {'kernel fwd':>10}  {'feature-major':>13}  {'floor':>7}  "
-              f"{'GEMM':>6}  {'kernel/floor':>12}  {'floor/GEMM':>10}  {'fwd speedup bound':>17}")
+        print(f"  {'density':>7}  {'kernel fwd':>10}  {'feature-major':>13}  {'fwd+bwd / 3':>11}  "
+              f"{'floor':>7}  {'GEMM':>6}  {'kernel/floor':>12}  {'floor/GEMM':>10}  "
+              f"{'fwd speedup bound':>17}")
         for d in (0.1, 0.01):
             sp = SparseLinear(n, n, density=d, backend="csr", generator=gen)
             err, impls = _floor_impls(lib, klib, sp, x, tiles, gen)
@@ -618,15 +622,19 @@ def case_floor(quick: bool, reps: int) -> bool:
             times = interleaved(impls, reps, target_s=0.05 if quick else 0.15)
             per = {k: statistics.median(times[k]) * 1e9 / (sp.nnz * tiles)
                    for k in ("kernel", "feature-major", "floor")}
+            # three multiply-adds per stored entry and batch element: forward, input and value gradients
+            per["fwd+bwd"] = statistics.median(times["fwd+bwd"]) * 1e9 / (3 * sp.nnz * tiles)
             gemm = statistics.median(times["gemm"]) * 1e9 / (batch * n * n / tile)
             k_f, _, _ = ratio_stats(times, "kernel", "floor")
             fl_g = per["floor"] / gemm
-            print(f"  {d:>7}  {per['kernel']:10.2f}  {per['feature-major']:13.2f}  {per['floor']:7.2f}  "
-                  f"{gemm:6.2f}  {k_f:12.2f}  {fl_g:10.2f}  {1 / (d * fl_g):16.1f}x")
+            print(f"  {d:>7}  {per['kernel']:10.2f}  {per['feature-major']:13.2f}  {per['fwd+bwd']:11.2f}  "
+                  f"{per['floor']:7.2f}  {gemm:6.2f}  {k_f:12.2f}  {fl_g:10.2f}  {1 / (d * fl_g):16.1f}x")
             del sp
     finally:
         torch.set_num_threads(threads)
-    print("  kernel/floor: median of per-repetition ratios. fwd speedup bound: 1/density x GEMM rate /\n"
+    print("  fwd+bwd / 3: SparseLinear forward + backward per stored entry and tile, over its three\n"
+          "  multiply-adds per entry and batch element (forward, input and value gradients).\n"
+          "  kernel/floor: median of per-repetition ratios. fwd speedup bound: 1/density x GEMM rate /\n"
           "  floor rate, the most a forward that reads one random tile row per stored entry and tile\n"
           "  can gain over a dense GEMM of the block")
     return ok
