@@ -816,6 +816,7 @@ def test_native_cell_rejects_bad_operands():
 
 
 @needs_native
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN:UserWarning")
 @pytest.mark.parametrize("proj", [0, 3])
 @pytest.mark.parametrize("shape", [(5, 4, 6), (3, 1, 16), (4, 7)])
 def test_native_inference_path_matches_the_torch_op_path(monkeypatch, proj, shape):
