@@ -71,7 +71,7 @@ try:
 except ImportError:  # running from a checkout without an installed package
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 from iternn import count_trainable
-from iternn.sparse import kernels
+from iternn.sparse import kernels, native
 from iternn.sparse.builders import matched_map
 from iternn.sparse.linear import MaskedLinear, SparseLinear
 from iternn.sparse.sampling import random_indices
@@ -533,6 +533,9 @@ def case_crossover(quick: bool, reps: int) -> bool:
 
 
 # ============================================================================ floor
+_TILE = 32  # float32 lanes of a batch tile (csr_kernels.c: NVEC * VL; floor.c: TILE)
+
+
 def _floor_library():
     """benchmarks/floor.c built (cached like the kernels) and loaded, or None with the
     reason printed."""
@@ -560,9 +563,7 @@ def _floor_impls(lib, klib, sp: SparseLinear, x: torch.Tensor, tiles: int,
     """The CSR forward of ``sp``'s pattern on ``x`` (row-major, and feature-major: then
     the packs and results are plain copies) and the floor loop over the same pattern;
     first, the floor loop's max relative difference from the product it stands for."""
-    from iternn.sparse import native
-
-    n, tile = sp.out_features, 32
+    n, tile = sp.out_features, _TILE
     crow, col, vals = sp.crow_indices, sp.col_indices, sp.values.detach()
     x_fm = x.t().contiguous().t()
     y_fm = torch.empty(n, x.shape[0]).t()
@@ -590,10 +591,8 @@ def case_floor(quick: bool, reps: int) -> bool:
     """The CSR forward's time per stored entry and batch tile against the bare loop of
     its memory accesses (benchmarks/floor.c) and against a dense GEMM's time for the
     same 32 multiply-adds; one thread."""
-    from iternn.sparse import native
-
     n, batch = (1024, 64) if quick else (4096, 256)
-    tile = 32  # float32 lanes of a batch tile (csr_kernels.c: NVEC * VL)
+    tile = _TILE
     tiles = -(-batch // tile)
     print(f"\n== floor: CSR forward vs the bare loop of its tile-row reads, {n}x{n}, batch "
           f"{batch} ({tiles} tiles of {tile}), float32, 1 thread, {reps} repetitions ==")
